@@ -1,0 +1,1 @@
+"""Model loading: GGUF files, Hugging Face folders, tokenizers and the local model registry."""

