@@ -89,6 +89,8 @@ def iter_tensors(path: str | Path, reader: Any = None) -> Iterator[tuple[str, to
             raise ModelLoadError(f"{path}: {e}") from None
         except Exception as e:
             raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({e})") from None
+        if not arr.flags.writeable:  # plain F32 tensors are views of the read-only file map
+            arr = arr.copy()
         yield t.name, torch.from_numpy(np.ascontiguousarray(arr))
 
 
@@ -99,3 +101,42 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     if w.dim() == 1:
         return w.reshape(n_head, hd // 2, 2).transpose(1, 2).reshape(rows)
     return w.reshape(n_head, hd // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+              "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs.weight"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """Map a GGUF tensor name to ember's (Hugging Face-style) parameter name; None if unknown."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def tensor_names(reader: Any) -> list[str]:
+    return [t.name for t in reader.tensors]
+
+
+def iter_hf_tensors(path: str | Path, reader: Any, arch: str, n_head: int, n_kv_head: int
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """GGUF tensors renamed to Hugging Face names, with llama.cpp's Q/K permutation undone."""
+    for name, tensor in iter_tensors(path, reader):
+        target = hf_name(name)
+        if target is None:
+            raise ModelLoadError(f"{path}: unknown tensor {name!r} for architecture {arch!r}")
+        if arch in ("llama", "mistral"):
+            if ".q_proj." in target:
+                tensor = unpermute_qk(tensor, n_head)
+            elif ".k_proj." in target:
+                tensor = unpermute_qk(tensor, n_kv_head)
+        yield target, tensor

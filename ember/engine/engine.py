@@ -1,0 +1,331 @@
+"""LLMEngine: requests in, one schedule -> forward -> sample -> update step at a time, outputs out."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.engine.kv_cache import BlockManager
+from ember.engine.outputs import CompletionOutput, Logprob, LogprobDict, RequestOutput
+from ember.engine.runner import ModelRunner, StepResult, kv_bytes_per_token
+from ember.engine.sampler import Sampler, SamplingRow, compute_logprobs, top_logprobs
+from ember.engine.sampling_params import SamplingParams
+from ember.engine.scheduler import POLICIES, Scheduler, SchedulerConfig
+from ember.engine.sequence import Sequence, Status
+from ember.errors import InvalidParameterError, PromptTooLongError
+from ember.loading.tokenizer import IncrementalDetokenizer
+from ember.models.loader import LoadedModel, load_model, parse_dtype
+
+log = logging.getLogger("ember")
+GiB = 1 << 30
+Prompt = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class EngineArgs:
+    """Engine options; names follow vLLM's where one exists."""
+
+    model: str | Path | None = None
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # token budget per step
+    enable_prefix_caching: bool = True
+    kv_cache_memory: float | None = None  # GiB; default: what max_num_seqs full contexts need, <= 2 GiB
+    scheduler: str = "splitfuse"
+    block_size: int = 16
+
+    def validate(self) -> None:
+        checks = [
+            (self.scheduler in POLICIES, "scheduler", f"must be one of {', '.join(POLICIES)}"),
+            (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
+            (self.block_size >= 1, "block_size", "must be >= 1"),
+            (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0 GiB"),
+            (self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise InvalidParameterError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival: float
+    detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
+    stop_ids: frozenset[int] = frozenset()
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+class LLMEngine:
+    """Synchronous engine: call add_request, then step() until has_unfinished_requests() is False."""
+
+    def __init__(self, args: EngineArgs | None = None, loaded: LoadedModel | None = None, **kwargs: Any) -> None:
+        self.args = args = args or EngineArgs(**kwargs)
+        args.validate()
+        self.dtype = parse_dtype(args.dtype)
+        self.loaded = loaded or load_model(args.model, self.dtype, progress=True)
+        self.tokenizer = self.loaded.tokenizer
+        self.config = self.loaded.config
+        model = self.loaded.model
+        per_token = kv_bytes_per_token(model, self.dtype)
+        context = min(args.max_model_len or self.config.max_position_embeddings, model.max_positions)
+        if args.max_model_len and args.max_model_len > model.max_positions:
+            raise InvalidParameterError(f"max_model_len {args.max_model_len} exceeds the model's "
+                                        f"{model.max_positions} positions", param="max_model_len")
+        memory = args.kv_cache_memory * GiB if args.kv_cache_memory else min(
+            2 * GiB, per_token * context * args.max_num_seqs)
+        num_blocks = int(memory // (per_token * args.block_size))
+        if num_blocks * args.block_size < context:
+            if args.max_model_len:
+                raise InvalidParameterError(
+                    f"kv_cache_memory {memory / GiB:.3g} GiB holds {num_blocks * args.block_size} tokens, "
+                    f"fewer than max_model_len {args.max_model_len}; raise --kv-cache-memory or lower "
+                    "--max-model-len", param="kv_cache_memory")
+            context = num_blocks * args.block_size
+        if num_blocks < 1:
+            raise InvalidParameterError("kv_cache_memory is too small for a single block", "kv_cache_memory")
+        self.max_model_len = context
+        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
+                                                   args.scheduler), self.blocks)
+        self.runner = ModelRunner(model, num_blocks, args.block_size, self.dtype)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s); max_model_len %d",
+                 num_blocks, args.block_size, num_blocks * args.block_size,
+                 num_blocks * args.block_size * per_token / GiB, str(self.dtype).removeprefix("torch."),
+                 self.max_model_len)
+
+    @property
+    def num_cache_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidParameterError("a prompt dict needs 'prompt' or 'prompt_token_ids'", "prompt")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidParameterError(f"prompt must be a string, a list of token ids or a dict, "
+                                    f"got {type(prompt).__name__}", "prompt")
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidParameterError(f"request id {request_id!r} is already in use", "request_id")
+        text, ids = self.tokenize_prompt(prompt)
+        self._check_prompt(ids, params)
+        now = time.monotonic()
+        seqs = [Sequence(request_id, i, ids, params, now, generator=self._generator(params, i))
+                for i in range(params.n)]
+        stop = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stop |= self.tokenizer.stop_token_ids
+        req = Request(request_id, text, ids, params, seqs, now, stop_ids=frozenset(stop))
+        for s in seqs:
+            req.detoks[s.seq_id] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        # Completions 1..n-1 wait for the first one's prompt and then share its KV blocks.
+        seqs[0].fork_children = seqs[1:]
+        self.requests[request_id] = req
+        self.stats["prompt_tokens"] += len(ids)
+        self.scheduler.add(seqs[0])
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InvalidParameterError("the prompt is empty", "prompt")
+        vocab = self.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidParameterError(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens but this model's context is {self.max_model_len} "
+                "tokens (prompt plus output); shorten the prompt", "prompt")
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise PromptTooLongError(
+                f"max_tokens {params.max_tokens} plus the prompt's {len(ids)} tokens exceeds the "
+                f"context of {self.max_model_len} tokens; ask for at most {room} tokens", "max_tokens")
+        if (params.prompt_logprobs or params.logprobs or 0) > vocab:
+            raise InvalidParameterError("logprobs exceeds the vocabulary size", "logprobs")
+
+    @staticmethod
+    def _generator(params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        return torch.Generator().manual_seed(params.seed + index)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request wherever it is; every block it held is freed."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.runner.run(batch)
+        for seq, n in batch.items():
+            seq.num_computed += n
+            self.blocks.commit(seq)
+        self.stats["steps"] += 1
+        touched = {seq.request_id for seq in batch}
+        self._prompt_logprobs(result)
+        self._sample(result)
+        outputs = []
+        for rid in touched:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            outputs.append(self._output(req))
+            if req.finished:
+                del self.requests[rid]
+        return outputs
+
+    def _prompt_logprobs(self, result: StepResult) -> None:
+        for part in result.prompt_rows:
+            seq, k = part.seq, part.seq.params.prompt_logprobs or 0
+            # A preempted sequence recomputes its prompt: overwrite rather than append twice.
+            del seq.prompt_logprobs[part.first_token:]
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(None)
+            lps = compute_logprobs(result.logits[part.row: part.row + part.count])
+            for i in range(part.count):
+                token = seq.prompt_ids[part.first_token + i]
+                seq.prompt_logprobs.append(top_logprobs(lps[i], k, token))
+
+    def _sample(self, result: StepResult) -> None:
+        seqs: list[Sequence] = []
+        rows: list[int] = []
+        for seq, row in result.sample_rows.items():
+            for s in [seq] + self._fork(seq):
+                seqs.append(s)
+                rows.append(row)
+        if not seqs:
+            return
+        logits = result.logits[torch.tensor(rows)]
+        sample = self.sampler.sample(logits, [SamplingRow(s.params, s.generator, s.prompt_ids, s.output_ids)
+                                              for s in seqs])
+        now = time.monotonic()
+        for i, seq in enumerate(seqs):
+            self._append(seq, sample.token_ids[i], sample.logprobs[i], logits[i], now)
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """Start the request's other completions on the prompt `seq` just finished."""
+        children, seq.fork_children = seq.fork_children, []
+        for child in children:
+            if self.blocks.num_free_blocks == 0:  # no room to copy the last block: recompute instead
+                self.scheduler.add(child)
+                continue
+            copy = self.blocks.fork(seq, child)
+            if copy:
+                self.runner.copy_block(*copy)
+            child.status = Status.RUNNING
+            self.scheduler.running.append(child)
+        return [c for c in children if c.status is Status.RUNNING]
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None,
+                logits: torch.Tensor, now: float) -> None:
+        req = self.requests[seq.request_id]
+        params = seq.params
+        seq.output_ids.append(token)
+        self.stats["generation_tokens"] += 1
+        seq.first_token_time = seq.first_token_time or now
+        if logprobs is not None:
+            seq.logprobs.append(self._ranked(logprobs, logits, token))
+            seq.cumulative_logprob += logprobs[token]
+        n_out = len(seq.output_ids)
+        if token in req.stop_ids and n_out > params.min_tokens:
+            self._finish(seq, "stop", None if token in self.tokenizer.stop_token_ids and
+                         token not in (params.stop_token_ids or ()) else token)
+            return
+        delta = req.detoks[seq.seq_id].add(token)
+        old_len = len(seq.text)
+        seq.text += delta
+        if params.stop_strings and n_out > params.min_tokens and self._check_stop_strings(seq, old_len):
+            return
+        if (params.max_tokens is not None and n_out >= params.max_tokens) or len(seq) >= self.max_model_len:
+            seq.text += req.detoks[seq.seq_id].flush()
+            self._finish(seq, "length", None)
+
+    def _check_stop_strings(self, seq: Sequence, old_len: int) -> bool:
+        longest = max(len(s) for s in seq.params.stop_strings)
+        start = max(0, old_len - longest + 1)
+        hits = [(seq.text.find(s, start), s) for s in seq.params.stop_strings]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        idx, stop = min(hits)
+        seq.text = seq.text[: idx + (len(stop) if seq.params.include_stop_str_in_output else 0)]
+        self._finish(seq, "stop", stop)
+        return True
+
+    def _ranked(self, logprobs: dict[int, float], logits: torch.Tensor, token: int) -> LogprobDict:
+        ranked = sorted(logprobs.items(), key=lambda kv: -kv[1])
+        out = {t: Logprob(lp, rank=r + 1, decoded_token=self.tokenizer.decode([t], skip_special_tokens=False))
+               for r, (t, lp) in enumerate(ranked)}
+        out[token].rank = int((logits > logits[token]).sum()) + 1
+        return out
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq)
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    def _output(self, req: Request) -> RequestOutput:
+        completions = []
+        for seq in req.seqs:
+            text = seq.text
+            if not seq.finished and seq.params.stop_strings:
+                # Hold back what could still turn out to be the start of a stop string.
+                hold = max(len(s) for s in seq.params.stop_strings) - 1
+                text = text[: max(0, len(text) - hold)]
+            completions.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=list(seq.output_ids),
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        first = req.seqs[0]
+        prompt_lps = None
+        if req.params.prompt_logprobs is not None:
+            prompt_lps = [None if d is None else {t: Logprob(lp) for t, lp in d.items()}
+                          for d in first.prompt_logprobs]
+        metrics = {"arrival": req.arrival}
+        if first.first_token_time:
+            metrics["first_token"] = first.first_token_time
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, completions, req.finished,
+                             prompt_lps, first.num_cached_tokens, metrics)

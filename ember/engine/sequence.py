@@ -1,0 +1,76 @@
+"""One sequence's state: its tokens, KV blocks, sampling params, progress and outputs."""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.engine.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """A prompt plus the tokens generated so far; one of the `n` completions of a request."""
+
+    request_id: str
+    index: int  # which of the request's n completions
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks, in order
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    text: str = ""
+    first_token_time: float | None = None
+    # Children waiting for this sequence's prompt to finish so they can share its blocks (n > 1).
+    fork_children: list["Sequence"] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens not yet in the cache (1 for a decoding sequence)."""
+        return len(self) - self.num_computed
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_remaining > 1
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and len(self.output_ids) == 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __hash__(self) -> int:
+        return self.seq_id
+
+    def __eq__(self, other: object) -> bool:
+        return self is other

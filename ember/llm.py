@@ -1,0 +1,66 @@
+"""LLM: the offline Python API in vLLM's shape (generate, chat, get_tokenizer)."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from ember.engine.engine import EngineArgs, LLMEngine, Prompt
+from ember.engine.outputs import RequestOutput
+from ember.engine.sampling_params import SamplingParams
+from ember.loading.tokenizer import Tokenizer
+
+
+class LLM:
+    """Load a model once, then generate for many prompts at a time with continuous batching."""
+
+    def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of the prompts."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        ids = [str(next(self._ids)) for _ in prompts]
+        try:
+            for rid, prompt, p in zip(ids, prompts, params_list):
+                self.engine.add_request(rid, prompt, p)
+            return self._run(ids, on_output)
+        except BaseException:
+            for rid in ids:  # leave nothing behind if a prompt was rejected or we were interrupted
+                self.engine.abort_request(rid)
+            raise
+
+    def _run(self, ids: list[str], on_output: Callable[[RequestOutput], None] | None) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if on_output:
+                    on_output(out)
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[rid] for rid in ids]
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True,
+             **kwargs: Any) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        conversations: Iterable[list[dict[str, str]]] = (
+            [messages] if messages and isinstance(messages[0], dict) else messages)  # type: ignore[list-item]
+        tok = self.get_tokenizer()
+        prompts: list[Prompt] = [
+            {"prompt_token_ids": tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                                         tokenize=True)}
+            for c in conversations]
+        return self.generate(prompts, sampling_params, **kwargs)

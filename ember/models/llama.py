@@ -1,0 +1,147 @@
+"""The Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM) over a ragged batch of token chunks."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.errors import ModelLoadError
+from ember.ops.attention import AttentionMetadata, paged_attention
+from ember.ops.norm import RMSNorm
+from ember.ops.rope import RotaryEmbedding, inv_frequencies
+
+
+def _linear(n_in: int, n_out: int, bias: bool = False) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out, bias=bias)
+    layer.requires_grad_(False)
+    return layer
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.n_heads * self.hd, self.n_kv * self.hd
+        # q, k and v projections fused into one matmul; loaded by slicing (see load_weights).
+        self.qkv_proj = _linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias)
+        self.o_proj = _linear(self.q_size, cfg.hidden_size)
+        self.scale = self.hd ** -0.5
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+                cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = rope(positions, q.view(t, self.n_heads, self.hd), k.view(t, self.n_kv, self.hd))
+        o = paged_attention(q, k, v.view(t, self.n_kv, self.hd), cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = _linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+                cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, positions, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head; the KV cache is passed in, not owned."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size)
+        self.max_positions = max_positions or cfg.max_position_embeddings
+        self.set_rope()
+
+    def set_rope(self, freq_factors: torch.Tensor | None = None) -> None:
+        inv = inv_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling,
+                              freq_factors)
+        self.rope = RotaryEmbedding(inv, self.max_positions)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, self.rope, positions, cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter must be set."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, w in weights:
+            name = name.removeprefix("model.")
+            if name == "rope_freqs.weight":
+                self.set_rope(w)
+                continue
+            target, rows = self._fused_target(name)
+            if target not in params:
+                if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+                    continue
+                raise ModelLoadError(f"{source}: unexpected tensor {name!r} for a {self.config.arch} model")
+            p = params[target]
+            dst = p.data if rows is None else p.data[rows]
+            if dst.shape != w.shape:
+                raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(w.shape)}, "
+                                     f"expected {tuple(dst.shape)}")
+            dst.copy_(w)
+            loaded.add(name if rows is not None else target)
+        self._check_complete(loaded, source)
+
+    def _fused_target(self, name: str) -> tuple[str, slice | None]:
+        attn = self.layers[0].self_attn if len(self.layers) else None
+        for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+            if f".self_attn.{part}." in name and attn is not None:
+                starts = (0, attn.q_size, attn.q_size + attn.kv_size)
+                size = attn.q_size if i == 0 else attn.kv_size
+                return name.replace(part, "qkv_proj"), slice(starts[i], starts[i] + size)
+        inter = self.config.intermediate_size
+        if ".mlp.gate_proj." in name:
+            return name.replace("gate_proj", "gate_up_proj"), slice(0, inter)
+        if ".mlp.up_proj." in name:
+            return name.replace("up_proj", "gate_up_proj"), slice(inter, 2 * inter)
+        return name, None
+
+    def _check_complete(self, loaded: set[str], source: str) -> None:
+        expected: set[str] = set()
+        for name, _ in self.named_parameters():
+            if ".qkv_proj." in name:
+                expected |= {name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")}
+            elif ".gate_up_proj." in name:
+                expected |= {name.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")}
+            else:
+                expected.add(name)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ModelLoadError(f"{source}: missing tensors {missing[:5]}"
+                                 f"{' and more' if len(missing) > 5 else ''}")

@@ -1,0 +1,61 @@
+"""Build a ready-to-run model and tokenizer from a GGUF file or a Hugging Face folder."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ember.config import ModelConfig, load_hf_config
+from ember.errors import ModelLoadError
+from ember.loading import gguf, safetensors
+from ember.loading.registry import resolve
+from ember.loading.tokenizer import Tokenizer
+from ember.models.llama import LlamaModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaModel
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    load_seconds: float
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "float32",
+               max_positions: int | None = None, progress: bool = False) -> LoadedModel:
+    """Load weights, config and tokenizer for a model name, .gguf path or HF folder."""
+    start = time.perf_counter()
+    path = resolve(model, progress=progress)
+    torch_dtype = parse_dtype(dtype)
+    if path.is_dir():
+        config = load_hf_config(path)
+        tokenizer = Tokenizer.from_hf_folder(path)
+        weights = safetensors.iter_tensors(path)
+    elif path.suffix == ".gguf" or path.is_file():
+        reader = gguf.open_reader(path)
+        meta = gguf.read_metadata(path, reader)
+        config = ModelConfig.from_gguf(meta, str(path))
+        config.tie_word_embeddings = "output.weight" not in gguf.tensor_names(reader)
+        tokenizer = Tokenizer.from_gguf(path, meta)
+        weights = gguf.iter_hf_tensors(path, reader, config.arch, config.num_heads, config.num_kv_heads)
+    else:
+        raise ModelLoadError(f"{path}: not a .gguf file or a model folder")
+    net = LlamaModel(config, max_positions)
+    net.load_weights(weights, str(path))
+    net.to(torch_dtype).eval()
+    return LoadedModel(net, tokenizer, config, path, time.perf_counter() - start)

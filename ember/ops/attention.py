@@ -1,0 +1,74 @@
+"""Ragged attention over a paged KV cache: prompt chunks (causal, with cached context) and batched decodes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence contributing several query tokens this step."""
+
+    q_start: int  # first row of this chunk in the flat token batch
+    q_len: int
+    ctx_len: int  # tokens of context after this step (cached + this chunk)
+    block_ids: torch.Tensor  # blocks holding the context, in order
+    mask: torch.Tensor | None  # [q_len, ctx_len] bool when there is cached context; None = plain causal
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's K/V goes and what each query attends to; built once per step, shared by layers."""
+
+    slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) for each new token
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    decode_rows: torch.Tensor | None = None  # [B] rows of the flat batch that are single-token decodes
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store new keys/values; cache is [2, n_blocks, block_size, kv_heads, head_dim]."""
+    n_kv, hd = k.shape[-2:]
+    cache[0].view(-1, n_kv, hd).index_copy_(0, slots, k.to(cache.dtype))
+    cache[1].view(-1, n_kv, hd).index_copy_(0, slots, v.to(cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] for the new tokens. Returns [T, H, D]."""
+    write_kv(cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    for chunk in meta.prefills:
+        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+        out[rows] = _prefill(q[rows], k[rows], v[rows], cache, chunk, scale)
+    if meta.decode_rows is not None:
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], cache, meta, scale)
+    return out
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+             chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    n_kv, hd = k.shape[-2:]
+    if chunk.mask is not None:  # earlier context lives in the cache: read it all back
+        k = cache[0][chunk.block_ids].view(-1, n_kv, hd)[: chunk.ctx_len].to(q.dtype)
+        v = cache[1][chunk.block_ids].view(-1, n_kv, hd)[: chunk.ctx_len].to(q.dtype)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    b, h, hd = q.shape
+    n_kv = cache.shape[-2]
+    tables = meta.decode_block_tables
+    # [B, max_blocks, block_size, KVH, D] -> [B, KVH, L, D]
+    k = cache[0][tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
+    v = cache[1][tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
+    # Grouped-query trick: the G query heads of one KV head become G query rows.
+    qg = q.view(b, n_kv, h // n_kv, hd)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=scale)
+    return o.reshape(b, h, hd)
