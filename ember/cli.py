@@ -1,0 +1,123 @@
+"""The `ember` command line: generate, pull (serve, chat, bench and friends arrive with their issues)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from ember.errors import EmberError
+
+log = logging.getLogger("ember")
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", "-m", default=None,
+                   help="model name, .gguf file or Hugging Face folder (default: smollm2-135m-instruct)")
+    g.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                   help="runtime dtype of weights and KV cache (default: float32)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn off sharing of identical prompt prefixes")
+    g.add_argument("--scheduler", default="splitfuse", choices=["splitfuse", "prefill-first"],
+                   help="step policy (default: splitfuse)")
+
+
+def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    keys = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
+            "enable_prefix_caching", "scheduler")
+    return {k: getattr(a, k) for k in keys}
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from ember import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                            top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                            seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+    llm = LLM(a.model, **_engine_kwargs(a))
+    tok = llm.get_tokenizer()
+    prompt: Any = a.prompt
+    if not a.raw and tok.chat_template:
+        prompt = {"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": a.prompt}],
+                                                              tokenize=True)}
+    shown = 0
+    start = time.perf_counter()
+
+    def stream(out: Any) -> None:
+        nonlocal shown
+        text = out.outputs[0].text
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+
+    out = llm.generate(prompt, params, on_output=stream)[0]
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    n = len(out.outputs[0].token_ids)
+    print(f"[{len(out.prompt_token_ids)} prompt tokens, {n} generated in {elapsed:.2f} s "
+          f"({n / elapsed:.1f} tok/s), finish: {out.outputs[0].finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_pull(a: argparse.Namespace) -> int:
+    from ember.loading.registry import DEFAULT_MODEL, pull
+
+    path = pull(a.name or DEFAULT_MODEL, progress=True)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="Run Llama-family LLMs on the hardware you have.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate a reply to a prompt, streamed to the terminal",
+                         description="Generate text for PROMPT (chat template applied unless --raw).")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    _engine_flags(gen)
+    _sampling_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("pull", help="fetch a known model into the local cache ($EMBER_HOME)")
+    pl.add_argument("name", nargs="?", default=None, help="model name (default: smollm2-135m-instruct)")
+    pl.set_defaults(func=cmd_pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="ember: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except EmberError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
