@@ -1,6 +1,8 @@
 """Read GGUF files: metadata as Python values, tensors dequantized to torch (via the gguf package)."""
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,72 +16,143 @@ SUPPORTED_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
 )
-# Large per-token arrays kept as lists only when asked for (the tokenizer needs them).
-_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",
-                     "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+# GGUF value types -> numpy dtypes (8 = string and 9 = array are handled apart).
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
+            11: "<i8", 12: "<f8"}
 
 
-def open_reader(path: str | Path) -> Any:
-    """Open a GGUF file, turning every kind of malformation into a ModelLoadError."""
-    import gguf
+@dataclass
+class TensorInfo:
+    name: str
+    type_id: int
+    shape: tuple[int, ...]  # slowest-varying first (torch order)
+    data: np.ndarray  # raw bytes of the tensor, a view of the memory-mapped file
 
+    @property
+    def type_name(self) -> str:
+        import gguf
+
+        try:
+            return gguf.GGMLQuantizationType(self.type_id).name
+        except ValueError:
+            return f"unknown type {self.type_id}"
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: list[TensorInfo]
+
+
+class _Cursor:
+    """Sequential little-endian reader over the file's bytes; overruns raise ModelLoadError."""
+
+    def __init__(self, buf: np.ndarray, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ModelLoadError(f"{self.path}: GGUF header is truncated or corrupt (read past the end "
+                                 f"at byte {self.pos}); re-download or re-convert the file")
+        out = memoryview(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str) -> Any:
+        return np.frombuffer(self.take(np.dtype(fmt).itemsize), dtype=fmt)[0].item()
+
+    def string(self) -> str:
+        return bytes(self.take(self.scalar("<u8"))).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            etype, count = self.scalar("<u4"), self.scalar("<u8")
+            if etype in _SCALARS:
+                dt = np.dtype(_SCALARS[etype])
+                return np.frombuffer(self.take(dt.itemsize * count), dtype=dt).tolist()
+            return [self.value(etype) for _ in range(count)]
+        raise ModelLoadError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
+
+
+def open_reader(path: str | Path) -> GGUFFile:
+    """Parse a GGUF header and tensor table (data stays memory-mapped)."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file (expected a .gguf model file)")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
+    buf = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    if bytes(buf[:4]) != b"GGUF":
         raise ModelLoadError(
-            f"{path}: not a GGUF file (first bytes {magic!r}, expected b'GGUF'); "
+            f"{path}: not a GGUF file (first bytes {bytes(buf[:4])!r}, expected b'GGUF'); "
             "give a .gguf file, a Hugging Face model folder or a known model name")
-    try:
-        return gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # the reader raises many kinds of errors on corrupt headers
-        raise ModelLoadError(f"{path}: corrupt GGUF header or tensor table ({type(e).__name__}: {e}); "
-                             "re-download or re-convert the file") from None
+    cur = _Cursor(buf, path)
+    cur.take(4)
+    version = cur.scalar("<u4")
+    if version not in (2, 3):
+        raise ModelLoadError(f"{path}: GGUF version {version} is not supported (ember reads versions 2 and 3)")
+    n_tensors, n_kv = cur.scalar("<u8"), cur.scalar("<u8")
+    meta = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        meta[key] = cur.value(cur.scalar("<u4"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.scalar("<u8") for _ in range(cur.scalar("<u4"))]
+        infos.append((name, dims, cur.scalar("<u4"), cur.scalar("<u8")))
+    align = int(meta.get("general.alignment", 32))
+    start = -(-cur.pos // align) * align
+    tensors = [_tensor(path, buf, start, *info) for info in infos]
+    return GGUFFile(path, version, meta, tensors)
 
 
-def _field_value(field: Any) -> Any:
-    value = field.contents()
-    if isinstance(value, np.generic):
-        value = value.item()
-    return value
-
-
-def read_metadata(path: str | Path, reader: Any = None) -> dict[str, Any]:
-    """Every key/value of a GGUF header as plain Python values (lists, str, int, float, bool)."""
-    reader = reader or open_reader(path)
-    meta: dict[str, Any] = {}
-    try:
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            meta[key] = _field_value(field)
-    except Exception as e:
-        raise ModelLoadError(f"{path}: unreadable metadata value ({type(e).__name__}: {e})") from None
-    return meta
-
-
-def _dequantize(t: Any) -> np.ndarray:
+def _tensor(path: Path, buf: np.ndarray, start: int, name: str, dims: list[int], type_id: int,
+            offset: int) -> TensorInfo:
     import gguf
 
-    name = t.tensor_type.name
+    shape = tuple(int(d) for d in reversed(dims))
+    try:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+    except (ValueError, KeyError):
+        raise ModelLoadError(f"{path}: tensor {name} has unknown type id {type_id}; "
+                             f"supported: {', '.join(SUPPORTED_TYPES)}") from None
+    n = int(np.prod(shape)) if shape else 1
+    nbytes = n // block * type_size
+    lo = start + offset
+    if lo + nbytes > len(buf):
+        raise ModelLoadError(f"{path}: tensor {name} runs past the end of the file "
+                             "(the file is truncated; re-download it)")
+    return TensorInfo(name, type_id, shape, buf[lo:lo + nbytes])
+
+
+def read_metadata(path: str | Path, reader: GGUFFile | None = None) -> dict[str, Any]:
+    """Every key/value of a GGUF header as plain Python values (lists, str, int, float, bool)."""
+    return (reader or open_reader(path)).metadata
+
+
+def _dequantize(t: TensorInfo) -> np.ndarray:
+    import gguf
+
+    name = t.type_name
     if name not in SUPPORTED_TYPES:
-        raise ModelLoadError(
-            f"tensor {t.name} has type {name}, which ember cannot load; "
-            f"supported: {', '.join(SUPPORTED_TYPES)}")
+        raise ModelLoadError(f"tensor {t.name} has type {name}, which ember cannot load; "
+                             f"supported: {', '.join(SUPPORTED_TYPES)}")
     if name == "F32":
-        arr = np.asarray(t.data, dtype=np.float32)
+        arr = t.data.view(np.float32).copy()
     elif name == "F16":
-        arr = np.asarray(t.data, dtype=np.float16).astype(np.float32)
+        arr = t.data.view(np.float16).astype(np.float32)
     else:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-    # GGUF lists dims fastest-first; torch wants them slowest-first.
-    shape = tuple(int(d) for d in reversed(t.shape))
-    return arr.reshape(shape)
+        rows = t.data.reshape(-1, t.data.size // (int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1))
+        arr = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(t.type_id)).astype(np.float32, copy=False)
+    return arr.reshape(t.shape)
 
 
-def iter_tensors(path: str | Path, reader: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(path: str | Path, reader: GGUFFile | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (gguf tensor name, float32 tensor) for every tensor in the file."""
     reader = reader or open_reader(path)
     for t in reader.tensors:
@@ -88,9 +161,7 @@ def iter_tensors(path: str | Path, reader: Any = None) -> Iterator[tuple[str, to
         except ModelLoadError as e:
             raise ModelLoadError(f"{path}: {e}") from None
         except Exception as e:
-            raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({e})") from None
-        if not arr.flags.writeable:  # plain F32 tensors are views of the read-only file map
-            arr = arr.copy()
+            raise ModelLoadError(f"{path}: tensor {t.name} is corrupt ({type(e).__name__}: {e})") from None
         yield t.name, torch.from_numpy(np.ascontiguousarray(arr))
 
 
@@ -123,11 +194,11 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def tensor_names(reader: Any) -> list[str]:
+def tensor_names(reader: GGUFFile) -> list[str]:
     return [t.name for t in reader.tensors]
 
 
-def iter_hf_tensors(path: str | Path, reader: Any, arch: str, n_head: int, n_kv_head: int
+def iter_hf_tensors(path: str | Path, reader: GGUFFile, arch: str, n_head: int, n_kv_head: int
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """GGUF tensors renamed to Hugging Face names, with llama.cpp's Q/K permutation undone."""
     for name, tensor in iter_tensors(path, reader):
