@@ -82,6 +82,10 @@ class LLMEngine:
         model = self.loaded.model
         per_token = kv_bytes_per_token(model, self.dtype)
         context = min(args.max_model_len or self.config.max_position_embeddings, model.max_positions)
+        if self.config.sliding_window and context > self.config.sliding_window:
+            # Full attention equals sliding-window attention only up to the window.
+            log.info("capping the context at the model's sliding window of %d tokens", self.config.sliding_window)
+            context = self.config.sliding_window
         if args.max_model_len and args.max_model_len > model.max_positions:
             raise InvalidParameterError(f"max_model_len {args.max_model_len} exceeds the model's "
                                         f"{model.max_positions} positions", param="max_model_len")

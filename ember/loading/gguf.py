@@ -130,6 +130,14 @@ def _tensor(path: Path, buf: np.ndarray, start: int, name: str, dims: list[int],
     return TensorInfo(name, type_id, shape, buf[lo:lo + nbytes])
 
 
+def check_tensor_types(reader: GGUFFile) -> None:
+    """Fail before any work if a tensor uses a type ember cannot dequantize."""
+    bad = sorted({t.type_name for t in reader.tensors} - set(SUPPORTED_TYPES))
+    if bad:
+        raise ModelLoadError(f"{reader.path}: tensor type(s) {', '.join(bad)} cannot be loaded; "
+                             f"supported: {', '.join(SUPPORTED_TYPES)}; re-quantize the model to one of these")
+
+
 def read_metadata(path: str | Path, reader: GGUFFile | None = None) -> dict[str, Any]:
     """Every key/value of a GGUF header as plain Python values (lists, str, int, float, bool)."""
     return (reader or open_reader(path)).metadata

@@ -48,6 +48,7 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "floa
         weights = safetensors.iter_tensors(path)
     elif path.suffix == ".gguf" or path.is_file():
         reader = gguf.open_reader(path)
+        gguf.check_tensor_types(reader)
         meta = gguf.read_metadata(path, reader)
         config = ModelConfig.from_gguf(meta, str(path))
         config.tie_word_embeddings = "output.weight" not in gguf.tensor_names(reader)
