@@ -55,6 +55,9 @@ def _build(folder: Path, kind: str) -> Path:
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    elif kind == "mistral":
+        cfg = tf.MistralConfig(**common, tie_word_embeddings=False, sliding_window=512)
+        model = tf.MistralForCausalLM(cfg)
     else:
         cfg = tf.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -74,3 +77,9 @@ def tiny_llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random Qwen2-style model (q/k/v biases, untied head, GQA) as an HF folder."""
     return _build(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Mistral-style model (sliding window 512, untied head) as an HF folder."""
+    return _build(tmp_path_factory.mktemp("tiny") / "mistral", "mistral")

@@ -63,10 +63,12 @@ def test_default_model_matches_transformers(default_gguf: Path) -> None:
     _check(llm, _hf_model(default_gguf), ids, chat)
 
 
-@pytest.mark.parametrize("kind", ["tiny_qwen2", "tiny_llama3"])
+@pytest.mark.parametrize("kind", ["tiny_qwen2", "tiny_llama3", "tiny_mistral"])
 def test_tiny_models_match_transformers(kind: str, request: pytest.FixtureRequest) -> None:
     folder: Path = request.getfixturevalue(kind)
     llm = LLM(folder, max_num_batched_tokens=40, kv_cache_memory=0.01)
+    if kind == "tiny_mistral":
+        assert llm.engine.max_model_len == 512  # capped at the sliding window
     ids = llm.get_tokenizer().encode(TEXT)[:300]
     _check(llm, _hf_model(folder), ids, ids[:20])
 
