@@ -199,6 +199,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch:
+            if self.scheduler.has_work():  # a scheduler bug: fail loudly rather than spin
+                raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.running)} running, "
+                                   f"{len(self.scheduler.waiting)} waiting, "
+                                   f"{self.blocks.num_free_blocks}/{self.blocks.num_blocks} blocks free")
             return []
         result = self.runner.run(batch)
         for seq, n in batch.items():

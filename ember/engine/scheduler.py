@@ -48,7 +48,9 @@ class Scheduler:
         for seq in [s for s in self.running if s.in_prefill and s not in batch]:
             if budget <= 0:
                 break
-            n = self._fit(seq, min(seq.num_remaining, budget))
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = self._fit_or_preempt(seq, min(seq.num_remaining, budget), batch)
             if n:
                 batch[seq] = n
                 budget -= n
@@ -60,7 +62,9 @@ class Scheduler:
         batch: dict[Sequence, int] = {}
         budget = self.config.max_num_batched_tokens
         for seq in [s for s in self.running if s.in_prefill]:
-            n = self._fit(seq, seq.num_remaining)
+            if seq.status is not Status.RUNNING:
+                continue
+            n = self._fit_or_preempt(seq, seq.num_remaining, batch)
             if n:
                 batch[seq] = n
                 budget -= n
@@ -111,6 +115,20 @@ class Scheduler:
             self.running.append(seq)
             batch[seq] = n
             budget -= n
+
+    def _fit_or_preempt(self, seq: Sequence, want: int, batch: dict[Sequence, int]) -> int:
+        """Like _fit for a running sequence, preempting newer ones while it cannot take a single token.
+
+        Without this, sequences admitted part-way through their prompts could each hold blocks the
+        others need, with no decode left to trigger preemption: a deadlock.
+        """
+        while True:
+            n = self._fit(seq, want)
+            victim = self.running[-1]
+            if n or victim is seq:  # the newest waits for blocks instead of preempting itself
+                return n
+            batch.pop(victim, None)
+            self._preempt(victim)
 
     def _fit(self, seq: Sequence, want: int) -> int:
         """Allocate blocks for up to `want` tokens of `seq`; returns how many fit (maybe 0)."""

@@ -78,6 +78,21 @@ def test_preemption_when_cache_is_too_small(tiny_llama3: Path, alone: list[list[
     assert_no_leaks(llm.engine)
 
 
+@pytest.mark.parametrize("scheduler", ["splitfuse", "prefill-first"])
+def test_long_prompts_in_a_tiny_cache_all_finish(tiny_llama3: Path, scheduler: str) -> None:
+    # Prompts of 100-170 tokens, 12 blocks (192 tokens): at most one fits at a time, and
+    # chunked prompts compete with decodes for blocks.
+    bytes_per_block = 2 * 2 * 2 * 16 * 16 * 4
+    ids = LLM(tiny_llama3, kv_cache_memory=0.01).get_tokenizer().encode(TEXT)
+    prompts = [{"prompt_token_ids": ids[40 * i: 40 * i + 100 + 10 * i]} for i in range(8)]
+    ref = LLM(tiny_llama3, kv_cache_memory=0.01, enable_prefix_caching=False)
+    expected = [_tokens(ref.generate([p], GREEDY))[0] for p in prompts]
+    llm = LLM(tiny_llama3, max_num_batched_tokens=48, max_model_len=190, scheduler=scheduler,
+              kv_cache_memory=12 * bytes_per_block / (1 << 30))
+    assert _tokens(llm.generate(prompts, GREEDY)) == expected
+    assert_no_leaks(llm.engine)
+
+
 def test_abort_frees_everything(tiny_llama3: Path) -> None:
     llm = LLM(tiny_llama3, max_num_batched_tokens=16, kv_cache_memory=0.01)
     engine = llm.engine
