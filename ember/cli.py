@@ -1,4 +1,4 @@
-"""The `ember` command line: generate, pull (serve, chat, bench and friends arrive with their issues)."""
+"""The `ember` command line: serve, generate, chat, pull, models."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +12,15 @@ from ember.errors import EmberError
 log = logging.getLogger("ember")
 
 
-def _engine_flags(p: argparse.ArgumentParser) -> None:
+MODEL_HELP = "model name, .gguf file or Hugging Face folder (default: smollm2-135m-instruct)"
+
+
+def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    if not model_flag:
+        p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     g = p.add_argument_group("engine")
-    g.add_argument("--model", "-m", default=None,
-                   help="model name, .gguf file or Hugging Face folder (default: smollm2-135m-instruct)")
+    if model_flag:
+        g.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     g.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
                    help="runtime dtype of weights and KV cache (default: float32)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -48,11 +53,9 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from ember import LLM, SamplingParams
+    from ember import LLM
 
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-                            top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-                            seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+    params = _sampling(a)
     llm = LLM(a.model, **_engine_kwargs(a))
     tok = llm.get_tokenizer()
     prompt: Any = a.prompt
@@ -78,6 +81,40 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from ember.server.app import serve
+
+    serve(_engine_kwargs(a), a.model, a.host, a.port, a.api_key, a.served_model_name)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from ember.chat import run_chat
+
+    return run_chat(a.model, _engine_kwargs(a), _sampling(a), a.system)
+
+
+def _sampling(a: argparse.Namespace) -> Any:
+    from ember import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                          top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                          seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from ember.loading.registry import describe_cached
+
+    rows = describe_cached()
+    if not rows:
+        print("no models cached yet: run `ember pull`")
+        return 0
+    print(f"{'NAME':28} {'ARCH':8} {'SIZE':>9}  PATH")
+    for name, arch, size, path in rows:
+        print(f"{name:28} {arch:8} {size / 1e6:7.1f}MB  {path}")
+    return 0
+
+
 def cmd_pull(a: argparse.Namespace) -> int:
     from ember.loading.registry import DEFAULT_MODEL, pull
 
@@ -98,6 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(gen)
     _sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                        description="Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, "
+                                    "/v1/completions, /v1/models, /tokenize, /detokenize, /health, /metrics).")
+    _engine_flags(sv, model_flag=False)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    sv.add_argument("--served-model-name", default=None, help="model id clients use (default: from MODEL)")
+    sv.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit)",
+                        description="Chat with MODEL; replies stream. /reset clears the history, /exit quits.")
+    _engine_flags(ch, model_flag=False)
+    _sampling_flags(ch)
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.set_defaults(func=cmd_chat, temperature=0.7, max_tokens=512)
+
+    md = sub.add_parser("models", help="list models in the local cache")
+    md.set_defaults(func=cmd_models)
 
     pl = sub.add_parser("pull", help="fetch a known model into the local cache ($EMBER_HOME)")
     pl.add_argument("name", nargs="?", default=None, help="model name (default: smollm2-135m-instruct)")

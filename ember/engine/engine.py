@@ -136,9 +136,12 @@ class LLMEngine:
                                     f"got {type(prompt).__name__}", "prompt")
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        """Validate a request and queue it; raises an EmberError (and queues nothing) if it is bad."""
+        self.admit(self.prepare(request_id, prompt, params))
+
+    def prepare(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
+        """Tokenize and validate without touching engine state (safe to call from another thread)."""
         params = params or SamplingParams()
-        if request_id in self.requests:
-            raise InvalidParameterError(f"request id {request_id!r} is already in use", "request_id")
         text, ids = self.tokenize_prompt(prompt)
         self._check_prompt(ids, params)
         now = time.monotonic()
@@ -150,11 +153,17 @@ class LLMEngine:
         req = Request(request_id, text, ids, params, seqs, now, stop_ids=frozenset(stop))
         for s in seqs:
             req.detoks[s.seq_id] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        return req
+
+    def admit(self, req: Request) -> None:
+        """Queue a prepared request (engine thread only)."""
+        if req.request_id in self.requests:
+            raise InvalidParameterError(f"request id {req.request_id!r} is already in use", "request_id")
         # Completions 1..n-1 wait for the first one's prompt and then share its KV blocks.
-        seqs[0].fork_children = seqs[1:]
-        self.requests[request_id] = req
-        self.stats["prompt_tokens"] += len(ids)
-        self.scheduler.add(seqs[0])
+        req.seqs[0].fork_children = req.seqs[1:]
+        self.requests[req.request_id] = req
+        self.stats["prompt_tokens"] += len(req.prompt_ids)
+        self.scheduler.add(req.seqs[0])
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,5 +117,15 @@ def list_cached() -> list[Path]:
     return sorted(p for p in root.glob("*/*") if p.is_file() and not p.name.endswith(".partial"))
 
 
-def remove(name: str) -> None:
-    shutil.rmtree(ember_home() / "models" / name, ignore_errors=True)
+def describe_cached() -> list[tuple[str, str, int, Path]]:
+    """(name, architecture, size in bytes, path) of every cached model file."""
+    from ember.loading.gguf import open_reader
+
+    rows = []
+    for path in list_cached():
+        try:
+            arch = str(open_reader(path).metadata.get("general.architecture", "?"))
+        except ModelLoadError:
+            arch = "corrupt"
+        rows.append((path.parent.name, arch, path.stat().st_size, path))
+    return rows

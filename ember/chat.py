@@ -1,0 +1,85 @@
+"""`ember chat`: an interactive multi-turn chat in the terminal, replies streamed, history kept in context."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+from ember.engine.sampling_params import SamplingParams
+from ember.errors import EmberError
+
+BANNER = "ember chat: {name} ({ctx} tokens of context). /reset clears the history, /exit quits."
+
+
+def fit_history(tok: Any, history: list[dict[str, str]], budget: int) -> list[int] | None:
+    """Chat-template the history, dropping the oldest turns (never the system prompt) to fit `budget`."""
+    system = [m for m in history[:1] if m["role"] == "system"]
+    turns = history[len(system):]
+    while turns:
+        ids = tok.apply_chat_template(system + turns, tokenize=True)
+        if len(ids) <= budget:
+            history[:] = system + turns
+            return ids
+        turns = turns[2:] if len(turns) > 2 else []
+    return None
+
+
+def run_chat(model: str | None, engine_kwargs: dict[str, Any], params: SamplingParams,
+             system: str | None) -> int:
+    from ember.llm import LLM
+
+    llm = LLM(model, **engine_kwargs)
+    tok = llm.get_tokenizer()
+    ctx = llm.engine.max_model_len
+    params = dataclasses.replace(params, max_tokens=min(params.max_tokens or ctx // 2, ctx // 2))
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    print(BANNER.format(name=llm.engine.loaded.path.name, ctx=ctx), flush=True)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit", "/bye"):
+            return 0
+        if line == "/reset":
+            history = list(base)
+            print("(history cleared)", flush=True)
+            continue
+        history.append({"role": "user", "content": line})
+        ids = fit_history(tok, history, ctx - params.max_tokens)
+        if ids is None:
+            history.pop()
+            print(f"error: that message does not fit in the {ctx}-token context; send something shorter",
+                  flush=True)
+            continue
+        reply = _stream_reply(llm, ids, params)
+        history.append({"role": "assistant", "content": reply})
+
+
+def _stream_reply(llm: Any, ids: list[int], params: SamplingParams) -> str:
+    shown = 0
+
+    def show(out: Any) -> None:
+        nonlocal shown
+        text = out.outputs[0].text
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+
+    try:
+        out = llm.generate({"prompt_token_ids": ids}, params, on_output=show)[0]
+        text = out.outputs[0].text
+    except KeyboardInterrupt:
+        text = "(interrupted)"
+    except EmberError as e:
+        text = f"error: {e}"
+    sys.stdout.write(text[shown:] + "\n")
+    sys.stdout.flush()
+    return text

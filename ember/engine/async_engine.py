@@ -1,0 +1,147 @@
+"""AsyncEngine: the LLMEngine stepping in its own thread, with requests streamed to asyncio callers."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from ember.engine.engine import LLMEngine, Prompt
+from ember.engine.outputs import RequestOutput
+from ember.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("ember")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    tokens: int = 0
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread hit an unexpected error while running a request."""
+
+
+class AsyncEngine:
+    """Only the engine thread touches LLMEngine state; other threads talk to it through an inbox."""
+
+    def __init__(self, engine: LLMEngine, observer: Any = None) -> None:
+        self.engine = engine
+        self.observer = observer  # gets on_first_token / on_token / on_finish callbacks (metrics)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ember-engine", daemon=True)
+        self.num_running = 0
+        self.num_waiting = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after every step that advanced it; the last one is finished.
+
+        Validation errors raise before anything is queued. Leaving the iteration early (a client
+        disconnecting cancels it) aborts the request and frees its blocks.
+        """
+        req = self.engine.prepare(request_id, prompt, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._send("add", req)
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send("abort", request_id)
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    # -- engine thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            self._drain()
+            if not engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # never leave callers hanging: fail what was running
+                log.exception("engine step failed")
+                self._fail_all(EngineDeadError(f"internal engine error: {type(e).__name__}: {e}"))
+                continue
+            self.num_running = len(engine.scheduler.running)
+            self.num_waiting = len(engine.scheduler.waiting)
+            for out in outputs:
+                self._deliver(out)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                if payload.request_id in self._streams:
+                    self.engine.admit(payload)
+            else:
+                self.engine.abort_request(payload)
+                if self.observer:
+                    self.observer.on_abort()
+        self.num_waiting = len(self.engine.scheduler.waiting)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:  # the caller went away between steps
+            if not out.finished:
+                self.engine.abort_request(out.request_id)
+            return
+        now = time.monotonic()
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        if self.observer and tokens > stream.tokens:
+            if stream.last_token is None:
+                stream.first_token = now
+                self.observer.on_first_token(now - stream.arrival)
+            else:
+                self.observer.on_token(now - stream.last_token)
+            stream.last_token, stream.tokens = now, tokens
+        if out.finished and self.observer:
+            self.observer.on_finish(out, now - stream.arrival,
+                                    None if stream.first_token is None else stream.first_token - stream.arrival)
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid in list(self.engine.requests):
+            self.engine.abort_request(rid)
+        for stream in list(self._streams.values()):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)

@@ -1,0 +1,89 @@
+"""Prometheus text-format metrics: request/token counters, cache gauges, latency histograms."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class Histogram:
+    def __init__(self, name: str, help_: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.help, self.buckets = name, help_, buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, edge in enumerate(self.buckets):
+            if value <= edge:
+                self.counts[i] += 1
+        self.total += 1
+        self.sum += value
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        lines += [f'{self.name}_bucket{{le="{edge}"}} {n}' for edge, n in zip(self.buckets, self.counts)]
+        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.total}', f"{self.name}_sum {self.sum:.6f}",
+                  f"{self.name}_count {self.total}"]
+        return lines
+
+
+class Metrics:
+    """Observer of the AsyncEngine (called from the engine thread) and renderer for /metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ttft = Histogram("ember_time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = Histogram("ember_inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
+        self.e2e = Histogram("ember_e2e_request_latency_seconds", "Request latency.", E2E_BUCKETS)
+        self.finished: dict[str, int] = {}
+        self.aborted = 0
+
+    def on_first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft.observe(seconds)
+
+    def on_token(self, seconds: float) -> None:
+        with self._lock:
+            self.itl.observe(seconds)
+
+    def on_finish(self, out: Any, seconds: float, ttft: float | None) -> None:
+        with self._lock:
+            self.e2e.observe(seconds)
+            reason = out.outputs[0].finish_reason or "unknown"
+            self.finished[reason] = self.finished.get(reason, 0) + 1
+
+    def on_abort(self) -> None:
+        with self._lock:
+            self.aborted += 1
+
+    def render(self, engine: Any, running: int, waiting: int) -> str:
+        blocks = engine.blocks
+        used = blocks.num_used_blocks / max(1, blocks.num_blocks)
+        hit = blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0
+        gauges = [
+            ("ember_num_requests_running", "Requests in the running batch.", running),
+            ("ember_num_requests_waiting", "Requests waiting to be scheduled.", waiting),
+            ("ember_kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (0-1).", round(used, 6)),
+            ("ember_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / looked up.", round(hit, 6)),
+        ]
+        lines: list[str] = []
+        for name, help_, value in gauges:
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}"]
+        counters = [("ember_prompt_tokens_total", "Prompt tokens received.", engine.stats["prompt_tokens"]),
+                    ("ember_generation_tokens_total", "Tokens generated.", engine.stats["generation_tokens"]),
+                    ("ember_num_preemptions_total", "Sequences preempted.", engine.scheduler.num_preemptions)]
+        for name, help_, value in counters:
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value}"]
+        with self._lock:
+            lines += ["# HELP ember_request_success_total Finished requests by finish reason.",
+                      "# TYPE ember_request_success_total counter"]
+            lines += [f'ember_request_success_total{{finished_reason="{r}"}} {n}' for r, n in sorted(self.finished.items())]
+            lines += ["# HELP ember_request_aborted_total Requests aborted (client gone).",
+                      "# TYPE ember_request_aborted_total counter", f"ember_request_aborted_total {self.aborted}"]
+            for h in (self.ttft, self.itl, self.e2e):
+                lines += h.render()
+        return "\n".join(lines) + "\n"
