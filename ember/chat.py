@@ -63,16 +63,21 @@ def run_chat(model: str | None, engine_kwargs: dict[str, Any], params: SamplingP
         history.append({"role": "assistant", "content": reply})
 
 
-def _stream_reply(llm: Any, ids: list[int], params: SamplingParams) -> str:
-    shown = 0
+class TerminalStream:
+    """An `on_output` callback that writes each new piece of the first completion to stdout."""
 
-    def show(out: Any) -> None:
-        nonlocal shown
+    def __init__(self) -> None:
+        self.shown = 0
+
+    def __call__(self, out: Any) -> None:
         text = out.outputs[0].text
-        sys.stdout.write(text[shown:])
+        sys.stdout.write(text[self.shown:])
         sys.stdout.flush()
-        shown = len(text)
+        self.shown = len(text)
 
+
+def _stream_reply(llm: Any, ids: list[int], params: SamplingParams) -> str:
+    show = TerminalStream()
     try:
         out = llm.generate({"prompt_token_ids": ids}, params, on_output=show)[0]
         text = out.outputs[0].text
@@ -80,6 +85,6 @@ def _stream_reply(llm: Any, ids: list[int], params: SamplingParams) -> str:
         text = "(interrupted)"
     except EmberError as e:
         text = f"error: {e}"
-    sys.stdout.write(text[shown:] + "\n")
+    sys.stdout.write(text[show.shown:] + "\n")
     sys.stdout.flush()
     return text

@@ -54,6 +54,7 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from ember import LLM
+    from ember.chat import TerminalStream
 
     params = _sampling(a)
     llm = LLM(a.model, **_engine_kwargs(a))
@@ -62,17 +63,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not a.raw and tok.chat_template:
         prompt = {"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": a.prompt}],
                                                               tokenize=True)}
-    shown = 0
     start = time.perf_counter()
-
-    def stream(out: Any) -> None:
-        nonlocal shown
-        text = out.outputs[0].text
-        sys.stdout.write(text[shown:])
-        sys.stdout.flush()
-        shown = len(text)
-
-    out = llm.generate(prompt, params, on_output=stream)[0]
+    out = llm.generate(prompt, params, on_output=TerminalStream())[0]
     elapsed = time.perf_counter() - start
     sys.stdout.write("\n")
     n = len(out.outputs[0].token_ids)

@@ -1,11 +1,13 @@
 """Build a ready-to-run model and tokenizer from a GGUF file or a Hugging Face folder."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ember.config import ModelConfig, load_hf_config
 from ember.errors import ModelLoadError
@@ -57,6 +59,9 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "floa
     else:
         raise ModelLoadError(f"{path}: not a .gguf file or a model folder")
     net = LlamaModel(config, max_positions)
-    net.load_weights(weights, str(path))
+    total = len(reader.tensors) if not path.is_dir() else None
+    with tqdm(weights, total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress,
+              leave=False, file=sys.stderr) as bar:
+        net.load_weights(bar, str(path))
     net.to(torch_dtype).eval()
     return LoadedModel(net, tokenizer, config, path, time.perf_counter() - start)
