@@ -1,4 +1,4 @@
-"""The `ember` command line: serve, generate, chat, pull, models."""
+"""The `ember` command line: serve, generate, chat, bench, pull, models."""
 from __future__ import annotations
 
 import argparse
@@ -107,6 +107,75 @@ def cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from ember.bench.common import emit
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    if a.kind == "serve":
+        from ember.bench.serve import run_serve
+
+        result = run_serve(a.url, a.served_model, a.num_prompts, a.input_len, a.output_len, a.range_ratio,
+                           a.request_rate, a.burstiness, a.max_concurrency, a.seed, a.api_key, a.slo_scale,
+                           a.slo_gen_rate)
+    else:
+        from ember import LLM
+
+        kwargs = _engine_kwargs(a)
+        if a.kind == "latency":  # one pass per prompt, as llama-bench; no prefix-cache help
+            kwargs["max_num_batched_tokens"] = max(kwargs["max_num_batched_tokens"], a.pp)
+            kwargs["enable_prefix_caching"] = False
+        llm = LLM(a.model, **kwargs)
+        if a.kind == "throughput":
+            from ember.bench.throughput import run_throughput
+
+            result = run_throughput(llm, a.num_prompts, a.input_len, a.output_len, a.range_ratio, a.seed)
+        else:
+            from ember.bench.latency import run_latency
+
+            result = run_latency(llm, a.pp, a.tg, a.repetitions, a.seed, membw=not a.no_membw)
+    emit(result, a.json, f"ember bench {a.kind}")
+    return 0 if result.get("failed", 0) == 0 else 1
+
+
+def _bench_parsers(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, serve",
+                           description="Measure ember (or any OpenAI-compatible server).")
+    kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    load = argparse.ArgumentParser(add_help=False)
+    load.add_argument("--num-prompts", type=int, default=16)
+    load.add_argument("--input-len", type=int, default=250, help="prompt tokens (mean)")
+    load.add_argument("--output-len", type=int, default=128, help="output tokens (mean)")
+    load.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in mean*(1 +- r)")
+
+    tp = kinds.add_parser("throughput", parents=[common, load], help="offline: N requests through the engine")
+    _engine_flags(tp)
+    lat = kinds.add_parser("latency", parents=[common], help="llama-bench style pp/tg tok/s and bandwidth")
+    _engine_flags(lat)
+    lat.add_argument("--pp", type=int, default=512, help="prompt tokens per pp run")
+    lat.add_argument("--tg", type=int, default=128, help="tokens generated per tg run")
+    lat.add_argument("--repetitions", "-r", type=int, default=3)
+    lat.add_argument("--no-membw", action="store_true", help="skip measuring the machine's read bandwidth")
+    sv = kinds.add_parser("serve", parents=[common, load], help="streaming load against a running server")
+    sv.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    sv.add_argument("--served-model", default=None, help="model id to send (default: the server's first)")
+    sv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default: all at once)")
+    sv.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson arrivals")
+    sv.add_argument("--max-concurrency", type=int, default=None)
+    sv.add_argument("--api-key", default=None)
+    sv.add_argument("--slo-scale", type=float, default=8.0,
+                    help="prompt-latency SLA: prompt_tokens/512*SCALE seconds (DeepSpeed-FastGen uses 1 on GPUs)")
+    sv.add_argument("--slo-gen-rate", type=float, default=2.0, help="generation SLA in tok/s")
+    for p in (tp, lat, sv):
+        p.set_defaults(func=cmd_bench)
+
+
 def cmd_pull(a: argparse.Namespace) -> int:
     from ember.loading.registry import DEFAULT_MODEL, pull
 
@@ -144,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(ch)
     ch.add_argument("--system", default=None, help="system prompt")
     ch.set_defaults(func=cmd_chat, temperature=0.7, max_tokens=512)
+
+    _bench_parsers(sub)
 
     md = sub.add_parser("models", help="list models in the local cache")
     md.set_defaults(func=cmd_models)

@@ -1,15 +1,21 @@
-"""Vectorised sampling over the batch: penalties, greedy, temperature, top-k/top-p/min-p, seeds, logprobs."""
+"""Vectorised batch sampling: penalties, greedy, temperature, top-k/top-p/min-p, per-request seeds, raw logprobs."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
 from ember.engine.sampling_params import SamplingParams
 
+_TINY = torch.finfo(torch.float32).tiny
+
 
 @dataclass
 class SamplingRow:
+    """One row of the batch: its params, its seeded generator (or None: global RNG) and its token history."""
+
     params: SamplingParams
     generator: torch.Generator | None
     prompt_ids: list[int]
@@ -18,65 +24,117 @@ class SamplingRow:
 
 @dataclass
 class SampleResult:
+    """Sampled token per row and, for rows that asked, the raw top logprobs plus the sampled token."""
+
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]
 
 
 def compute_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim, in float32."""
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def top_logprobs(row: torch.Tensor, k: int, include: int) -> dict[int, float]:
+def top_logprobs(logprobs_row: torch.Tensor, k: int, include: int) -> dict[int, float]:
+    """The `k` most likely tokens of one row (best first) plus `include`, mapped to their logprobs."""
     out: dict[int, float] = {}
+    k = min(k, logprobs_row.shape[-1])
     if k > 0:
-        vals, idx = row.topk(k)
+        vals, idx = logprobs_row.topk(k)
         out = dict(zip(idx.tolist(), vals.tolist()))
-    out[include] = float(row[include])
+    if include not in out:
+        out[include] = float(logprobs_row[include])
     return out
 
 
 class Sampler:
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
-        logits = logits.float()
-        raw = logits
-        if any(_has_penalty(r.params) for r in rows):
-            logits = apply_penalties(logits.clone(), rows)
-        greedy = [r.params.greedy for r in rows]
-        tokens = logits.argmax(dim=-1)
-        if not all(greedy):
-            tokens = torch.where(torch.tensor(greedy), tokens, self._random(logits, rows))
-        ids = tokens.tolist()
-        lps: list[dict[int, float] | None] = [None] * len(rows)
-        if any(r.params.logprobs is not None for r in rows):
-            all_lp = compute_logprobs(raw)
-            for i, r in enumerate(rows):
-                if r.params.logprobs is not None:
-                    lps[i] = top_logprobs(all_lp[i], r.params.logprobs, ids[i])
-        return SampleResult(ids, lps)
+    """Picks one token per row; every step works on the whole batch, or on just the rows that need it."""
 
-    @staticmethod
-    def _random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        temp = torch.tensor([max(r.params.temperature, 1e-5) for r in rows]).unsqueeze(1)
-        logits = logits / temp
-        top_k = [r.params.top_k for r in rows]
-        if any(k > 0 for k in top_k):
-            vocab = logits.shape[1]
-            k = torch.tensor([k if k > 0 else vocab for k in top_k]).clamp(max=vocab)
-            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        top_p = torch.tensor([r.params.top_p for r in rows])
-        if (top_p < 1).any():
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            drop = (sorted_p.cumsum(-1) - sorted_p) > top_p.unsqueeze(1)
-            probs = probs.masked_fill(drop.scatter(1, order, drop), 0.0)
-        min_p = torch.tensor([r.params.min_p for r in rows])
-        if (min_p > 0).any():
-            probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.max(-1, keepdim=True).values, 0.0)
-        q = torch.empty_like(probs)
-        for i, r in enumerate(rows):
-            q[i].exponential_(generator=r.generator)
-        return (probs / q).argmax(dim=-1)
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        if not rows:
+            return SampleResult([], [])
+        raw = logits.float()
+        ids = _choose(apply_penalties(raw, rows), rows).tolist()
+        return SampleResult(ids, _row_logprobs(raw, rows, ids))
+
+
+def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """argmax for greedy rows, a random draw for the others."""
+    random = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if not random:
+        return logits.argmax(dim=-1)
+    if len(random) == len(rows):
+        return _draw(logits, rows)
+    tokens = logits.argmax(dim=-1)
+    idx = torch.tensor(random, device=logits.device)
+    tokens[idx] = _draw(logits[idx], [rows[i] for i in random])
+    return tokens
+
+
+def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p, then the exponential race argmax(p / q), q ~ Exp(1)."""
+    temps = _column([r.params.temperature for r in rows], logits)
+    logits = _top_k(logits / temps, [r.params.top_k for r in rows])
+    probs = logits.softmax(dim=-1)
+    probs = _top_p(probs, [r.params.top_p for r in rows])
+    probs = _min_p(probs, [r.params.min_p for r in rows])
+    return (probs / _exponential_noise(probs, rows)).argmax(dim=-1)
+
+
+def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Mask every logit below the row's k-th largest (ties with it are kept)."""
+    vocab = logits.shape[1]
+    need = [i for i, k in enumerate(ks) if 0 < k < vocab]
+
+    def cut(sub: torch.Tensor) -> torch.Tensor:
+        k = torch.tensor([ks[i] for i in need], device=sub.device)
+        kth = sub.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+        return sub.masked_fill(sub < kth, float("-inf"))
+
+    return _on_rows(logits, need, cut)
+
+
+def _top_p(probs: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """Keep the smallest most-likely set whose mass reaches p (always at least the top token)."""
+    need = [i for i, p in enumerate(ps) if p < 1.0]
+
+    def cut(sub: torch.Tensor) -> torch.Tensor:
+        p = _column([ps[i] for i in need], sub)
+        sorted_p, order = sub.sort(dim=-1, descending=True)
+        drop_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) >= p  # mass ranked above reaches p already
+        drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
+        return sub.masked_fill(drop, 0.0)
+
+    return _on_rows(probs, need, cut)
+
+
+def _min_p(probs: torch.Tensor, mins: list[float]) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the row's top probability."""
+    need = [i for i, m in enumerate(mins) if m > 0.0]
+
+    def cut(sub: torch.Tensor) -> torch.Tensor:
+        floor = _column([mins[i] for i in need], sub) * sub.max(dim=-1, keepdim=True).values
+        return sub.masked_fill(sub < floor, 0.0)
+
+    return _on_rows(probs, need, cut)
+
+
+def _exponential_noise(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Exp(1) noise shaped like `probs`: a seeded row's from its own generator, so batch-independent."""
+    q = torch.empty_like(probs)
+    seeded = [i for i, r in enumerate(rows) if r.generator is not None]
+    if len(seeded) < len(rows):
+        if seeded:
+            unseeded = torch.tensor([i for i, r in enumerate(rows) if r.generator is None], device=q.device)
+            q[unseeded] = torch.empty(len(unseeded), q.shape[1], device=q.device).exponential_()
+        else:
+            q.exponential_()
+    for i in seeded:
+        gen = rows[i].generator
+        q[i] = torch.empty(q.shape[1], device=gen.device).exponential_(generator=gen)
+    return q.clamp_min_(_TINY)  # a zero would turn a masked 0 / 0 into NaN, which argmax picks
 
 
 def _has_penalty(p: SamplingParams) -> bool:
@@ -84,15 +142,61 @@ def _has_penalty(p: SamplingParams) -> bool:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    for i, r in enumerate(rows):
-        p = r.params
-        if not _has_penalty(p):
-            continue
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long)
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if r.output_ids and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(r.output_ids), minlength=logits.shape[1]).float()
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-    return logits
+    """Repetition (prompt+output), then frequency and presence (output) penalties; `logits` itself if none apply."""
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    additive = [i for i, r in enumerate(rows) if r.output_ids
+                and (r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0)]
+    if not rep and not additive:
+        return logits
+    if len(rep or additive) < len(rows):  # the first pass writes rows in place: never into the caller's tensor
+        logits = logits.clone()
+    vocab = logits.shape[1]
+
+    def repetition(sub: torch.Tensor) -> torch.Tensor:
+        seen = _token_counts([rows[i].prompt_ids + rows[i].output_ids for i in rep], vocab, sub.device) > 0
+        pen = _column([rows[i].params.repetition_penalty for i in rep], sub)
+        return torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+
+    def frequency_presence(sub: torch.Tensor) -> torch.Tensor:
+        counts = _token_counts([rows[i].output_ids for i in additive], vocab, sub.device)
+        freq = _column([rows[i].params.frequency_penalty for i in additive], sub)
+        pres = _column([rows[i].params.presence_penalty for i in additive], sub)
+        return sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+
+    logits = _on_rows(logits, rep, repetition)
+    return _on_rows(logits, additive, frequency_presence)
+
+
+def _token_counts(id_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(id_lists), vocab] float32 counts of each token id per list, in one bincount."""
+    lengths = torch.tensor([len(ids) for ids in id_lists], device=device)
+    flat = torch.tensor(list(chain.from_iterable(id_lists)), dtype=torch.long, device=device)
+    row = torch.repeat_interleave(torch.arange(len(id_lists), device=device), lengths)
+    return torch.bincount(row * vocab + flat, minlength=len(id_lists) * vocab).view(-1, vocab).float()
+
+
+def _row_logprobs(raw: torch.Tensor, rows: list[SamplingRow], ids: list[int]) -> list[dict[int, float] | None]:
+    """Raw-distribution top logprobs (plus the sampled token) for the rows that asked for them."""
+    out: list[dict[int, float] | None] = [None] * len(rows)
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if want:
+        lps = compute_logprobs(raw if len(want) == len(rows) else raw[torch.tensor(want, device=raw.device)])
+        for j, i in enumerate(want):
+            out[i] = top_logprobs(lps[j], rows[i].params.logprobs, ids[i])
+    return out
+
+
+def _on_rows(x: torch.Tensor, idx: list[int], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`x` with rows `idx` replaced by `fn(those rows)`; no gather/scatter when `idx` is every row."""
+    if not idx:
+        return x
+    if len(idx) == x.shape[0]:
+        return fn(x)
+    sel = torch.tensor(idx, device=x.device)
+    x[sel] = fn(x[sel])
+    return x
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-row scalars as a [n, 1] float32 column on `like`'s device."""
+    return torch.tensor(values, dtype=torch.float32, device=like.device).unsqueeze(1)

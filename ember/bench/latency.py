@@ -1,0 +1,71 @@
+"""`ember bench latency`: llama-bench-style pp/tg tok/s plus achieved weight-read bandwidth (roofline)."""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ember.bench.common import machine
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table (one row is read),
+    which counts in full when it doubles as the LM head."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("embed_tokens.") and model.lm_head is not None:
+            continue
+        total += p.numel() * p.element_size()
+    for name, b in model.named_buffers():  # packed quantized weights live in buffers
+        if name.endswith(("qweight", "scales", "zeros")):
+            total += b.numel() * b.element_size()
+    return total
+
+
+def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """The machine's streaming read bandwidth in GB/s (best of a few sums over a large tensor)."""
+    x = torch.ones(int(gib * (1 << 30)) // 4)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
+                membw: bool = True) -> dict[str, Any]:
+    from ember import SamplingParams
+
+    rng = random.Random(seed)
+    vocab = llm.engine.config.vocab_size
+    low = min(256, vocab // 2)
+    rand = lambda n: [rng.randrange(low, vocab) for _ in range(n)]  # noqa: E731
+    llm.generate({"prompt_token_ids": rand(8)}, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    pp_rates, tg_rates = [], []
+    for _ in range(repetitions):
+        start = time.perf_counter()
+        llm.generate({"prompt_token_ids": rand(pp)}, SamplingParams(max_tokens=1))
+        pp_rates.append(pp / (time.perf_counter() - start))
+        stamps: list[float] = []
+        llm.generate({"prompt_token_ids": rand(1)}, SamplingParams(max_tokens=tg + 1, ignore_eos=True),
+                     on_output=lambda out: stamps.append(time.perf_counter()))
+        tg_rates.append(tg / (stamps[-1] - stamps[0]))  # from the first token on: decode only
+    tg_rate = statistics.mean(tg_rates)
+    weights = weight_bytes_per_token(llm.engine.loaded.model)
+    result = {"benchmark": "latency", "machine": machine(), "dtype": str(llm.engine.dtype).removeprefix("torch."),
+              f"pp{pp}_tok_s": statistics.mean(pp_rates), f"pp{pp}_tok_s_std": _std(pp_rates),
+              f"tg{tg}_tok_s": tg_rate, f"tg{tg}_tok_s_std": _std(tg_rates),
+              "weight_bytes_per_token": weights, "achieved_bandwidth_gb_s": weights * tg_rate / 1e9}
+    if membw:
+        bw = measure_read_bandwidth()
+        result["machine_read_bandwidth_gb_s"] = bw
+        result["bandwidth_fraction"] = result["achieved_bandwidth_gb_s"] / bw
+    return result
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0

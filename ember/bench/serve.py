@@ -1,0 +1,128 @@
+"""`ember bench serve`: streaming load against any OpenAI-compatible server (ember, llama-server, vLLM)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.bench.common import machine, percentiles, sample_lengths, synthetic_prompt
+
+
+@dataclass
+class Result:
+    prompt_words: int
+    ok: bool = False
+    error: str = ""
+    start: float = 0.0
+    chunk_times: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0] - self.start
+
+    @property
+    def e2e(self) -> float:
+        return self.chunk_times[-1] - self.start
+
+
+async def _one(client: Any, url: str, body: dict[str, Any], res: Result) -> None:
+    res.start = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                if event.get("usage"):
+                    res.prompt_tokens = event["usage"].get("prompt_tokens")
+                    res.output_tokens = event["usage"].get("completion_tokens") or res.output_tokens
+                for choice in event.get("choices") or []:
+                    if choice.get("text"):
+                        res.chunk_times.append(time.perf_counter())
+        res.output_tokens = max(res.output_tokens, len(res.chunk_times))
+        res.ok = bool(res.chunk_times)
+    except Exception as e:  # a benchmark reports failures, it does not stop on them
+        res.error = f"{type(e).__name__}: {e}"
+
+
+def _intervals(rng: random.Random, n: int, rate: float, burstiness: float) -> list[float]:
+    if rate == float("inf"):
+        return [0.0] * n
+    theta = 1.0 / (rate * burstiness)  # gamma with mean 1/rate; burstiness 1 = Poisson arrivals
+    return [rng.gammavariate(burstiness, theta) for _ in range(n)]
+
+
+async def _drive(url: str, model: str | None, num_prompts: int, input_len: int, output_len: int,
+                 range_ratio: float, request_rate: float, burstiness: float, max_concurrency: int | None,
+                 seed: int, api_key: str | None) -> tuple[list[Result], float, str]:
+    import httpx
+
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), headers=headers, limits=limits) as client:
+        if model is None:
+            model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+        ins = sample_lengths(rng, num_prompts, input_len, range_ratio)
+        outs = sample_lengths(rng, num_prompts, output_len, range_ratio)
+        waits = _intervals(rng, num_prompts, request_rate, burstiness)
+        sem = asyncio.Semaphore(max_concurrency or num_prompts)
+        results = [Result(prompt_words=n) for n in ins]
+
+        async def go(i: int) -> None:
+            body = {"model": model, "prompt": synthetic_prompt(rng, ins[i]), "max_tokens": outs[i],
+                    "temperature": 0, "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}
+            async with sem:
+                await _one(client, f"{url}/v1/completions", body, results[i])
+
+        start = time.perf_counter()
+        tasks = []
+        for i, wait in enumerate(waits):
+            await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(go(i)))
+        await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start, model
+
+
+def run_serve(url: str, model: str | None = None, num_prompts: int = 16, input_len: int = 250,
+              output_len: int = 128, range_ratio: float = 0.0, request_rate: float = float("inf"),
+              burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0,
+              api_key: str | None = None, slo_scale: float = 8.0, slo_gen_rate: float = 2.0) -> dict[str, Any]:
+    url = url.rstrip("/").removesuffix("/v1")
+    results, duration, model = asyncio.run(_drive(url, model, num_prompts, input_len, output_len, range_ratio,
+                                                  request_rate, burstiness, max_concurrency, seed, api_key))
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    prompt_tokens = sum(r.prompt_tokens or r.prompt_words for r in ok)
+    itls = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    # DeepSpeed-FastGen's effective throughput, with its SLAs rescaled for CPUs by slo_scale:
+    # prompt latency <= prompt_tokens / 512 * scale seconds, and generation >= slo_gen_rate tok/s.
+    good = [r for r in ok if r.ttft <= (r.prompt_tokens or r.prompt_words) / 512 * slo_scale
+            and (r.output_tokens <= 1 or (r.output_tokens - 1) / max(1e-9, r.e2e - r.ttft) >= slo_gen_rate)]
+    result: dict[str, Any] = {
+        "benchmark": "serve", "machine": machine(), "url": url, "model": model,
+        "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
+        "request_rate": "inf" if request_rate == float("inf") else request_rate, "burstiness": burstiness,
+        "max_concurrency": max_concurrency, "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:3], "duration_s": duration,
+        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+        "total_token_throughput": (out_tokens + prompt_tokens) / duration,
+        "prompt_tokens": prompt_tokens, "output_tokens": out_tokens,
+        "slo": {"prompt_latency_s_per_512_tokens": slo_scale, "min_generation_tok_s": slo_gen_rate},
+        "slo_met": len(good), "effective_throughput_req_s": len(good) / duration,
+    }
+    result.update(percentiles([r.ttft for r in ok], "ttft_ms"))
+    result.update(percentiles(tpots, "tpot_ms"))
+    result.update(percentiles(itls, "itl_ms"))
+    result.update(percentiles([r.e2e for r in ok], "e2e_ms"))
+    return result

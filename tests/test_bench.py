@@ -1,0 +1,49 @@
+"""Smoke tests of `ember bench`: each kind runs on a tiny model and prints valid JSON with every field."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.server.conftest import start_server, stop_server
+
+PERCENTILE_FIELDS = [f"{m}_{s}" for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms") for s in ("mean", "p50", "p95", "p99")]
+
+
+def _bench(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "ember.cli", "bench", *args, "--json"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_bench_throughput(tiny_llama3: Path) -> None:
+    r = _bench("throughput", "--model", str(tiny_llama3), "--num-prompts", "5", "--input-len", "20",
+               "--output-len", "6", "--kv-cache-memory", "0.01", "--max-model-len", "256")
+    for key in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "elapsed_s", "machine"):
+        assert key in r
+    assert r["output_tokens"] == 30 and r["prompt_tokens"] == 100 and r["output_tokens_per_s"] > 0
+
+
+def test_bench_latency(tiny_llama3: Path) -> None:
+    r = _bench("latency", "--model", str(tiny_llama3), "--pp", "32", "--tg", "8", "-r", "2",
+               "--kv-cache-memory", "0.01", "--max-model-len", "256")
+    for key in ("pp32_tok_s", "tg8_tok_s", "weight_bytes_per_token", "achieved_bandwidth_gb_s",
+                "machine_read_bandwidth_gb_s", "bandwidth_fraction"):
+        assert key in r and r[key] > 0
+    assert r["weight_bytes_per_token"] > 64 * 64 * 4  # at least one projection's worth
+
+
+def test_bench_serve_against_a_real_server(tiny_llama3: Path, tmp_path: Path) -> None:
+    srv = start_server(tiny_llama3, tmp_path)
+    try:
+        r = _bench("serve", "--url", srv.url, "--num-prompts", "6", "--input-len", "20", "--output-len", "8",
+                   "--request-rate", "20", "--burstiness", "0.5")
+    finally:
+        stop_server(srv)
+    assert r["completed"] == 6 and r["failed"] == 0 and r["output_tokens"] == 48
+    for key in PERCENTILE_FIELDS + ["request_throughput", "output_throughput", "total_token_throughput",
+                                    "effective_throughput_req_s", "slo_met", "duration_s"]:
+        assert key in r
+    assert 0 < r["ttft_ms_p50"] <= r["e2e_ms_p50"] and r["itl_ms_mean"] > 0
