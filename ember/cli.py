@@ -31,11 +31,13 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
                    help="turn off sharing of identical prompt prefixes")
     g.add_argument("--scheduler", default="splitfuse", choices=["splitfuse", "prefill-first"],
                    help="step policy (default: splitfuse)")
+    g.add_argument("--quantization", "-q", default="none", choices=["none", "int8"],
+                   help="quantize weights at load: int8 = groups of 32, AVX2 kernel (default: none)")
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     keys = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
-            "enable_prefix_caching", "scheduler")
+            "enable_prefix_caching", "scheduler", "quantization")
     return {k: getattr(a, k) for k in keys}
 
 

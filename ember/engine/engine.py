@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ember.compress.quantize import METHODS as QUANT_METHODS
+from ember.compress.quantize import apply as apply_quantization
 from ember.engine.kv_cache import BlockManager
 from ember.engine.outputs import CompletionOutput, Logprob, LogprobDict, RequestOutput
 from ember.engine.runner import ModelRunner, StepResult, kv_bytes_per_token
@@ -38,10 +40,12 @@ class EngineArgs:
     kv_cache_memory: float | None = None  # GiB; default: what max_num_seqs full contexts need, <= 2 GiB
     scheduler: str = "splitfuse"
     block_size: int = 16
+    quantization: str = "none"  # "int8": weights quantized at load (ember.compress.quantize)
 
     def validate(self) -> None:
         checks = [
             (self.scheduler in POLICIES, "scheduler", f"must be one of {', '.join(POLICIES)}"),
+            (self.quantization in QUANT_METHODS, "quantization", f"must be one of {', '.join(QUANT_METHODS)}"),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
             (self.block_size >= 1, "block_size", "must be >= 1"),
@@ -79,7 +83,7 @@ class LLMEngine:
         self.loaded = loaded or load_model(args.model, self.dtype, progress=True)
         self.tokenizer = self.loaded.tokenizer
         self.config = self.loaded.config
-        model = self.loaded.model
+        model = apply_quantization(self.loaded.model, args.quantization)
         per_token = kv_bytes_per_token(model, self.dtype)
         context = min(args.max_model_len or self.config.max_position_embeddings, model.max_positions)
         if self.config.sliding_window and context > self.config.sliding_window:

@@ -10,6 +10,7 @@ import torch
 from ember.engine.sampling_params import SamplingParams
 
 _TINY = torch.finfo(torch.float32).tiny
+_TOP_P_CANDIDATES = 256  # top-p first looks among this many tokens (a topk), not a full-vocabulary sort
 
 
 @dataclass
@@ -102,12 +103,22 @@ def _top_p(probs: torch.Tensor, ps: list[float]) -> torch.Tensor:
 
     def cut(sub: torch.Tensor) -> torch.Tensor:
         p = _column([ps[i] for i in need], sub)
-        sorted_p, order = sub.sort(dim=-1, descending=True)
-        drop_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) >= p  # mass ranked above reaches p already
-        drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
-        return sub.masked_fill(drop, 0.0)
+        return sub.masked_fill(~_nucleus(sub, p, min(_TOP_P_CANDIDATES, sub.shape[1])), 0.0)
 
     return _on_rows(probs, need, cut)
+
+
+def _nucleus(probs: torch.Tensor, p: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of each row's top-p set, looked for in its `k` likeliest tokens; a full sort only for rows they can't fill."""
+    vocab = probs.shape[1]
+    vals, order = probs.topk(k, dim=-1) if k < vocab else probs.sort(dim=-1, descending=True)
+    mass = vals.cumsum(dim=-1)
+    keep_sorted = (mass - vals) < p  # a token stays while the mass ranked above it is short of p
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep_sorted)
+    short = mass[:, -1] < p[:, 0]
+    if k < vocab and short.any():
+        keep[short] = _nucleus(probs[short], p[short], vocab)
+    return keep
 
 
 def _min_p(probs: torch.Tensor, mins: list[float]) -> torch.Tensor:

@@ -60,7 +60,7 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "floa
         raise ModelLoadError(f"{path}: not a .gguf file or a model folder")
     net = LlamaModel(config, max_positions)
     total = len(reader.tensors) if not path.is_dir() else None
-    with tqdm(weights, total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress,
+    with tqdm(weights, total=total, desc=f"loading {path.name}", unit="tensor", disable=None if progress else True,
               leave=False, file=sys.stderr) as bar:
         net.load_weights(bar, str(path))
     net.to(torch_dtype).eval()

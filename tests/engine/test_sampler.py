@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ember.engine import sampler as sampler_module
 from ember.engine.sampler import (Sampler, SamplingRow, apply_penalties, compute_logprobs,
                                   top_logprobs)
 from ember.engine.sampling_params import SamplingParams
@@ -173,6 +174,31 @@ def test_top_p_applies_to_the_top_k_renormalised_distribution() -> None:
     top3 = _renormalised(torch.arange(V) < 3)
     assert top3[0] < 0.7 <= top3[:2].sum() and PROBS[:2].sum() < 0.7
     assert (_freqs(False, top_k=3, top_p=0.7) - _renormalised(torch.arange(V) < 2)).abs().max() < TOL
+
+
+def _naive_top_p(probs: torch.Tensor, p: float) -> set[int]:
+    """Token by token: walk down the sorted row, keeping each token while the mass kept so far is below p."""
+    kept, mass = set(), 0.0
+    for t in probs.argsort(descending=True).tolist():
+        if mass >= p:
+            break
+        kept.add(t)
+        mass += probs[t].item()
+    return kept
+
+
+def test_top_p_on_a_large_vocabulary_matches_a_full_sort() -> None:
+    # Peaked rows fit their nucleus in the top-k candidates; flat rows need more and fall back to a full sort.
+    gen = torch.Generator().manual_seed(12)
+    scale = torch.tensor([8.0, 0.1, 4.0, 0.0, 6.0, 0.5]).unsqueeze(1)
+    probs = torch.softmax(torch.randn(6, 2000, generator=gen) * scale, -1)
+    ps = [0.9, 0.95, 0.5, 0.3, 0.99, 0.8]
+    expected = [_naive_top_p(probs[i], p) for i, p in enumerate(ps)]
+    sizes = [len(e) for e in expected]
+    assert min(sizes) < sampler_module._TOP_P_CANDIDATES < max(sizes)
+    got = sampler_module._top_p(probs.clone(), ps)
+    assert [set(torch.nonzero(got[i]).flatten().tolist()) for i in range(6)] == expected
+    torch.testing.assert_close(got[got > 0], probs[got > 0])
 
 
 def test_temperature_applies_before_top_p() -> None:

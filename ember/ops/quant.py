@@ -1,0 +1,88 @@
+"""Quantized linear layers: int8 weights in groups of 32, run by an AVX2 kernel or a PyTorch fallback."""
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger("ember")
+GROUP = 32
+# Above this many rows a step is compute-bound (prefill): dequantize and use the float GEMM instead.
+KERNEL_MAX_ROWS = 32
+
+
+def quantize_int8(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest per group along K: (int8 [N, K], float32 scales [N, K/group])."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    scales = g.abs().amax(-1) / 127.0
+    q = torch.round(g / torch.where(scales > 0, scales, 1.0).unsqueeze(-1)).clamp(-127, 127)
+    return q.to(torch.int8).reshape(n, k), scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    n, k = q.shape
+    return (q.float().reshape(n, k // group, group) * scales.unsqueeze(-1)).reshape(n, k)
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """Pure-PyTorch twin of the kernel: activations quantized per group too, exact integer dots."""
+    m, k = x.shape
+    xq, xs = quantize_int8(x, group)
+    dots = torch.einsum("mbg,nbg->mnb", xq.float().reshape(m, k // group, group),
+                        q.float().reshape(q.shape[0], k // group, group))
+    return (dots * xs.unsqueeze(1) * scales.unsqueeze(0)).sum(-1)
+
+
+@lru_cache(maxsize=1)
+def kernels() -> Any | None:
+    """The compiled extension, or None (no AVX2, no compiler, or EMBER_NO_KERNELS=1)."""
+    if os.environ.get("EMBER_NO_KERNELS") == "1":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16"):
+        log.info("no AVX2 on this CPU: quantized layers use the PyTorch fallback")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        src = Path(__file__).with_name("quant_kernels.cpp")
+        return load(name="ember_quant_kernels", sources=[str(src)], verbose=False,
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # a missing compiler must not stop the engine
+        log.warning("could not build the int8 kernels (%s); using the PyTorch fallback", e)
+        return None
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for a linear layer with int8 group-quantized weights (4x smaller than float32)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.out_features, self.in_features = qweight.shape
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "QuantLinear":
+        return cls(*quantize_int8(weight), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if x2.shape[0] > KERNEL_MAX_ROWS:
+            y = nn.functional.linear(x2, dequantize_int8(self.qweight, self.scales))
+        else:
+            k = kernels()
+            y = k.w8a8_linear(x2, self.qweight, self.scales) if k else w8a8_reference(x2, self.qweight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 g{GROUP}"

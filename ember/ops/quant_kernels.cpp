@@ -1,0 +1,83 @@
+// CPU kernels for int8-weight linear layers (ember/ops/quant.py loads this with torch's cpp_extension).
+// Weights: int8 [N, K] with one float scale per group of 32 along K (symmetric).
+// Activations are quantized the same way on the fly, and each group's dot product is computed with
+// AVX2 integer multiply-adds (as llama.cpp's q8_0 x q8_0), then scaled and accumulated in float.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+
+static constexpr int G = 32;
+
+// Quantize rows of x [M, K] to int8 per group of 32: q = round(x / s), s = max|x| / 127.
+static void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* s) {
+  const int64_t groups = K / G;
+  at::parallel_for(0, M * groups, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* src = x + (i / groups) * K + (i % groups) * G;
+      float amax = 0.f;
+      for (int j = 0; j < G; ++j) amax = std::max(amax, std::fabs(src[j]));
+      const float scale = amax / 127.f;
+      const float inv = scale > 0.f ? 1.f / scale : 0.f;
+      s[i] = scale;
+      int8_t* dst = q + (i / groups) * K + (i % groups) * G;
+      for (int j = 0; j < G; ++j) dst[j] = (int8_t)std::nearbyint(src[j] * inv);
+    }
+  });
+}
+
+static inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// 32 int8 x 32 int8 -> 8 int32 partial sums as floats.
+static inline __m256 dot32(__m256i a, __m256i b) {
+  const __m256i ax = _mm256_sign_epi8(a, a);      // |a|, unsigned for maddubs
+  const __m256i sb = _mm256_sign_epi8(b, a);      // b with a's sign
+  const __m256i p16 = _mm256_maddubs_epi16(ax, sb);
+  const __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+  return _mm256_cvtepi32_ps(p32);
+}
+
+// y [M, N] = x [M, K] . w^T for int8 w [N, K] with group scales ws [N, K/32].
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && wq.dtype() == torch::kInt8 && ws.dtype() == torch::kFloat32);
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0), groups = K / G;
+  TORCH_CHECK(K % G == 0 && wq.size(1) == K && ws.size(0) == N && ws.size(1) == groups);
+  auto xq = torch::empty({M, K}, torch::kInt8);
+  auto xs = torch::empty({M, groups}, torch::kFloat32);
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>());
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const int8_t* W = wq.data_ptr<int8_t>();
+  const float* WS = ws.data_ptr<float>();
+  const int8_t* X = xq.data_ptr<int8_t>();
+  const float* XS = xs.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wrow = W + n * K;
+      const float* wsrow = WS + n * groups;
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xrow = X + m * K;
+        const float* xsrow = XS + m * groups;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+          const __m256i a = _mm256_loadu_si256((const __m256i*)(xrow + g * G));
+          const __m256i b = _mm256_loadu_si256((const __m256i*)(wrow + g * G));
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(xsrow[g] * wsrow[g]), dot32(a, b), acc);
+        }
+        Y[m * N + n] = hsum(acc);
+      }
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("w8a8_linear", &w8a8_linear, "int8-weight linear with on-the-fly int8 activations (AVX2)");
+}
