@@ -10,7 +10,7 @@ from ember.config import ModelConfig
 from ember.errors import ModelLoadError
 from ember.ops.attention import AttentionMetadata, paged_attention
 from ember.ops.norm import RMSNorm
-from ember.ops.rope import RotaryEmbedding, inv_frequencies
+from ember.ops.rope import RotaryEmbedding, apply_rotary, inv_frequencies
 
 
 class Linear(nn.Module):
@@ -35,11 +35,11 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.scale = self.hd ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
-                cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = rope(positions, q.view(t, self.n_heads, self.hd), k.view(t, self.n_kv, self.hd))
+        q, k = apply_rotary(q.view(t, self.n_heads, self.hd), k.view(t, self.n_kv, self.hd), *rope)
         o = paged_attention(q, k, v.view(t, self.n_kv, self.hd), cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -64,9 +64,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
-                cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, positions, cache, meta)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -93,8 +93,9 @@ class LlamaModel(nn.Module):
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope(positions, x.dtype)
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, self.rope, positions, cache, meta)
+            x = layer(x, rope, cache, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
