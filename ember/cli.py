@@ -116,7 +116,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    if a.kind == "serve":
+    if a.kind == "mixed":
+        from ember.bench.serve import run_mixed
+
+        result = run_mixed(a.url, a.served_model, a.streams, a.stream_output, a.long_prompts, a.long_prompt_len,
+                           a.interval, a.seed, a.api_key)
+    elif a.kind == "serve":
         from ember.bench.serve import run_serve
 
         result = run_serve(a.url, a.served_model, a.num_prompts, a.input_len, a.output_len, a.range_ratio,
@@ -174,7 +179,17 @@ def _bench_parsers(sub: Any) -> None:
     sv.add_argument("--slo-scale", type=float, default=8.0,
                     help="prompt-latency SLA: prompt_tokens/512*SCALE seconds (DeepSpeed-FastGen uses 1 on GPUs)")
     sv.add_argument("--slo-gen-rate", type=float, default=2.0, help="generation SLA in tok/s")
-    for p in (tp, lat, sv):
+    mx = kinds.add_parser("mixed", parents=[common],
+                          help="decode streams while long prompts arrive (SplitFuse vs prefill-first)")
+    mx.add_argument("--url", required=True)
+    mx.add_argument("--served-model", default=None)
+    mx.add_argument("--api-key", default=None)
+    mx.add_argument("--streams", type=int, default=8, help="decoding streams")
+    mx.add_argument("--stream-output", type=int, default=256, help="tokens each stream generates")
+    mx.add_argument("--long-prompts", type=int, default=4)
+    mx.add_argument("--long-prompt-len", type=int, default=1500)
+    mx.add_argument("--interval", type=float, default=2.0, help="seconds between long prompts")
+    for p in (tp, lat, sv, mx):
         p.set_defaults(func=cmd_bench)
 
 
@@ -231,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="ember: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     try:
         return args.func(args)
     except EmberError as e:

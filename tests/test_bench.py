@@ -47,3 +47,15 @@ def test_bench_serve_against_a_real_server(tiny_llama3: Path, tmp_path: Path) ->
                                     "effective_throughput_req_s", "slo_met", "duration_s"]:
         assert key in r
     assert 0 < r["ttft_ms_p50"] <= r["e2e_ms_p50"] and r["itl_ms_mean"] > 0
+
+
+def test_bench_mixed_against_a_real_server(tiny_llama3: Path, tmp_path: Path) -> None:
+    srv = start_server(tiny_llama3, tmp_path, "--max-num-batched-tokens", "32")
+    try:
+        r = _bench("mixed", "--url", srv.url, "--streams", "3", "--stream-output", "120", "--long-prompts", "2",
+                   "--long-prompt-len", "60", "--interval", "0.05")
+    finally:
+        stop_server(srv)
+    assert r["completed"] == 5 and r["failed"] == 0
+    for key in ("decode_itl_during_prefill_ms_p95", "long_prompt_ttft_ms_p50", "output_throughput"):
+        assert key in r

@@ -126,3 +126,59 @@ def run_serve(url: str, model: str | None = None, num_prompts: int = 16, input_l
     result.update(percentiles(itls, "itl_ms"))
     result.update(percentiles([r.e2e for r in ok], "e2e_ms"))
     return result
+
+
+async def _drive_mixed(url: str, model: str | None, streams: int, stream_output: int, prompts: int,
+                       prompt_len: int, interval: float, seed: int, api_key: str | None
+                       ) -> tuple[list[Result], list[Result], float, str]:
+    import httpx
+
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), headers=headers, limits=limits) as client:
+        if model is None:
+            model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+
+        def body(words: int, out: int) -> dict[str, Any]:
+            return {"model": model, "prompt": synthetic_prompt(rng, words), "max_tokens": out, "temperature": 0,
+                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+
+        decoders = [Result(prompt_words=32) for _ in range(streams)]
+        longs = [Result(prompt_words=prompt_len) for _ in range(prompts)]
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(_one(client, f"{url}/v1/completions", body(32, stream_output), r))
+                 for r in decoders]
+        while not all(r.chunk_times for r in decoders):  # the long prompts arrive once all decode
+            await asyncio.sleep(0.05)
+        for r in longs:
+            await asyncio.sleep(interval)
+            tasks.append(asyncio.create_task(_one(client, f"{url}/v1/completions", body(prompt_len, 16), r)))
+        await asyncio.gather(*tasks)
+        return decoders, longs, time.perf_counter() - start, model
+
+
+def run_mixed(url: str, model: str | None = None, streams: int = 8, stream_output: int = 256, prompts: int = 4,
+              prompt_len: int = 1500, interval: float = 2.0, seed: int = 0, api_key: str | None = None
+              ) -> dict[str, Any]:
+    """Decode streams running while long prompts arrive: does prefill stall the decodes (ITL tail)?"""
+    url = url.rstrip("/").removesuffix("/v1")
+    decoders, longs, duration, model = asyncio.run(_drive_mixed(
+        url, model, streams, stream_output, prompts, prompt_len, interval, seed, api_key))
+    ok = [r for r in decoders + longs if r.ok]
+    # Inter-token gaps of the decode streams while the long prompts were being processed.
+    window = (min((r.start for r in longs), default=0.0), max((r.chunk_times[0] for r in longs if r.ok), default=0.0))
+    itls = [b - a for r in decoders if r.ok for a, b in zip(r.chunk_times, r.chunk_times[1:])
+            if window[0] <= b <= window[1]]
+    out_tokens = sum(r.output_tokens for r in ok)
+    result: dict[str, Any] = {
+        "benchmark": "mixed", "machine": machine(), "url": url, "model": model, "streams": streams,
+        "stream_output": stream_output, "long_prompts": prompts, "long_prompt_len": prompt_len,
+        "interval_s": interval, "completed": len(ok), "failed": len(decoders) + len(longs) - len(ok),
+        "errors": sorted({r.error for r in decoders + longs if r.error})[:3], "duration_s": duration,
+        "output_throughput": out_tokens / duration,
+        "total_token_throughput": (out_tokens + sum(r.prompt_tokens or r.prompt_words for r in ok)) / duration,
+    }
+    result.update(percentiles(itls, "decode_itl_during_prefill_ms"))
+    result.update(percentiles([r.ttft for r in longs if r.ok], "long_prompt_ttft_ms"))
+    return result
