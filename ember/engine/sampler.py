@@ -109,7 +109,7 @@ def _top_p(probs: torch.Tensor, ps: list[float]) -> torch.Tensor:
 
 
 def _nucleus(probs: torch.Tensor, p: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of each row's top-p set, looked for in its `k` likeliest tokens; a full sort only for rows they can't fill."""
+    """Mask of each row's top-p set, found among its `k` likeliest tokens (a full sort for rows they can't fill)."""
     vocab = probs.shape[1]
     vals, order = probs.topk(k, dim=-1) if k < vocab else probs.sort(dim=-1, descending=True)
     mass = vals.cumsum(dim=-1)
