@@ -257,11 +257,20 @@ class LLMEngine:
         if not seqs:
             return
         logits = result.logits[torch.tensor(rows)]
+        self._block_early_stops(logits, seqs)
         sample = self.sampler.sample(logits, [SamplingRow(s.params, s.generator, s.prompt_ids, s.output_ids)
                                               for s in seqs])
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             self._append(seq, sample.token_ids[i], sample.logprobs[i], logits[i], now)
+
+    def _block_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """As vLLM: below min_tokens, stop tokens cannot be sampled at all."""
+        for i, seq in enumerate(seqs):
+            if len(seq.output_ids) < seq.params.min_tokens:
+                stop_ids = list(self.requests[seq.request_id].stop_ids)
+                if stop_ids:
+                    logits[i, stop_ids] = float("-inf")
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
         """Start the request's other completions on the prompt `seq` just finished."""

@@ -103,3 +103,13 @@ def test_greedy_ignores_seed_and_seeds_reproduce(llm: LLM, prompt: list[int]) ->
     b = llm.generate(p, SamplingParams(max_tokens=8, temperature=0.9, seed=3, ignore_eos=True))[0]
     c = llm.generate(p, SamplingParams(max_tokens=8, temperature=0.9, seed=4, ignore_eos=True))[0]
     assert a.outputs[0].token_ids == b.outputs[0].token_ids != c.outputs[0].token_ids
+
+
+def test_min_tokens_blocks_stop_tokens_until_reached(llm: LLM, prompt: list[int]) -> None:
+    greedy = llm.generate({"prompt_token_ids": prompt},
+                          SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].outputs[0]
+    target = greedy.token_ids[0]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(
+        max_tokens=6, temperature=0, stop_token_ids=[target], min_tokens=3, ignore_eos=True))[0].outputs[0]
+    assert target not in out.token_ids[:3] and len(out.token_ids) >= 3
+    assert out.token_ids[0] != greedy.token_ids[0]  # the greedy choice was masked, not just not stopped on
