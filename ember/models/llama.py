@@ -9,6 +9,7 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
 from ember.ops.attention import AttentionMetadata, paged_attention
+from ember.ops.kernels import cpu_kernels
 from ember.ops.norm import RMSNorm
 from ember.ops.rope import RotaryEmbedding, apply_rotary, inv_frequencies
 
@@ -52,7 +53,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gu = self.gate_up_proj(x)
+        kern = cpu_kernels() if gu.dtype == torch.float32 else None
+        if kern is not None:
+            return self.down_proj(kern.silu_mul(gu))
+        gate, up = gu.split(self.inter, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 

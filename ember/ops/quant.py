@@ -1,16 +1,11 @@
 """Quantized linear layers: int8 weights in groups of 32, run by an AVX2 kernel or a PyTorch fallback."""
 from __future__ import annotations
 
-import logging
-import os
-from functools import lru_cache
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
-log = logging.getLogger("ember")
+from ember.ops.kernels import cpu_kernels
+
 GROUP = 32
 # Above this many rows a step is compute-bound (prefill): dequantize and use the float GEMM instead.
 KERNEL_MAX_ROWS = 32
@@ -39,25 +34,6 @@ def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group
     return (dots * xs.unsqueeze(1) * scales.unsqueeze(0)).sum(-1)
 
 
-@lru_cache(maxsize=1)
-def kernels() -> Any | None:
-    """The compiled extension, or None (no AVX2, no compiler, or EMBER_NO_KERNELS=1)."""
-    if os.environ.get("EMBER_NO_KERNELS") == "1":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16"):
-        log.info("no AVX2 on this CPU: quantized layers use the PyTorch fallback")
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        src = Path(__file__).with_name("quant_kernels.cpp")
-        return load(name="ember_quant_kernels", sources=[str(src)], verbose=False,
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as e:  # a missing compiler must not stop the engine
-        log.warning("could not build the int8 kernels (%s); using the PyTorch fallback", e)
-        return None
-
-
 class QuantLinear(nn.Module):
     """Drop-in for a linear layer with int8 group-quantized weights (4x smaller than float32)."""
 
@@ -78,7 +54,7 @@ class QuantLinear(nn.Module):
         if x2.shape[0] > KERNEL_MAX_ROWS:
             y = nn.functional.linear(x2, dequantize_int8(self.qweight, self.scales))
         else:
-            k = kernels()
+            k = cpu_kernels()
             y = k.w8a8_linear(x2, self.qweight, self.scales) if k else w8a8_reference(x2, self.qweight, self.scales)
         if self.bias is not None:
             y = y + self.bias

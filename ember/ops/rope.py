@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ember.ops.kernels import cpu_kernels
+
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None,
                     freq_factors: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,13 +47,20 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for these positions, [T, 1, D]: looked up once per step, shared by all layers."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        """cos and sin for these positions, [T, D]: looked up once per step, shared by all layers."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [T, H, D], k: [T, KVH, D]."""
+    """q: [T, H, D], k: [T, KVH, D]; cos, sin: [T, D]."""
+    kern = cpu_kernels() if q.dtype == torch.float32 else None
+    if kern is not None:
+        q, k = q.contiguous(), k.contiguous()
+        kern.rope_(q, cos, sin)
+        kern.rope_(k, cos, sin)
+        return q, k
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 

@@ -9,6 +9,7 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.ops import quant as Q
+from ember.ops.kernels import cpu_kernels
 from tests.conftest import TEXT
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16")
@@ -25,7 +26,7 @@ def test_quantize_error_is_at_most_half_a_step() -> None:
 @pytest.mark.skipif(not HAS_AVX2 or shutil.which("c++") is None, reason="needs AVX2 and a C++ compiler")
 @pytest.mark.parametrize("rows", [1, 3, 16, 32])
 def test_kernel_matches_the_pytorch_twin(rows: int) -> None:
-    k = Q.kernels()
+    k = cpu_kernels()
     assert k is not None, "the int8 kernel failed to build on an AVX2 machine with a compiler"
     gen = torch.Generator().manual_seed(rows)
     w, x = torch.randn(200, 320, generator=gen), torch.randn(rows, 320, generator=gen)

@@ -78,6 +78,69 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
   return y;
 }
 
+// ---- small fused float32 ops for the decode path (each replaces several PyTorch ops) ----
+
+// out = x * rsqrt(mean(x^2) + eps) * w, per row of x [T, D].
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32);
+  x = x.contiguous();
+  const int64_t D = x.size(-1), T = x.numel() / D;
+  auto out = torch::empty_like(x);
+  const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* xr = X + t * D;
+      double ss = 0.0;
+      for (int64_t i = 0; i < D; ++i) ss += (double)xr[i] * xr[i];
+      const float r = 1.f / std::sqrt((float)(ss / D) + (float)eps);
+      float* o = O + t * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = W[i] * (xr[i] * r);
+    }
+  });
+  return out;
+}
+
+// silu(g) * u for gu = [gate | up] of shape [T, 2I]; returns [T, I].
+torch::Tensor silu_mul(torch::Tensor gu) {
+  TORCH_CHECK(gu.dtype() == torch::kFloat32);
+  gu = gu.contiguous();
+  const int64_t I = gu.size(-1) / 2, T = gu.numel() / (2 * I);
+  auto out = torch::empty({T, I}, gu.options());
+  const float* G = gu.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float *g = G + t * 2 * I, *u = g + I;
+      float* o = O + t * I;
+      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+// In-place rotary embedding (half-split layout) on x [T, H, D] with cos/sin [T, D].
+void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && cos.is_contiguous() && sin.is_contiguous());
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  float* X = x.data_ptr<float>();
+  const float *C = cos.data_ptr<float>(), *S = sin.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float *c = C + t * D, *s = S + t * D;
+    for (int64_t h = 0; h < H; ++h) {
+      float* v = X + (t * H + h) * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i + half] + a * s[i + half];
+      }
+    }
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_linear", &w8a8_linear, "int8-weight linear with on-the-fly int8 activations (AVX2)");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up for a fused [gate | up] tensor (float32)");
+  m.def("rope_", &rope_, "rotary embedding in place (float32, half-split layout)");
 }
