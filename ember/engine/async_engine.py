@@ -100,8 +100,7 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(EngineDeadError(f"internal engine error: {type(e).__name__}: {e}"))
                 continue
-            self.num_running = len(engine.scheduler.running)
-            self.num_waiting = len(engine.scheduler.waiting)
+            self._refresh_counts()
             for out in outputs:
                 self._deliver(out)
 
@@ -110,7 +109,7 @@ class AsyncEngine:
             try:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if kind == "add":
                 if payload.request_id in self._streams:
                     self.engine.admit(payload)
@@ -118,6 +117,10 @@ class AsyncEngine:
                 self.engine.abort_request(payload)
                 if self.observer:
                     self.observer.on_abort()
+        self._refresh_counts()  # an abort can be the last event before going idle
+
+    def _refresh_counts(self) -> None:
+        self.num_running = len(self.engine.scheduler.running)
         self.num_waiting = len(self.engine.scheduler.waiting)
 
     def _deliver(self, out: RequestOutput) -> None:

@@ -267,6 +267,8 @@ async def _completion_stream(rid: str, model: str, firsts: list[RequestOutput], 
     finally:
         for t in tasks:
             t.cancel()
+        # Let the pumps unwind first: a generator still running inside one cannot be closed.
+        await asyncio.gather(*tasks, return_exceptions=True)
         for g in gens:
             await g.aclose()
 
