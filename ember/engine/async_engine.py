@@ -100,9 +100,9 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(EngineDeadError(f"internal engine error: {type(e).__name__}: {e}"))
                 continue
-            self._refresh_counts()
             for out in outputs:
                 self._deliver(out)
+            self._refresh_counts()
 
     def _drain(self) -> None:
         while True:
