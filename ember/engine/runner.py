@@ -99,4 +99,5 @@ class ModelRunner:
         ctx = torch.tensor([s.num_computed + 1 for s in seqs])
         meta.decode_rows = torch.tensor(rows, dtype=torch.long)
         meta.decode_block_tables = tables
+        meta.decode_ctx_lens = ctx
         meta.decode_mask = (torch.arange(width * self.block_size)[None, :] < ctx[:, None])[:, None, None, :]

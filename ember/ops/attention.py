@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ember.ops.kernels import cpu_kernels
+
 
 @dataclass
 class PrefillChunk:
@@ -27,6 +29,7 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None  # [B] rows of the flat batch that are single-token decodes
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
+    decode_ctx_lens: torch.Tensor | None = None  # [B] context length of each decoding sequence
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -62,6 +65,10 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Ten
 
 
 def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    kern = cpu_kernels() if q.dtype == torch.float32 and cache.dtype == torch.float32 else None
+    if kern is not None:  # reads K/V in place from the blocks instead of gathering a padded copy
+        return kern.paged_decode_attention(q, cache[0], cache[1], meta.decode_block_tables,
+                                           meta.decode_ctx_lens, scale)
     b, h, hd = q.shape
     n_kv = cache.shape[-2]
     tables = meta.decode_block_tables

@@ -138,7 +138,62 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   }
 }
 
+// One query token per sequence attending to its context straight from the paged cache (no gather).
+// q [B, H, D]; k_cache, v_cache [blocks, block_size, KVH, D]; tables [B, W]; ctx_lens [B].
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor tables, torch::Tensor ctx_lens, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 && k_cache.is_contiguous()
+              && v_cache.is_contiguous() && tables.dtype() == torch::kInt64 && ctx_lens.dtype() == torch::kInt64);
+  q = q.contiguous();
+  tables = tables.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2), W = tables.size(1), G = H / KVH;
+  auto out = torch::empty_like(q);
+  const float *Q = q.data_ptr<float>(), *K = k_cache.data_ptr<float>(), *V = v_cache.data_ptr<float>();
+  const int64_t *T = tables.data_ptr<int64_t>(), *L = ctx_lens.data_ptr<int64_t>();
+  float* O = out.data_ptr<float>();
+  const float sc = (float)scale;
+  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / KVH, kvh = i % KVH, len = L[b];
+      scores.assign(G * len, 0.f);
+      const float* qb = Q + (b * H + kvh * G) * D;
+      for (int64_t t = 0; t < len; ++t) {
+        const float* k = K + ((T[b * W + t / BS] * BS + t % BS) * KVH + kvh) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qb + g * D;
+          float dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
+          scores[g * len + t] = dot * sc;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = scores.data() + g * len;
+        float mx = s[0];
+        for (int64_t t = 1; t < len; ++t) mx = std::max(mx, s[t]);
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+      }
+      float* ob = O + (b * H + kvh * G) * D;
+      for (int64_t j = 0; j < G * D; ++j) ob[j] = 0.f;
+      for (int64_t t = 0; t < len; ++t) {
+        const float* v = V + ((T[b * W + t / BS] * BS + t % BS) * KVH + kvh) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * len + t];
+          float* og = ob + g * D;
+          for (int64_t d = 0; d < D; ++d) og[d] += p * v[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache (float32)");
   m.def("w8a8_linear", &w8a8_linear, "int8-weight linear with on-the-fly int8 activations (AVX2)");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for a fused [gate | up] tensor (float32)");
