@@ -60,17 +60,25 @@ def _intervals(rng: random.Random, n: int, rate: float, burstiness: float) -> li
     return [rng.gammavariate(burstiness, theta) for _ in range(n)]
 
 
+def _client(api_key: str | None) -> Any:
+    """An HTTP client without connection limits (the load is the point) and with long timeouts."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    return httpx.AsyncClient(timeout=httpx.Timeout(3600.0), headers=headers, limits=limits)
+
+
+async def _first_model(client: Any, url: str) -> str:
+    return (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+
+
 async def _drive(url: str, model: str | None, num_prompts: int, input_len: int, output_len: int,
                  range_ratio: float, request_rate: float, burstiness: float, max_concurrency: int | None,
                  seed: int, api_key: str | None) -> tuple[list[Result], float, str]:
-    import httpx
-
     rng = random.Random(seed)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), headers=headers, limits=limits) as client:
-        if model is None:
-            model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+    async with _client(api_key) as client:
+        model = model or await _first_model(client, url)
         ins = sample_lengths(rng, num_prompts, input_len, range_ratio)
         outs = sample_lengths(rng, num_prompts, output_len, range_ratio)
         waits = _intervals(rng, num_prompts, request_rate, burstiness)
@@ -131,14 +139,9 @@ def run_serve(url: str, model: str | None = None, num_prompts: int = 16, input_l
 async def _drive_mixed(url: str, model: str | None, streams: int, stream_output: int, prompts: int,
                        prompt_len: int, interval: float, seed: int, api_key: str | None
                        ) -> tuple[list[Result], list[Result], float, str]:
-    import httpx
-
     rng = random.Random(seed)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), headers=headers, limits=limits) as client:
-        if model is None:
-            model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+    async with _client(api_key) as client:
+        model = model or await _first_model(client, url)
 
         def body(words: int, out: int) -> dict[str, Any]:
             return {"model": model, "prompt": synthetic_prompt(rng, words), "max_tokens": out, "temperature": 0,

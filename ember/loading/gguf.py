@@ -19,6 +19,7 @@ SUPPORTED_TYPES = (
 # GGUF value types -> numpy dtypes (8 = string and 9 = array are handled apart).
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
             11: "<i8", 12: "<f8"}
+_U64 = struct.Struct("<Q")
 
 
 @dataclass
@@ -66,6 +67,23 @@ class _Cursor:
     def string(self) -> str:
         return bytes(self.take(self.scalar("<u8"))).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """A string array in one tight loop (a vocabulary holds 100k+ strings)."""
+        data, pos, end, out = memoryview(self.buf), self.pos, len(self.buf), []
+        try:
+            for _ in range(count):
+                (n,) = _U64.unpack_from(data, pos)
+                pos += 8
+                if pos + n > end:
+                    raise struct.error
+                out.append(str(data[pos:pos + n], "utf-8", "replace"))
+                pos += n
+        except struct.error:
+            raise ModelLoadError(f"{self.path}: GGUF header is truncated or corrupt (read past the end "
+                                 f"at byte {pos}); re-download or re-convert the file") from None
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
@@ -76,6 +94,8 @@ class _Cursor:
             if etype in _SCALARS:
                 dt = np.dtype(_SCALARS[etype])
                 return np.frombuffer(self.take(dt.itemsize * count), dtype=dt).tolist()
+            if etype == 8:
+                return self.strings(count)
             return [self.value(etype) for _ in range(count)]
         raise ModelLoadError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
 
