@@ -308,11 +308,12 @@ class IncrementalDetokenizer:
         return self._emit(self._decoder.decode(self.tokenizer.id_to_bytes(token_id)))
 
     def flush(self) -> str:
-        """Whatever is held back, with incomplete bytes replaced by U+FFFD (one per byte for byte-fallback vocabularies)."""
+        """The held-back bytes at the end; incomplete ones become U+FFFD as in HF's decode (which, for
+        SentencePiece byte fallback, gives one per byte)."""
         pending = self._decoder.getstate()[0]
         self._decoder.reset()
-        text = pending.decode("utf-8", errors="replace")
-        return self._emit("\ufffd" * len(pending) if pending and not self.tokenizer.byte_level else text)
+        per_byte = pending and not self.tokenizer.byte_level
+        return self._emit("\ufffd" * len(pending) if per_byte else pending.decode("utf-8", errors="replace"))
 
     def _emit(self, text: str) -> str:
         if self._strip and text:
