@@ -192,10 +192,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+// The kernels release the GIL so the server's event loop keeps running while a step computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache (float32)");
-  m.def("w8a8_linear", &w8a8_linear, "int8-weight linear with on-the-fly int8 activations (AVX2)");
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up for a fused [gate | up] tensor (float32)");
-  m.def("rope_", &rope_, "rotary embedding in place (float32, half-split layout)");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache (float32)",
+        release());
+  m.def("w8a8_linear", &w8a8_linear, "int8-weight linear with on-the-fly int8 activations (AVX2)", release());
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)", release());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up for a fused [gate | up] tensor (float32)", release());
+  m.def("rope_", &rope_, "rotary embedding in place (float32, half-split layout)", release());
 }
