@@ -8,7 +8,7 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
-from ember.ops.attention import AttentionMetadata, paged_attention
+from ember.ops.attention import AttentionMetadata, PrefillChunk, paged_attention
 from ember.ops.kernels import cpu_kernels
 from ember.ops.norm import RMSNorm
 from ember.ops.rope import RotaryEmbedding, apply_rotary, inv_frequencies
@@ -102,6 +102,21 @@ class LlamaModel(nn.Module):
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, rope, cache, meta)
         return self.norm(x)
+
+    def dense_context(self, n: int) -> tuple[list[torch.Tensor], AttentionMetadata]:
+        """Scratch KV caches (one block of n slots per layer) and metadata for one causal sequence of n
+        tokens: the plain, unpaged forward used by perplexity and calibration."""
+        cfg, dtype = self.config, self.embed_tokens.weight.dtype
+        caches = [torch.empty(2, 1, n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype) for _ in self.layers]
+        meta = AttentionMetadata(slot_mapping=torch.arange(n),
+                                 prefills=[PrefillChunk(0, n, n, torch.zeros(1, dtype=torch.long), None)])
+        return caches, meta
+
+    @torch.inference_mode()
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [T, hidden] of one sequence input_ids [T], starting at position 0."""
+        caches, meta = self.dense_context(input_ids.shape[0])
+        return self(input_ids, torch.arange(input_ids.shape[0]), caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied: the embedding table is the head
