@@ -20,7 +20,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
             continue
         total += p.numel() * p.element_size()
     for name, b in model.named_buffers():  # packed quantized weights live in buffers
-        if name.endswith(("qweight", "scales", "zeros")):
+        if name.endswith(("qweight", "scales", "mins")):
             total += b.numel() * b.element_size()
     return total
 

@@ -1,7 +1,7 @@
 """The Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM) over a ragged batch of token chunks."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from ember.errors import ModelLoadError
 from ember.ops.attention import AttentionMetadata, PrefillChunk, paged_attention
 from ember.ops.kernels import cpu_kernels
 from ember.ops.norm import RMSNorm
+from ember.ops.quant import KERNEL_MAX_ROWS, QuantLinear
 from ember.ops.rope import RotaryEmbedding, apply_rotary, inv_frequencies
 
 
@@ -75,6 +76,33 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _projections(layer: DecoderLayer) -> tuple[nn.Module, ...]:
+    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+
+
+def _fused_linear(kern: Any, m: nn.Module) -> Any:
+    none = torch.empty(0)
+    bias = none if m.bias is None else m.bias.data
+    if isinstance(m, QuantLinear):
+        return kern.DecodeLinear(m.bits, m.qweight, m.scales, none if m.mins is None else m.mins, bias)
+    if isinstance(m, Linear):
+        return kern.DecodeLinear(32, m.weight.data, none, none, bias)
+    raise TypeError(f"no fused decode path for {type(m).__name__}")
+
+
+def _build_fused(kern: Any, model: "LlamaModel") -> Any | None:
+    """A C++ DecodeModel holding references to this model's weights (None if a layer type is unknown)."""
+    cfg = model.config
+    fused = kern.DecodeModel(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, model.norm.weight.data)
+    try:
+        for layer in model.layers:
+            fused.add_layer(layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data,
+                            *(_fused_linear(kern, m) for m in _projections(layer)))
+    except TypeError:
+        return None
+    return fused
+
+
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head; the KV cache is passed in, not owned."""
 
@@ -88,6 +116,7 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.max_positions = max_positions or cfg.max_position_embeddings
         self.set_rope()
+        self._fused: tuple[tuple[int, ...], Any, bool] | None = None
 
     def set_rope(self, freq_factors: torch.Tensor | None = None) -> None:
         inv = inv_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling,
@@ -99,9 +128,30 @@ class LlamaModel(nn.Module):
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions, x.dtype)
+        fused = self._fused_decoder(x, kv_caches, meta)
+        if fused is not None:  # a batch of decodes only: all layers in one C++ call
+            return fused.forward(x, *rope, kv_caches, meta.slot_mapping, meta.decode_block_tables,
+                                 meta.decode_ctx_lens, self.layers[0].self_attn.scale)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, rope, cache, meta)
         return self.norm(x)
+
+    def _fused_decoder(self, x: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> Any:
+        """The C++ decoder stack when this step is single-token decodes only (rows in order), float32
+        and every projection is a plain or quantized linear the kernels run; else None."""
+        if meta.prefills or meta.decode_rows is None or x.dtype != torch.float32 or not self.layers:
+            return None
+        kern = cpu_kernels()
+        if kern is None or kv_caches[0].dtype != torch.float32:
+            return None
+        # Rebuilt when a projection module was swapped (quantization, compression) since the last step.
+        key = tuple(id(m) for layer in self.layers for m in _projections(layer))
+        if self._fused is None or self._fused[0] != key:
+            quant = any(isinstance(m, QuantLinear) for layer in self.layers for m in _projections(layer))
+            self._fused = (key, _build_fused(kern, self), quant)
+        _, fused, quant = self._fused
+        # Many rows make quantized layers compute-bound: the module path dequantizes for a float GEMM.
+        return None if quant and x.shape[0] > KERNEL_MAX_ROWS else fused
 
     def dense_context(self, n: int) -> tuple[list[torch.Tensor], AttentionMetadata]:
         """Scratch KV caches (one block of n slots per layer) and metadata for one causal sequence of n

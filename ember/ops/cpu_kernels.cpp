@@ -1,29 +1,44 @@
-// CPU kernels for int8-weight linear layers (ember/ops/quant.py loads this with torch's cpp_extension).
-// Weights: int8 [N, K] with one float scale per group of 32 along K (symmetric).
-// Activations are quantized the same way on the fly, and each group's dot product is computed with
-// AVX2 integer multiply-adds (as llama.cpp's q8_0 x q8_0), then scaled and accumulated in float.
+// CPU kernels for ember's decode path (ember/ops/kernels.py builds this with torch's cpp_extension).
+// Quantized linear layers: weights int8 [N, K] (symmetric) or int4 packed [N, K/2] (asymmetric,
+// w = q * scale + min), with one scale (and min) per group of `group` inputs along K. Activations are
+// quantized on the fly to int8 per block of 32, and each block's dot product runs on AVX2 integer
+// multiply-adds (as llama.cpp's q8_0 / q4_1 x q8 dots), then is scaled and accumulated in float.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
 
-static constexpr int G = 32;
+static constexpr int G = 32;  // activation block
 
-// Quantize rows of x [M, K] to int8 per group of 32: q = round(x / s), s = max|x| / 127.
-static void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* s) {
-  const int64_t groups = K / G;
-  at::parallel_for(0, M * groups, 64, [&](int64_t begin, int64_t end) {
+// Activations [M, K] quantized per block of 32: q = round(x / s), s = max|x| / 127; sum = s * sum(q).
+struct QuantAct {
+  torch::Tensor q, s, sum;
+};
+
+static QuantAct quantize_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t blocks = K / G;
+  QuantAct a{torch::empty({M, K}, torch::kInt8), torch::empty({M, blocks}, torch::kFloat32),
+             torch::empty({M, blocks}, torch::kFloat32)};
+  int8_t* Q = a.q.data_ptr<int8_t>();
+  float *S = a.s.data_ptr<float>(), *SUM = a.sum.data_ptr<float>();
+  at::parallel_for(0, M * blocks, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* src = x + (i / groups) * K + (i % groups) * G;
+      const float* src = x + (i / blocks) * K + (i % blocks) * G;
       float amax = 0.f;
       for (int j = 0; j < G; ++j) amax = std::max(amax, std::fabs(src[j]));
       const float scale = amax / 127.f;
       const float inv = scale > 0.f ? 1.f / scale : 0.f;
-      s[i] = scale;
-      int8_t* dst = q + (i / groups) * K + (i % groups) * G;
-      for (int j = 0; j < G; ++j) dst[j] = (int8_t)std::nearbyint(src[j] * inv);
+      int8_t* dst = Q + (i / blocks) * K + (i % blocks) * G;
+      int total = 0;
+      for (int j = 0; j < G; ++j) {
+        dst[j] = (int8_t)std::nearbyint(src[j] * inv);
+        total += dst[j];
+      }
+      S[i] = scale;
+      SUM[i] = scale * (float)total;
     }
   });
+  return a;
 }
 
 static inline float hsum(__m256 v) {
@@ -34,101 +49,148 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// 32 int8 x 32 int8 -> 8 int32 partial sums as floats.
-static inline __m256 dot32(__m256i a, __m256i b) {
-  const __m256i ax = _mm256_sign_epi8(a, a);      // |a|, unsigned for maddubs
-  const __m256i sb = _mm256_sign_epi8(b, a);      // b with a's sign
-  const __m256i p16 = _mm256_maddubs_epi16(ax, sb);
-  const __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-  return _mm256_cvtepi32_ps(p32);
+// 32 signed x 32 signed int8 -> 8 int32 partial sums as floats.
+static inline __m256 dot_s8(__m256i x, __m256i w) {
+  const __m256i ax = _mm256_sign_epi8(x, x);  // |x|, unsigned for maddubs
+  const __m256i sw = _mm256_sign_epi8(w, x);  // w with x's sign
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1)));
 }
 
-// y [M, N] = x [M, K] . w^T for int8 w [N, K] with group scales ws [N, K/32].
-torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && wq.dtype() == torch::kInt8 && ws.dtype() == torch::kFloat32);
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0), groups = K / G;
-  TORCH_CHECK(K % G == 0 && wq.size(1) == K && ws.size(0) == N && ws.size(1) == groups);
-  auto xq = torch::empty({M, K}, torch::kInt8);
-  auto xs = torch::empty({M, groups}, torch::kFloat32);
-  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>());
-  auto y = torch::empty({M, N}, torch::kFloat32);
-  const int8_t* W = wq.data_ptr<int8_t>();
-  const float* WS = ws.data_ptr<float>();
-  const int8_t* X = xq.data_ptr<int8_t>();
-  const float* XS = xs.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
+// 32 unsigned 4-bit codes x 32 signed int8 -> 8 int32 partial sums as floats (no saturation: 2*15*127).
+static inline __m256 dot_u4(__m256i codes, __m256i x) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
+}
+
+// Unpack one row of int4 codes ([K/2] bytes; per block of 32, byte j = code j | code j+16 << 4).
+static void unpack_row(const uint8_t* src, int64_t K, uint8_t* dst) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < K / G; ++b) {
+    const __m128i v = _mm_loadu_si128((const __m128i*)(src + b * G / 2));
+    _mm_storeu_si128((__m128i*)(dst + b * G), _mm_and_si128(v, low));
+    _mm_storeu_si128((__m128i*)(dst + b * G + 16), _mm_and_si128(_mm_srli_epi16(v, 4), low));
+  }
+}
+
+// Raw y [M, N] = x [M, K] . W^T (+ bias); bits 8 (mins == nullptr) or 4. Rows of y are `ldy` apart.
+static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const float* ws, const float* wm,
+                     const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {
+  const int64_t blocks = K / G, groups = K / group, per = group / G;
+  QuantAct a = quantize_rows(x, M, K);
+  const int8_t* X = a.q.data_ptr<int8_t>();
+  const float *XS = a.s.data_ptr<float>(), *XSUM = a.sum.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<uint8_t> codes(bits == 4 ? K : 0);
     for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* wrow = W + n * K;
-      const float* wsrow = WS + n * groups;
+      const float* wsrow = ws + n * groups;
+      const float* wmrow = wm ? wm + n * groups : nullptr;
+      const uint8_t* wrow;
+      if (bits == 4) {
+        unpack_row((const uint8_t*)wq + n * (K / 2), K, codes.data());
+        wrow = codes.data();
+      } else {
+        wrow = (const uint8_t*)wq + n * K;
+      }
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* xrow = X + m * K;
-        const float* xsrow = XS + m * groups;
+        const float* xsrow = XS + m * blocks;
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t g = 0; g < groups; ++g) {
-          const __m256i a = _mm256_loadu_si256((const __m256i*)(xrow + g * G));
-          const __m256i b = _mm256_loadu_si256((const __m256i*)(wrow + g * G));
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(xsrow[g] * wsrow[g]), dot32(a, b), acc);
+        float offset = 0.f;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(xrow + b * G));
+          const __m256i wv = _mm256_loadu_si256((const __m256i*)(wrow + b * G));
+          const float sc = xsrow[b] * wsrow[b / per];
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(sc), bits == 4 ? dot_u4(wv, xv) : dot_s8(xv, wv), acc);
+          if (wmrow) offset += wmrow[b / per] * XSUM[m * blocks + b];
         }
-        Y[m * N + n] = hsum(acc);
+        y[m * ldy + n] = hsum(acc) + offset + (bias ? bias[n] : 0.f);
       }
     }
   });
+}
+
+static void check_quant(const torch::Tensor& x, const torch::Tensor& ws, int64_t K, int64_t N) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && ws.dtype() == torch::kFloat32 && ws.is_contiguous());
+  TORCH_CHECK(K % G == 0 && ws.size(0) == N && K % ws.size(1) == 0 && (K / ws.size(1)) % G == 0,
+              "group size must be a multiple of 32 dividing K");
+}
+
+// y [M, N] = x [M, K] . w^T for int8 w [N, K] with group scales ws [N, K/group].
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
+  check_quant(x, ws, K, N);
+  TORCH_CHECK(wq.dtype() == torch::kInt8 && wq.is_contiguous() && wq.size(1) == K);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  wxa8_raw(x.data_ptr<float>(), M, K, wq.data_ptr<int8_t>(), ws.data_ptr<float>(), nullptr, nullptr, N,
+           K / ws.size(1), 8, y.data_ptr<float>(), N);
+  return y;
+}
+
+// y [M, N] = x [M, K] . w^T for int4 w packed [N, K/2] with group scales and mins [N, K/group].
+torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::Tensor wm) {
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
+  check_quant(x, ws, K, N);
+  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.is_contiguous() && wq.size(1) * 2 == K);
+  TORCH_CHECK(wm.dtype() == torch::kFloat32 && wm.is_contiguous() && wm.sizes() == ws.sizes());
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  wxa8_raw(x.data_ptr<float>(), M, K, wq.data_ptr<uint8_t>(), ws.data_ptr<float>(), wm.data_ptr<float>(),
+           nullptr, N, K / ws.size(1), 4, y.data_ptr<float>(), N);
   return y;
 }
 
 // ---- small fused float32 ops for the decode path (each replaces several PyTorch ops) ----
 
 // out = x * rsqrt(mean(x^2) + eps) * w, per row of x [T, D].
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32);
-  x = x.contiguous();
-  const int64_t D = x.size(-1), T = x.numel() / D;
-  auto out = torch::empty_like(x);
-  const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
-  float* O = out.data_ptr<float>();
+static void rms_norm_raw(const float* X, const float* W, int64_t T, int64_t D, float eps, float* O) {
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const float* xr = X + t * D;
       double ss = 0.0;
       for (int64_t i = 0; i < D; ++i) ss += (double)xr[i] * xr[i];
-      const float r = 1.f / std::sqrt((float)(ss / D) + (float)eps);
+      const float r = 1.f / std::sqrt((float)(ss / D) + eps);
       float* o = O + t * D;
       for (int64_t i = 0; i < D; ++i) o[i] = W[i] * (xr[i] * r);
     }
   });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32);
+  x = x.contiguous();
+  const int64_t D = x.size(-1);
+  auto out = torch::empty_like(x);
+  rms_norm_raw(x.data_ptr<float>(), w.data_ptr<float>(), x.numel() / D, D, (float)eps, out.data_ptr<float>());
   return out;
 }
 
-// silu(g) * u for gu = [gate | up] of shape [T, 2I]; returns [T, I].
+// silu(g) * u for rows [gate | up] of width 2I; writes rows of width I.
+static void silu_mul_raw(const float* GU, int64_t T, int64_t I, float* O) {
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float *g = GU + t * 2 * I, *u = g + I;
+      float* o = O + t * I;
+      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+}
+
 torch::Tensor silu_mul(torch::Tensor gu) {
   TORCH_CHECK(gu.dtype() == torch::kFloat32);
   gu = gu.contiguous();
   const int64_t I = gu.size(-1) / 2, T = gu.numel() / (2 * I);
   auto out = torch::empty({T, I}, gu.options());
-  const float* G = gu.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float *g = G + t * 2 * I, *u = g + I;
-      float* o = O + t * I;
-      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-    }
-  });
+  silu_mul_raw(gu.data_ptr<float>(), T, I, out.data_ptr<float>());
   return out;
 }
 
-// In-place rotary embedding (half-split layout) on x [T, H, D] with cos/sin [T, D].
-void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && cos.is_contiguous() && sin.is_contiguous());
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
-  float* X = x.data_ptr<float>();
-  const float *C = cos.data_ptr<float>(), *S = sin.data_ptr<float>();
+// Rotary embedding in place (half-split layout) on T rows of H heads x D, rows `ld` floats apart.
+static void rope_raw(float* X, int64_t T, int64_t H, int64_t D, int64_t ld, const float* C, const float* S) {
+  const int64_t half = D / 2;
   for (int64_t t = 0; t < T; ++t) {
     const float *c = C + t * D, *s = S + t * D;
     for (int64_t h = 0; h < H; ++h) {
-      float* v = X + (t * H + h) * D;
+      float* v = X + t * ld + h * D;
       for (int64_t i = 0; i < half; ++i) {
         const float a = v[i], b = v[i + half];
         v[i] = a * c[i] - b * s[i];
@@ -138,37 +200,55 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   }
 }
 
+// In-place rotary embedding on x [T, H, D] with cos/sin [T, D].
+void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && cos.is_contiguous() && sin.is_contiguous());
+  const int64_t H = x.size(1), D = x.size(2);
+  rope_raw(x.data_ptr<float>(), x.size(0), H, D, H * D, cos.data_ptr<float>(), sin.data_ptr<float>());
+}
+
+// Paged KV cache geometry: K and V planes of [blocks, block_size, KVH, D] floats.
+struct PagedKV {
+  const float *K, *V;
+  const int64_t* tables;  // [B, W] block ids
+  const int64_t* lens;    // [B] context lengths
+  int64_t W, BS, KVH, D;
+  const float* k_at(int64_t b, int64_t t, int64_t h) const { return K + ((tables[b * W + t / BS] * BS + t % BS) * KVH + h) * D; }
+  const float* v_at(int64_t b, int64_t t, int64_t h) const { return V + ((tables[b * W + t / BS] * BS + t % BS) * KVH + h) * D; }
+};
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float r = hsum(acc);
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
+static inline void axpy_f32(float p, const float* x, float* y, int64_t n) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += p * x[i];
+}
+
 // One query token per sequence attending to its context straight from the paged cache (no gather).
-// q [B, H, D]; k_cache, v_cache [blocks, block_size, KVH, D]; tables [B, W]; ctx_lens [B].
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor tables, torch::Tensor ctx_lens, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 && k_cache.is_contiguous()
-              && v_cache.is_contiguous() && tables.dtype() == torch::kInt64 && ctx_lens.dtype() == torch::kInt64);
-  q = q.contiguous();
-  tables = tables.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2), W = tables.size(1), G = H / KVH;
-  auto out = torch::empty_like(q);
-  const float *Q = q.data_ptr<float>(), *K = k_cache.data_ptr<float>(), *V = v_cache.data_ptr<float>();
-  const int64_t *T = tables.data_ptr<int64_t>(), *L = ctx_lens.data_ptr<int64_t>();
-  float* O = out.data_ptr<float>();
-  const float sc = (float)scale;
+// Q rows are `ldq` floats apart (H heads x D each); O is [B, H, D].
+static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV& kv,
+                                 float scale, float* O) {
+  const int64_t KVH = kv.KVH, D = kv.D, group = H / KVH;
   at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / KVH, kvh = i % KVH, len = L[b];
-      scores.assign(G * len, 0.f);
-      const float* qb = Q + (b * H + kvh * G) * D;
+      const int64_t b = i / KVH, h = i % KVH, len = kv.lens[b];
+      scores.resize(group * len);
+      const float* qb = Q + b * ldq + h * group * D;
       for (int64_t t = 0; t < len; ++t) {
-        const float* k = K + ((T[b * W + t / BS] * BS + t % BS) * KVH + kvh) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qb + g * D;
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
-          scores[g * len + t] = dot * sc;
-        }
+        const float* k = kv.k_at(b, t, h);
+        for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot_f32(qb + g * D, k, D) * scale;
       }
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * len;
         float mx = s[0];
         for (int64_t t = 1; t < len; ++t) mx = std::max(mx, s[t]);
@@ -177,20 +257,138 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
       }
-      float* ob = O + (b * H + kvh * G) * D;
-      for (int64_t j = 0; j < G * D; ++j) ob[j] = 0.f;
+      float* ob = O + (b * H + h * group) * D;
+      std::fill(ob, ob + group * D, 0.f);
       for (int64_t t = 0; t < len; ++t) {
-        const float* v = V + ((T[b * W + t / BS] * BS + t % BS) * KVH + kvh) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * len + t];
-          float* og = ob + g * D;
-          for (int64_t d = 0; d < D; ++d) og[d] += p * v[d];
-        }
+        const float* v = kv.v_at(b, t, h);
+        for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * len + t], v, ob + g * D, D);
       }
     }
   });
+}
+
+// q [B, H, D]; k_cache, v_cache [blocks, block_size, KVH, D]; tables [B, W]; ctx_lens [B].
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor tables, torch::Tensor ctx_lens, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 && k_cache.is_contiguous()
+              && v_cache.is_contiguous() && tables.dtype() == torch::kInt64 && ctx_lens.dtype() == torch::kInt64);
+  q = q.contiguous();
+  tables = tables.contiguous();
+  ctx_lens = ctx_lens.contiguous();
+  auto out = torch::empty_like(q);
+  const PagedKV kv{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(),
+                   ctx_lens.data_ptr<int64_t>(), tables.size(1), k_cache.size(1), k_cache.size(2), k_cache.size(3)};
+  decode_attention_raw(q.data_ptr<float>(), q.size(0), q.size(1), q.size(1) * q.size(2), kv, (float)scale,
+                       out.data_ptr<float>());
   return out;
 }
+
+// ---- the whole decoder stack for a batch of single-token decodes, in one call ----
+
+// A linear layer as the decode path sees it: float32 weights (bits 32) or packed int8 / int4.
+struct DecodeLinear {
+  int64_t bits;
+  torch::Tensor w, scales, mins, bias;  // undefined (numel 0) where absent
+  int64_t N, K;
+
+  DecodeLinear(int64_t bits_, torch::Tensor w_, torch::Tensor s, torch::Tensor m, torch::Tensor b)
+      : bits(bits_), w(w_.contiguous()), scales(s.contiguous()), mins(m.contiguous()), bias(b.contiguous()) {
+    TORCH_CHECK(bits == 32 || bits == 8 || bits == 4, "bits must be 32, 8 or 4");
+    N = w.size(0);
+    K = bits == 4 ? w.size(1) * 2 : w.size(1);
+    if (bits == 32) {
+      TORCH_CHECK(w.dtype() == torch::kFloat32);
+    } else {
+      check_quant(torch::empty({0, K}), scales, K, N);
+    }
+    TORCH_CHECK(bias.numel() == 0 || (bias.dtype() == torch::kFloat32 && bias.numel() == N));
+  }
+
+  // y [M, N] = x [M, K] . W^T + bias (all contiguous).
+  void run(const float* x, int64_t M, float* y) const {
+    const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
+    if (bits == 32) {
+      auto xt = torch::from_blob((void*)x, {M, K}, torch::kFloat32);
+      auto yt = torch::from_blob(y, {M, N}, torch::kFloat32);
+      if (b) at::addmm_out(yt, bias, xt, w.t());
+      else at::mm_out(yt, xt, w.t());
+      return;
+    }
+    wxa8_raw(x, M, K, w.data_ptr(), scales.data_ptr<float>(), bits == 4 ? mins.data_ptr<float>() : nullptr, b, N,
+             K / scales.size(1), (int)bits, y, N);
+  }
+};
+
+struct DecodeLayer {
+  torch::Tensor in_norm, post_norm;
+  DecodeLinear qkv, o, gate_up, down;
+};
+
+// Holds references to a model's weights; forward() runs every layer for B decode tokens without
+// returning to Python (the per-op dispatch of ~15 ops x layers is most of a small model's step).
+class DecodeModel {
+ public:
+  DecodeModel(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, torch::Tensor final_norm)
+      : H(heads), KVH(kv_heads), D(head_dim), eps((float)eps), final_norm(final_norm.contiguous()) {}
+
+  void add_layer(torch::Tensor in_norm, torch::Tensor post_norm, DecodeLinear qkv, DecodeLinear o,
+                 DecodeLinear gate_up, DecodeLinear down) {
+    TORCH_CHECK(qkv.N == (H + 2 * KVH) * D && o.K == H * D && gate_up.N == 2 * down.K, "layer shapes");
+    layers.push_back(DecodeLayer{in_norm.contiguous(), post_norm.contiguous(), qkv, o, gate_up, down});
+  }
+
+  // x [B, hidden] embeddings; cos/sin [B, D]; caches[i] [2, blocks, block_size, KVH, D]; slots [B];
+  // tables [B, W]; ctx_lens [B] (including this token). Returns the final-normed hidden states.
+  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> caches,
+                        torch::Tensor slots, torch::Tensor tables, torch::Tensor ctx_lens, double scale) {
+    TORCH_CHECK(caches.size() == layers.size() && x.dtype() == torch::kFloat32);
+    x = x.contiguous().clone();
+    cos = cos.contiguous(); sin = sin.contiguous(); tables = tables.contiguous();
+    slots = slots.contiguous(); ctx_lens = ctx_lens.contiguous();
+    const int64_t B = x.size(0), hidden = x.size(1), q_size = H * D, kv_size = KVH * D;
+    const int64_t inter = layers.empty() ? 0 : layers[0].down.K;
+    auto h = torch::empty({B, hidden}), t = torch::empty({B, hidden});
+    auto qkv = torch::empty({B, q_size + 2 * kv_size}), attn = torch::empty({B, q_size});
+    auto gu = torch::empty({B, 2 * inter}), act = torch::empty({B, inter});
+    float *X = x.data_ptr<float>(), *Hb = h.data_ptr<float>(), *Tb = t.data_ptr<float>();
+    float *QKV = qkv.data_ptr<float>(), *A = attn.data_ptr<float>(), *GU = gu.data_ptr<float>(), *ACT = act.data_ptr<float>();
+    const int64_t* SL = slots.data_ptr<int64_t>();
+    const int64_t ld = q_size + 2 * kv_size;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const DecodeLayer& L = layers[i];
+      torch::Tensor& cache = caches[i];
+      TORCH_CHECK(cache.dtype() == torch::kFloat32 && cache.is_contiguous() && cache.size(2) * cache.size(1) > 0);
+      const int64_t plane = cache.size(1) * cache.size(2) * kv_size;
+      float* KC = cache.data_ptr<float>();
+      rms_norm_raw(X, L.in_norm.data_ptr<float>(), B, hidden, eps, Hb);
+      L.qkv.run(Hb, B, QKV);
+      rope_raw(QKV, B, H, D, ld, cos.data_ptr<float>(), sin.data_ptr<float>());
+      rope_raw(QKV + q_size, B, KVH, D, ld, cos.data_ptr<float>(), sin.data_ptr<float>());
+      for (int64_t b = 0; b < B; ++b) {  // new K and V into their slots
+        std::copy_n(QKV + b * ld + q_size, kv_size, KC + SL[b] * kv_size);
+        std::copy_n(QKV + b * ld + q_size + kv_size, kv_size, KC + plane + SL[b] * kv_size);
+      }
+      const PagedKV kv{KC, KC + plane, tables.data_ptr<int64_t>(), ctx_lens.data_ptr<int64_t>(), tables.size(1),
+                       cache.size(2), KVH, D};
+      decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
+      L.o.run(A, B, Tb);
+      for (int64_t j = 0; j < B * hidden; ++j) X[j] += Tb[j];
+      rms_norm_raw(X, L.post_norm.data_ptr<float>(), B, hidden, eps, Hb);
+      L.gate_up.run(Hb, B, GU);
+      silu_mul_raw(GU, B, inter, ACT);
+      L.down.run(ACT, B, Tb);
+      for (int64_t j = 0; j < B * hidden; ++j) X[j] += Tb[j];
+    }
+    rms_norm_raw(X, final_norm.data_ptr<float>(), B, hidden, eps, Hb);
+    return h;
+  }
+
+ private:
+  int64_t H, KVH, D;
+  float eps;
+  torch::Tensor final_norm;
+  std::vector<DecodeLayer> layers;
+};
 
 // The kernels release the GIL so the server's event loop keeps running while a step computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -198,7 +396,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache (float32)",
         release());
   m.def("w8a8_linear", &w8a8_linear, "int8-weight linear with on-the-fly int8 activations (AVX2)", release());
+  m.def("w4a8_linear", &w4a8_linear, "int4-weight linear with on-the-fly int8 activations (AVX2)", release());
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)", release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up for a fused [gate | up] tensor (float32)", release());
   m.def("rope_", &rope_, "rotary embedding in place (float32, half-split layout)", release());
+  py::class_<DecodeLinear>(m, "DecodeLinear")
+      .def(py::init<int64_t, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>());
+  py::class_<DecodeModel>(m, "DecodeModel")
+      .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor>())
+      .def("add_layer", &DecodeModel::add_layer)
+      .def("forward", &DecodeModel::forward, "all layers for a batch of decode tokens", release());
 }

@@ -1,4 +1,5 @@
-"""Quantized linear layers: int8 weights in groups of 32, run by an AVX2 kernel or a PyTorch fallback."""
+"""Quantized linear layers: int8 (symmetric) and int4 (asymmetric) group-wise weights, run by AVX2
+kernels with on-the-fly int8 activations, or by PyTorch twins that compute the same thing."""
 from __future__ import annotations
 
 import torch
@@ -6,13 +7,25 @@ from torch import nn
 
 from ember.ops.kernels import cpu_kernels
 
-GROUP = 32
+# Activations are quantized in blocks of 32 (as llama.cpp's q8_0): weight groups are multiples of it.
+BLOCK = 32
+GROUP = BLOCK  # default weight group
+BITS = (4, 8)
 # Above this many rows a step is compute-bound (prefill): dequantize and use the float GEMM instead.
 KERNEL_MAX_ROWS = 32
 
 
+def check_group(k: int, group: int) -> None:
+    """Weight groups must tile the input dimension and be whole activation blocks."""
+    if group <= 0 or group % BLOCK or k % group:
+        raise ValueError(f"group size {group} must be a multiple of {BLOCK} that divides the input "
+                         f"dimension {k}")
+
+
 def quantize_int8(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest per group along K: (int8 [N, K], float32 scales [N, K/group])."""
+    """Symmetric round-to-nearest per group along K: (int8 [N, K], float32 scales [N, K/group]).
+
+    group == K gives one scale per output channel."""
     n, k = w.shape
     g = w.float().reshape(n, k // group, group)
     scales = g.abs().amax(-1) / 127.0
@@ -20,45 +33,121 @@ def quantize_int8(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, to
     return q.to(torch.int8).reshape(n, k), scales
 
 
-def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest per group: w ~ q * scale + min with q in 0..15.
+
+    Returns (uint8 codes [N, K] unpacked, float32 scales [N, K/group], float32 mins [N, K/group])."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scales = (hi - lo) / 15.0
+    q = torch.round((g - lo.unsqueeze(-1)) / torch.where(scales > 0, scales, 1.0).unsqueeze(-1)).clamp(0, 15)
+    return q.to(torch.uint8).reshape(n, k), scales, lo
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] -> [N, K/2]: in each block of 32, byte j holds code j (low) and j+16 (high)."""
     n, k = q.shape
-    return (q.float().reshape(n, k // group, group) * scales.unsqueeze(-1)).reshape(n, k)
+    b = q.reshape(n, k // BLOCK, 2, BLOCK // 2)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, k // 2)
 
 
-def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group: int = GROUP) -> torch.Tensor:
-    """Pure-PyTorch twin of the kernel: activations quantized per group too, exact integer dots."""
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    n, half = p.shape
+    b = p.reshape(n, half // (BLOCK // 2), 1, BLOCK // 2)
+    return torch.cat([b & 0xF, b >> 4], dim=2).reshape(n, half * 2)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Float32 weights [N, K] from a packed layer's buffers."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    n, k = q.shape
+    groups = scales.shape[1]
+    w = q.float().reshape(n, groups, k // groups) * scales.unsqueeze(-1)
+    if mins is not None:
+        w = w + mins.unsqueeze(-1)
+    return w.reshape(n, k)
+
+
+def wxa8_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                   bits: int) -> torch.Tensor:
+    """Pure-PyTorch twin of the kernels: activations quantized per block of 32, exact integer dots."""
     m, k = x.shape
-    xq, xs = quantize_int8(x, group)
-    dots = torch.einsum("mbg,nbg->mnb", xq.float().reshape(m, k // group, group),
-                        q.float().reshape(q.shape[0], k // group, group))
-    return (dots * xs.unsqueeze(1) * scales.unsqueeze(0)).sum(-1)
+    nb = k // BLOCK
+    xq, xs = quantize_int8(x, BLOCK)
+    q = (unpack_int4(qweight) if bits == 4 else qweight).float()
+    n = q.shape[0]
+    per = nb // scales.shape[1]  # activation blocks per weight group
+    ws = scales.repeat_interleave(per, dim=1)  # [N, nb]
+    dots = torch.einsum("mbg,nbg->mnb", xq.float().reshape(m, nb, BLOCK), q.reshape(n, nb, BLOCK))
+    y = (dots * xs.unsqueeze(1) * ws.unsqueeze(0)).sum(-1)
+    if mins is not None:  # sum_j m * x_j over each block, with x as the kernel sees it (dequantized int8)
+        xsum = xq.float().reshape(m, nb, BLOCK).sum(-1) * xs  # [M, nb]
+        y = y + xsum @ mins.repeat_interleave(per, dim=1).T
+    return y
 
 
 class QuantLinear(nn.Module):
-    """Drop-in for a linear layer with int8 group-quantized weights (4x smaller than float32)."""
+    """Drop-in for a linear layer with packed group-quantized weights.
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    bits=8: int8 codes [N, K], symmetric (scales only); bits=4: two codes per byte [N, K/2] (see
+    pack_int4) with scales and mins, w = q * scale + min. Groups run along K, `group` inputs each."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, bits: int = 8) -> None:
         super().__init__()
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
+        if bits not in BITS:
+            raise ValueError(f"{bits}-bit weights are not supported; choose one of {BITS}")
+        self.bits = bits
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * (2 if bits == 4 else 1)
+        self.group = self.in_features // scales.shape[1]
+        check_group(self.in_features, self.group)
+        if (bits == 4) != (mins is not None):
+            raise ValueError("int4 layers need mins (asymmetric); int8 layers are symmetric")
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.register_buffer("mins", None if mins is None else mins.float().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self.out_features, self.in_features = qweight.shape
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "QuantLinear":
-        return cls(*quantize_int8(weight), bias)
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 8,
+                   group: int = GROUP) -> "QuantLinear":
+        """Round-to-nearest quantization of a float weight [N, K]."""
+        check_group(weight.shape[1], group)
+        if bits == 8:
+            return cls(*quantize_int8(weight, group), None, bias, 8)
+        if bits == 4:
+            q, scales, mins = quantize_int4(weight, group)
+            return cls(pack_int4(q), scales, mins, bias, 4)
+        raise ValueError(f"{bits}-bit weights are not supported; choose one of {BITS}")
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scales, self.mins, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         if x2.shape[0] > KERNEL_MAX_ROWS:
-            y = nn.functional.linear(x2, dequantize_int8(self.qweight, self.scales))
+            y = nn.functional.linear(x2, self.dequantized(), self.bias)
         else:
-            k = cpu_kernels()
-            y = k.w8a8_linear(x2, self.qweight, self.scales) if k else w8a8_reference(x2, self.qweight, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
+            y = self.matmul(x2)
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 through the packed kernel (or its twin), without bias."""
+        k = cpu_kernels()
+        if k is None:
+            return wxa8_reference(x, self.qweight, self.scales, self.mins, self.bits)
+        if self.bits == 8:
+            return k.w8a8_linear(x, self.qweight, self.scales)
+        return k.w4a8_linear(x, self.qweight, self.scales, self.mins)
+
+    def nbytes(self) -> int:
+        """Bytes of the packed weights and their group parameters."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
+
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 g{GROUP}"
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits} g{self.group}"

@@ -1,4 +1,4 @@
-"""int8 group quantization: error bounds, the AVX2 kernel equals its PyTorch twin, models still agree."""
+"""int8/int4 group quantization: error bounds, packing, the AVX2 kernels equal their PyTorch twin, models agree."""
 from __future__ import annotations
 
 import shutil
@@ -15,35 +15,70 @@ from tests.conftest import TEXT
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16")
 
 
-def test_quantize_error_is_at_most_half_a_step() -> None:
+def test_int8_error_is_at_most_half_a_step() -> None:
     w = torch.randn(64, 256) * torch.logspace(-2, 1, 64).unsqueeze(1)  # rows of very different scales
-    q, s = Q.quantize_int8(w)
-    assert q.dtype == torch.int8 and s.shape == (64, 8)
-    err = (Q.dequantize_int8(q, s) - w).abs().reshape(64, 8, 32)
-    assert (err <= s.unsqueeze(-1) / 2 + 1e-7).all()
+    for group in (32, 128, 256):  # 256 = per output channel
+        q, s = Q.quantize_int8(w, group)
+        assert q.dtype == torch.int8 and s.shape == (64, 256 // group)
+        err = (Q.dequantize(q, s, None, 8) - w).abs().reshape(64, -1, group)
+        assert (err <= s.unsqueeze(-1) / 2 + 1e-6).all()
+
+
+def test_int4_error_is_at_most_half_a_step_and_packing_round_trips() -> None:
+    w = torch.randn(48, 256) * torch.logspace(-2, 1, 48).unsqueeze(1) + 0.3  # off-centre groups
+    for group in (32, 64, 128):
+        q, s, m = Q.quantize_int4(w, group)
+        assert int(q.max()) <= 15 and torch.equal(Q.unpack_int4(Q.pack_int4(q)), q)
+        layer = Q.QuantLinear.from_float(w, bits=4, group=group)
+        assert layer.qweight.shape == (48, 128)
+        assert layer.nbytes() == w.numel() // 2 + 2 * 4 * w.numel() // group  # codes + float32 scale, min
+        err = (layer.dequantized() - w).abs().reshape(48, -1, group)
+        assert (err <= s.unsqueeze(-1) / 2 + 1e-5).all()
+        assert torch.equal(layer.dequantized(), Q.dequantize(Q.pack_int4(q), s, m, 4))
+
+
+@pytest.mark.parametrize("bits,group,k", [(4, 32, 128), (4, 32, 320)])
+def test_pack_layout_is_llama_cpp_q4(bits: int, group: int, k: int) -> None:
+    q = torch.randint(0, 16, (3, k), dtype=torch.uint8)
+    packed = Q.pack_int4(q)
+    assert torch.equal(packed[:, 0] & 0xF, q[:, 0]) and torch.equal(packed[:, 0] >> 4, q[:, 16])
+    assert torch.equal(packed[:, 16] & 0xF, q[:, 32])
 
 
 @pytest.mark.skipif(not HAS_AVX2 or shutil.which("c++") is None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("bits,group", [(8, 32), (8, 320), (4, 32), (4, 64), (4, 160)])
 @pytest.mark.parametrize("rows", [1, 3, 16, 32])
-def test_kernel_matches_the_pytorch_twin(rows: int) -> None:
+def test_kernel_matches_the_pytorch_twin(bits: int, group: int, rows: int) -> None:
     k = cpu_kernels()
-    assert k is not None, "the int8 kernel failed to build on an AVX2 machine with a compiler"
+    assert k is not None, "the kernels failed to build on an AVX2 machine with a compiler"
     gen = torch.Generator().manual_seed(rows)
     w, x = torch.randn(200, 320, generator=gen), torch.randn(rows, 320, generator=gen)
-    q, s = Q.quantize_int8(w)
-    torch.testing.assert_close(k.w8a8_linear(x, q, s), Q.w8a8_reference(x, q, s), rtol=1e-5, atol=1e-4)
+    layer = Q.QuantLinear.from_float(w, bits=bits, group=group)
+    ref = Q.wxa8_reference(x, layer.qweight, layer.scales, layer.mins, bits)
+    torch.testing.assert_close(layer.matmul(x), ref, rtol=1e-5, atol=1e-4)
+    # ...and both are the float product up to the activations' int8 rounding.
+    exact = x @ layer.dequantized().T
+    assert (ref - exact).norm() / exact.norm() < 0.01
 
 
-def test_quant_linear_paths_agree_with_float() -> None:
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_linear_paths_agree_with_float(bits: int) -> None:
     w, b = torch.randn(96, 128), torch.randn(96)
-    layer = Q.QuantLinear.from_float(w, b)
+    layer = Q.QuantLinear.from_float(w, b, bits=bits)
     ref = torch.nn.functional.linear
     for rows in (1, 8, Q.KERNEL_MAX_ROWS + 5):  # kernel (or twin) path, then the dequantize path
         x = torch.randn(rows, 128)
         y = layer(x)
         assert y.shape == (rows, 96)
         rel = (y - ref(x, w, b)).norm() / ref(x, w, b).norm()
-        assert rel < 0.02
+        assert rel < (0.02 if bits == 8 else 0.15)
+
+
+def test_bad_formats_are_refused() -> None:
+    w = torch.randn(8, 96)
+    for bits, group in ((3, 32), (4, 48), (8, 64), (4, 0)):
+        with pytest.raises(ValueError, match="not supported|multiple of 32"):
+            Q.QuantLinear.from_float(w, bits=bits, group=group)
 
 
 def test_int8_model_stays_close_to_float(tiny_qwen2: Path) -> None:
