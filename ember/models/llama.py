@@ -116,7 +116,7 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.max_positions = max_positions or cfg.max_position_embeddings
         self.set_rope()
-        self._fused: tuple[tuple[int, ...], Any, bool] | None = None
+        self._fused: tuple[tuple[nn.Module, ...], Any, bool] | None = None
 
     def set_rope(self, freq_factors: torch.Tensor | None = None) -> None:
         inv = inv_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling,
@@ -144,8 +144,9 @@ class LlamaModel(nn.Module):
         kern = cpu_kernels()
         if kern is None or kv_caches[0].dtype != torch.float32:
             return None
-        # Rebuilt when a projection module was swapped (quantization, compression) since the last step.
-        key = tuple(id(m) for layer in self.layers for m in _projections(layer))
+        # Rebuilt when a projection module was swapped (quantization, compression) since the last step;
+        # the key holds the modules themselves (compared by identity), so none can be freed and reused.
+        key = tuple(m for layer in self.layers for m in _projections(layer))
         if self._fused is None or self._fused[0] != key:
             quant = any(isinstance(m, QuantLinear) for layer in self.layers for m in _projections(layer))
             self._fused = (key, _build_fused(kern, self), quant)
