@@ -24,6 +24,7 @@ def test_bench_throughput(tiny_llama3: Path) -> None:
     for key in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "elapsed_s", "machine"):
         assert key in r
     assert r["output_tokens"] == 30 and r["prompt_tokens"] == 100 and r["output_tokens_per_s"] > 0
+    assert r["steps"] >= 6 and r["mean_step_ms"] > 0 and 0 < r["engine_overhead_fraction"] < 1
 
 
 def test_bench_latency(tiny_llama3: Path) -> None:

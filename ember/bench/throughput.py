@@ -21,9 +21,11 @@ def run_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int, 
     prompts = [{"prompt_token_ids": [rng.randrange(min(256, vocab // 2), vocab) for _ in range(n)]} for n in ins]
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in outs]
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+    before = dict(llm.engine.stats)
     start = time.perf_counter()
     results = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
+    steps = {k: llm.engine.stats[k] - before[k] for k in ("steps", "step_s", "forward_s")}
     gen = sum(len(r.outputs[0].token_ids) for r in results)
     total = gen + sum(ins)
     return {"benchmark": "throughput", "machine": machine(), "num_prompts": num_prompts,
@@ -31,4 +33,7 @@ def run_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int, 
             "requests_per_s": num_prompts / elapsed, "output_tokens_per_s": gen / elapsed,
             "total_tokens_per_s": total / elapsed, "prompt_tokens": sum(ins), "output_tokens": gen,
             "max_num_batched_tokens": llm.engine.args.max_num_batched_tokens,
-            "scheduler": llm.engine.args.scheduler}
+            "scheduler": llm.engine.args.scheduler, "steps": steps["steps"],
+            "mean_step_ms": 1e3 * steps["step_s"] / max(steps["steps"], 1),
+            # The engine's own share of a step: scheduling, batch building, sampling, detokenising.
+            "engine_overhead_fraction": 1 - steps["forward_s"] / steps["step_s"] if steps["step_s"] else 0.0}

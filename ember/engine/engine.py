@@ -112,7 +112,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, args.block_size, self.dtype)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        # step_s / forward_s: wall time of whole steps and of the model inside them (engine overhead).
+        self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
+                                        "step_s": 0.0, "forward_s": 0.0}
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s); max_model_len %d",
                  num_blocks, args.block_size, num_blocks * args.block_size,
                  num_blocks * args.block_size * per_token / GiB, str(self.dtype).removeprefix("torch."),
@@ -210,6 +212,12 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        outputs = self._step()
+        self.stats["step_s"] += time.perf_counter() - start
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():  # a scheduler bug: fail loudly rather than spin
@@ -222,6 +230,7 @@ class LLMEngine:
             seq.num_computed += n
             self.blocks.commit(seq)
         self.stats["steps"] += 1
+        self.stats["forward_s"] += result.forward_s
         touched = {seq.request_id for seq in batch}
         self._prompt_logprobs(result)
         self._sample(result)

@@ -1,6 +1,7 @@
 """Turns a schedule into batch tensors, owns the KV cache tensors, and runs the model forward."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ class StepResult:
     logits: torch.Tensor  # [R, vocab] float32: the rows we asked for, in the order below
     sample_rows: dict[Sequence, int] = field(default_factory=dict)  # seq -> logits row to sample from
     prompt_rows: list[PromptLogprobRows] = field(default_factory=list)
+    forward_s: float = 0.0  # time in the model (forward + logits), to separate the engine's own overhead
 
 
 def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype) -> int:
@@ -73,8 +75,10 @@ class ModelRunner:
         meta.slot_mapping = torch.cat(slots)
         if decode_rows:
             self._decode_meta(meta, decode_rows, decode_seqs)
+        start = time.perf_counter()
         hidden = self.model(torch.tensor(tokens), torch.cat(positions), self.kv_caches, meta)
         result.logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, dtype=torch.long)])
+        result.forward_s = time.perf_counter() - start
         return result
 
     @staticmethod
