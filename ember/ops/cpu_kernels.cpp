@@ -9,6 +9,7 @@
 #include <cmath>
 
 static constexpr int G = 32;  // activation block
+static constexpr int64_t FLOAT_PATH_ROWS = 3;  // from this many rows on, dequantize and use float FMAs (quant.py mirrors it)
 
 // Activations [M, K] quantized per block of 32: q = round(x / s), s = max|x| / 127; sum = s * sum(q).
 struct QuantAct {
@@ -49,6 +50,15 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float r = hsum(acc);
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
 // 32 signed x 32 signed int8 -> 8 int32 partial sums as floats.
 static inline __m256 dot_s8(__m256i x, __m256i w) {
   const __m256i ax = _mm256_sign_epi8(x, x);  // |x|, unsigned for maddubs
@@ -72,8 +82,68 @@ static void unpack_row(const uint8_t* src, int64_t K, uint8_t* dst) {
 }
 
 // Raw y [M, N] = x [M, K] . W^T (+ bias); bits 8 (mins == nullptr) or 4. Rows of y are `ldy` apart.
+// Dequantize row n of a packed weight into float32 w[K] (8 lanes at a time; groups are whole blocks).
+static void dequant_row(const void* wq, const float* ws, const float* wm, int64_t n, int64_t K, int64_t group,
+                        int bits, uint8_t* codes, float* w) {
+  const int64_t groups = K / group;
+  const float *s = ws + n * groups, *m = wm ? wm + n * groups : nullptr;
+  if (bits == 4) unpack_row((const uint8_t*)wq + n * (K / 2), K, codes);
+  const int8_t* q8 = (const int8_t*)wq + n * K;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 sv = _mm256_set1_ps(s[g]), mv = _mm256_set1_ps(m ? m[g] : 0.f);
+    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+      const __m256i v = bits == 4 ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(codes + k)))
+                                  : _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q8 + k)));
+      _mm256_storeu_ps(w + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sv, mv));
+    }
+  }
+}
+
+// Several rows of activations: the product is compute-bound, so dequantize weight rows once and run
+// float32 FMAs on a 2 (weight rows) x 4 (activation rows) register tile (no activation rounding here).
+static inline void tile_2x4(const float* w0, const float* w1, const float* x, int64_t K, float* out) {
+  const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  for (int64_t k = 0; k < K; k += 8) {  // K is a multiple of 32
+    const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+    __m256 xv = _mm256_loadu_ps(x0 + k);
+    a00 = _mm256_fmadd_ps(v0, xv, a00); a10 = _mm256_fmadd_ps(v1, xv, a10);
+    xv = _mm256_loadu_ps(x1 + k);
+    a01 = _mm256_fmadd_ps(v0, xv, a01); a11 = _mm256_fmadd_ps(v1, xv, a11);
+    xv = _mm256_loadu_ps(x2 + k);
+    a02 = _mm256_fmadd_ps(v0, xv, a02); a12 = _mm256_fmadd_ps(v1, xv, a12);
+    xv = _mm256_loadu_ps(x3 + k);
+    a03 = _mm256_fmadd_ps(v0, xv, a03); a13 = _mm256_fmadd_ps(v1, xv, a13);
+  }
+  out[0] = hsum(a00); out[1] = hsum(a01); out[2] = hsum(a02); out[3] = hsum(a03);
+  out[4] = hsum(a10); out[5] = hsum(a11); out[6] = hsum(a12); out[7] = hsum(a13);
+}
+
+static void wxf32_raw(const float* x, int64_t M, int64_t K, const void* wq, const float* ws, const float* wm,
+                      const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {
+  at::parallel_for(0, (N + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
+    std::vector<float> w(2 * K);
+    std::vector<uint8_t> codes(K);
+    float out[8];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = 2 * p, rows = std::min<int64_t>(2, N - n);
+      for (int64_t r = 0; r < rows; ++r) dequant_row(wq, ws, wm, n + r, K, group, bits, codes.data(), w.data() + r * K);
+      if (rows == 1) std::copy_n(w.data(), K, w.data() + K);  // odd N: compute the last row twice
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        tile_2x4(w.data(), w.data() + K, x + m * K, K, out);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t i = 0; i < 4; ++i) y[(m + i) * ldy + n + r] = out[4 * r + i] + (bias ? bias[n + r] : 0.f);
+      }
+      for (; m < M; ++m)
+        for (int64_t r = 0; r < rows; ++r) y[m * ldy + n + r] = dot_f32(x + m * K, w.data() + r * K, K) + (bias ? bias[n + r] : 0.f);
+    }
+  });
+}
+
 static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const float* ws, const float* wm,
                      const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {
+  if (M >= FLOAT_PATH_ROWS) return wxf32_raw(x, M, K, wq, ws, wm, bias, N, group, bits, y, ldy);
   const int64_t blocks = K / G, groups = K / group, per = group / G;
   QuantAct a = quantize_rows(x, M, K);
   const int8_t* X = a.q.data_ptr<int8_t>();
@@ -216,15 +286,6 @@ struct PagedKV {
   const float* k_at(int64_t b, int64_t t, int64_t h) const { return K + ((tables[b * W + t / BS] * BS + t % BS) * KVH + h) * D; }
   const float* v_at(int64_t b, int64_t t, int64_t h) const { return V + ((tables[b * W + t / BS] * BS + t % BS) * KVH + h) * D; }
 };
-
-static inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float r = hsum(acc);
-  for (; i < n; ++i) r += a[i] * b[i];
-  return r;
-}
 
 static inline void axpy_f32(float p, const float* x, float* y, int64_t n) {
   const __m256 pv = _mm256_set1_ps(p);

@@ -11,7 +11,10 @@ from ember.ops.kernels import cpu_kernels
 BLOCK = 32
 GROUP = BLOCK  # default weight group
 BITS = (4, 8)
-# Above this many rows a step is compute-bound (prefill): dequantize and use the float GEMM instead.
+# From this many rows on the kernels dequantize weight rows and use float FMAs (compute-bound); below,
+# they quantize the activations to int8 and use integer dots (memory-bound). Mirrors cpu_kernels.cpp.
+FLOAT_PATH_ROWS = 3
+# Above this many rows (prefill) the module dequantizes the whole matrix for the float GEMM instead.
 KERNEL_MAX_ROWS = 32
 
 
@@ -71,7 +74,10 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor |
 
 def wxa8_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                    bits: int) -> torch.Tensor:
-    """Pure-PyTorch twin of the kernels: activations quantized per block of 32, exact integer dots."""
+    """Pure-PyTorch twin of the kernels: few rows get int8 activations per block of 32 and exact integer
+    dots; more rows multiply by the dequantized weights."""
+    if x.shape[0] >= FLOAT_PATH_ROWS:
+        return x @ dequantize(qweight, scales, mins, bits).T
     m, k = x.shape
     nb = k // BLOCK
     xq, xs = quantize_int8(x, BLOCK)

@@ -47,18 +47,18 @@ def test_pack_layout_is_llama_cpp_q4(bits: int, group: int, k: int) -> None:
 
 @pytest.mark.skipif(not HAS_AVX2 or shutil.which("c++") is None, reason="needs AVX2 and a C++ compiler")
 @pytest.mark.parametrize("bits,group", [(8, 32), (8, 320), (4, 32), (4, 64), (4, 160)])
-@pytest.mark.parametrize("rows", [1, 3, 16, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 32])
 def test_kernel_matches_the_pytorch_twin(bits: int, group: int, rows: int) -> None:
     k = cpu_kernels()
     assert k is not None, "the kernels failed to build on an AVX2 machine with a compiler"
     gen = torch.Generator().manual_seed(rows)
-    w, x = torch.randn(200, 320, generator=gen), torch.randn(rows, 320, generator=gen)
+    w, x = torch.randn(201, 320, generator=gen), torch.randn(rows, 320, generator=gen)  # odd N: tile edge
     layer = Q.QuantLinear.from_float(w, bits=bits, group=group)
     ref = Q.wxa8_reference(x, layer.qweight, layer.scales, layer.mins, bits)
     torch.testing.assert_close(layer.matmul(x), ref, rtol=1e-5, atol=1e-4)
-    # ...and both are the float product up to the activations' int8 rounding.
+    # ...and both are the float product (up to the activations' int8 rounding for a few rows).
     exact = x @ layer.dequantized().T
-    assert (ref - exact).norm() / exact.norm() < 0.01
+    assert (ref - exact).norm() / exact.norm() < (0.01 if rows < Q.FLOAT_PATH_ROWS else 1e-5)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
