@@ -141,41 +141,53 @@ static void wxf32_raw(const float* x, int64_t M, int64_t K, const void* wq, cons
   });
 }
 
-static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const float* ws, const float* wm,
-                     const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {
-  if (M >= FLOAT_PATH_ROWS) return wxf32_raw(x, M, K, wq, ws, wm, bias, N, group, bits, y, ldy);
+// Load 32 int4 codes of one block (16 bytes) as 32 bytes 0..15 in block order.
+static inline __m256i load_u4(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128((const __m128i*)p);
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+}
+
+// One or two rows: memory-bound, so int8 activations and integer dots on the packed weights.
+template <int BITS>
+static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, const float* ws, const float* wm,
+                      const float* bias, int64_t N, int64_t group, float* y, int64_t ldy) {
   const int64_t blocks = K / G, groups = K / group, per = group / G;
-  QuantAct a = quantize_rows(x, M, K);
+  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
   const int8_t* X = a.q.data_ptr<int8_t>();
   const float *XS = a.s.data_ptr<float>(), *XSUM = a.sum.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<uint8_t> codes(bits == 4 ? K : 0);
     for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wrow = (const uint8_t*)wq + n * row_bytes;
       const float* wsrow = ws + n * groups;
-      const float* wmrow = wm ? wm + n * groups : nullptr;
-      const uint8_t* wrow;
-      if (bits == 4) {
-        unpack_row((const uint8_t*)wq + n * (K / 2), K, codes.data());
-        wrow = codes.data();
-      } else {
-        wrow = (const uint8_t*)wq + n * K;
-      }
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* xrow = X + m * K;
-        const float* xsrow = XS + m * blocks;
+        const float *xsrow = XS + m * blocks, *xsum = XSUM + m * blocks;
         __m256 acc = _mm256_setzero_ps();
         float offset = 0.f;
-        for (int64_t b = 0; b < blocks; ++b) {
-          const __m256i xv = _mm256_loadu_si256((const __m256i*)(xrow + b * G));
-          const __m256i wv = _mm256_loadu_si256((const __m256i*)(wrow + b * G));
-          const float sc = xsrow[b] * wsrow[b / per];
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(sc), bits == 4 ? dot_u4(wv, xv) : dot_s8(xv, wv), acc);
-          if (wmrow) offset += wmrow[b / per] * XSUM[m * blocks + b];
+        for (int64_t g = 0, b = 0; g < groups; ++g) {
+          const float wscale = wsrow[g];
+          float gsum = 0.f;
+          for (int64_t j = 0; j < per; ++j, ++b) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)(xrow + b * G));
+            const __m256 d = BITS == 4 ? dot_u4(load_u4(wrow + b * G / 2), xv)
+                                       : dot_s8(xv, _mm256_loadu_si256((const __m256i*)(wrow + b * G)));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(xsrow[b] * wscale), d, acc);
+            if (BITS == 4) gsum += xsum[b];
+          }
+          if (BITS == 4) offset += wm[n * groups + g] * gsum;  // the mins' share: min * sum(x) per group
         }
         y[m * ldy + n] = hsum(acc) + offset + (bias ? bias[n] : 0.f);
       }
     }
   });
+}
+
+static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const float* ws, const float* wm,
+                     const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {
+  if (M >= FLOAT_PATH_ROWS) return wxf32_raw(x, M, K, wq, ws, wm, bias, N, group, bits, y, ldy);
+  const QuantAct a = quantize_rows(x, M, K);
+  if (bits == 4) wxa8_rows<4>(a, M, K, wq, ws, wm, bias, N, group, y, ldy);
+  else wxa8_rows<8>(a, M, K, wq, ws, wm, bias, N, group, y, ldy);
 }
 
 static void check_quant(const torch::Tensor& x, const torch::Tensor& ws, int64_t K, int64_t N) {
