@@ -295,8 +295,6 @@ struct PagedKV {
   const int64_t* tables;  // [B, W] block ids
   const int64_t* lens;    // [B] context lengths
   int64_t W, BS, KVH, D;
-  const float* k_at(int64_t b, int64_t t, int64_t h) const { return K + ((tables[b * W + t / BS] * BS + t % BS) * KVH + h) * D; }
-  const float* v_at(int64_t b, int64_t t, int64_t h) const { return V + ((tables[b * W + t / BS] * BS + t % BS) * KVH + h) * D; }
 };
 
 static inline void axpy_f32(float p, const float* x, float* y, int64_t n) {
@@ -306,35 +304,90 @@ static inline void axpy_f32(float p, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += p * x[i];
 }
 
+// e^x for 8 floats: Cephes' range reduction and polynomial (as avx_mathfun), ~1 ulp on softmax inputs.
+static inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.f));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+// In place: s[0..n) <- softmax(s).
+static void softmax_inplace(float* s, int64_t n) {
+  float mx = s[0];
+  for (int64_t t = 1; t < n; ++t) mx = std::max(mx, s[t]);
+  const __m256 mv = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+    _mm256_storeu_ps(s + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum(acc);
+  for (; t < n; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
+  const float inv = 1.f / sum;
+  for (t = 0; t < n; ++t) s[t] *= inv;
+}
+
+// out[0..64) = sum_t p[t] * V[t] for one KV head, accumulating in eight registers.
+static void attend_v64(const float* p, int64_t len, const PagedKV& kv, const int64_t* table, int64_t h, float* out) {
+  const int64_t row = kv.KVH * kv.D;
+  __m256 a[8];
+  for (auto& r : a) r = _mm256_setzero_ps();
+  for (int64_t t0 = 0; t0 < len; t0 += kv.BS) {
+    const float* v = kv.V + (table[t0 / kv.BS] * kv.BS * kv.KVH + h) * kv.D;
+    const int64_t t1 = std::min(len, t0 + kv.BS);
+    for (int64_t t = t0; t < t1; ++t, v += row) {
+      _mm_prefetch((const char*)(v + 4 * row), _MM_HINT_T0);
+      const __m256 pt = _mm256_set1_ps(p[t]);
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * j), a[j]);
+    }
+  }
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, a[j]);
+}
+
 // One query token per sequence attending to its context straight from the paged cache (no gather).
-// Q rows are `ldq` floats apart (H heads x D each); O is [B, H, D].
+// Q rows are `ldq` floats apart (H heads x D each); O is [B, H, D]. Walks the block table block by block.
 static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV& kv,
                                  float scale, float* O) {
-  const int64_t KVH = kv.KVH, D = kv.D, group = H / KVH;
+  const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, group = H / KVH, row = KVH * D;
   at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / KVH, h = i % KVH, len = kv.lens[b];
+      const int64_t* table = kv.tables + b * kv.W;
       scores.resize(group * len);
       const float* qb = Q + b * ldq + h * group * D;
-      for (int64_t t = 0; t < len; ++t) {
-        const float* k = kv.k_at(b, t, h);
-        for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot_f32(qb + g * D, k, D) * scale;
+      for (int64_t t0 = 0; t0 < len; t0 += BS) {
+        const float* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
+        const int64_t t1 = std::min(len, t0 + BS);
+        for (int64_t t = t0; t < t1; ++t, k += row) {
+          _mm_prefetch((const char*)(k + 4 * row), _MM_HINT_T0);
+          for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot_f32(qb + g * D, k, D) * scale;
+        }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
-        float mx = s[0];
-        for (int64_t t = 1; t < len; ++t) mx = std::max(mx, s[t]);
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-      }
+      for (int64_t g = 0; g < group; ++g) softmax_inplace(scores.data() + g * len, len);
       float* ob = O + (b * H + h * group) * D;
+      if (D == 64) {  // the common head size: the output row lives in registers across the context
+        for (int64_t g = 0; g < group; ++g) attend_v64(scores.data() + g * len, len, kv, table, h, ob + g * D);
+        continue;
+      }
       std::fill(ob, ob + group * D, 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const float* v = kv.v_at(b, t, h);
-        for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * len + t], v, ob + g * D, D);
+      for (int64_t t0 = 0; t0 < len; t0 += BS) {
+        const float* v = kv.V + (table[t0 / BS] * BS * KVH + h) * D;
+        for (int64_t t = t0; t < std::min(len, t0 + BS); ++t, v += row)
+          for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * len + t], v, ob + g * D, D);
       }
     }
   });
