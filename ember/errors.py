@@ -23,3 +23,7 @@ class InvalidParameterError(EmberError, ValueError):
 
 class PromptTooLongError(InvalidParameterError):
     """The prompt (plus requested output) does not fit in the model's context."""
+
+
+class CompressionError(EmberError):
+    """A compression option or its calibration data is unusable (bad method, sparsity, file...)."""

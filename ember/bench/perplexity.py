@@ -1,0 +1,96 @@
+"""Perplexity of a model on a text: fixed-length windows (non-overlapping or strided), dense forward."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.errors import InvalidParameterError
+from ember.models.loader import LoadedModel
+
+LOGIT_CHUNK = 256  # positions per logits slice: bounds memory to 256 x vocab floats
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file, with a clear error when it is missing or not text."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidParameterError(f"text file {str(p)!r} not found", param="text")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidParameterError(f"text file {p} is not UTF-8 text ({e})", param="text") from None
+
+
+def context_limit(loaded: LoadedModel) -> int:
+    """The longest window the dense forward computes exactly (positions, and any sliding window)."""
+    limit = loaded.model.max_positions
+    return min(limit, loaded.config.sliding_window) if loaded.config.sliding_window else limit
+
+
+def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | None = None,
+               stride: int | None = None) -> dict[str, Any]:
+    """exp(mean NLL) of the text's tokens under the model.
+
+    Protocol: the whole text is tokenized once as the tokenizer encodes a prompt (a BOS token only if
+    the tokenizer adds one: it then starts the first window only). Windows of `ctx` tokens start every
+    `stride` tokens (default ctx: non-overlapping); only full windows are used, the first `windows` of
+    them if given. Each token of the first window but its first is scored (predicted from the tokens
+    before it in the window); later windows score only their last min(stride, ctx - 1) tokens, so
+    every scored token is scored once, with at least ctx - stride tokens of context (as Hugging Face's
+    strided perplexity).
+    """
+    ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    bos = loaded.tokenizer.add_bos and loaded.tokenizer.bos_token_id is not None
+    if bos:
+        ids = [loaded.tokenizer.bos_token_id] + ids
+    stride = ctx if stride is None else stride
+    available = _window_starts(len(ids), ctx, windows, stride, context_limit(loaded))
+    starts = available[:windows] if windows is not None else available
+    tokens = torch.tensor(ids, dtype=torch.long)
+    start_time = time.perf_counter()
+    nll, scored = 0.0, 0
+    for n, s in enumerate(starts):
+        first = 1 if n == 0 else max(1, ctx - stride)
+        window_nll = _window_nll(loaded, tokens[s:s + ctx], first)
+        nll += float(window_nll.sum())
+        scored += window_nll.numel()
+    mean = nll / scored
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": scored, "ctx": ctx, "windows": len(starts),
+            "stride": stride, "windows_available": len(available), "text_tokens": len(ids), "bos": bos,
+            "seconds": time.perf_counter() - start_time}
+
+
+def _window_starts(n_tokens: int, ctx: int, windows: int | None, stride: int, limit: int) -> list[int]:
+    for name, value in (("ctx", ctx), ("stride", stride), ("windows", windows)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidParameterError(f"{name} must be an integer, got {value!r}", param=name)
+    if ctx < 2:
+        raise InvalidParameterError(f"ctx must be >= 2 tokens (one to predict from, one to score), got {ctx}",
+                                    param="ctx")
+    if ctx > limit:
+        raise InvalidParameterError(f"ctx {ctx} exceeds the model's context of {limit} tokens", param="ctx")
+    if not 1 <= stride <= ctx:
+        raise InvalidParameterError(f"stride must be between 1 and ctx ({ctx}), got {stride}", param="stride")
+    if windows is not None and windows < 1:
+        raise InvalidParameterError(f"windows must be >= 1, got {windows}", param="windows")
+    if n_tokens < ctx:
+        raise InvalidParameterError(f"the text has {n_tokens} tokens, fewer than one window of ctx={ctx}: "
+                                    f"use a longer text or a smaller --ctx", param="text")
+    return list(range(0, n_tokens - ctx + 1, stride))
+
+
+def _window_nll(loaded: LoadedModel, ids: torch.Tensor, first: int) -> torch.Tensor:
+    """NLL [ctx - first] of tokens ids[first:] given the tokens before them in the window."""
+    model = loaded.model
+    hidden = model.forward_dense(ids)
+    out = []
+    with torch.inference_mode():
+        for a in range(first - 1, ids.shape[0] - 1, LOGIT_CHUNK):
+            b = min(a + LOGIT_CHUNK, ids.shape[0] - 1)
+            logp = torch.log_softmax(model.compute_logits(hidden[a:b]), dim=-1)
+            out.append(-logp.gather(1, ids[a + 1:b + 1, None])[:, 0].double())
+    return torch.cat(out)

@@ -1,0 +1,87 @@
+"""Perplexity: agrees with a direct transformers computation on the same windows; `ember eval ppl` as a user runs it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember.bench.perplexity import perplexity
+from ember.errors import InvalidParameterError
+from ember.models.loader import load_model
+from tests.conftest import DATA, TEXT
+
+TEXT_FILE = DATA / "pride-and-prejudice-ch1.txt"
+
+
+def _hf_perplexity(folder: Path, ctx: int, stride: int, windows: int) -> tuple[float, int]:
+    """Hugging Face's strided-perplexity loop (labels masked with -100), stopped after `windows`."""
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor(tf.AutoTokenizer.from_pretrained(folder)(TEXT)["input_ids"])[None]
+    nll, scored, prev_end = 0.0, 0, 0
+    for begin in range(0, stride * windows, stride):
+        end = begin + ctx
+        target = ids[:, begin:end].clone()
+        target[:, :-(end - prev_end)] = -100
+        with torch.no_grad():
+            loss = model(ids[:, begin:end], labels=target).loss
+        n_valid = int((target[:, 1:] != -100).sum())
+        nll, scored, prev_end = nll + float(loss) * n_valid, scored + n_valid, end
+    return float(torch.tensor(nll / scored).exp()), scored
+
+
+@pytest.mark.parametrize("ctx,stride", [(96, None), (96, 32)])
+def test_matches_transformers(tiny_llama3: Path, ctx: int, stride: int | None) -> None:
+    result = perplexity(load_model(str(tiny_llama3)), TEXT, ctx=ctx, windows=3, stride=stride)
+    expected, scored = _hf_perplexity(tiny_llama3, ctx, stride or ctx, 3)
+    assert result["tokens"] == scored == (ctx - 1) + 2 * min(stride or ctx, ctx - 1)
+    assert result["ppl"] == pytest.approx(expected, rel=1e-4)
+    assert result["windows"] == 3 and result["ctx"] == ctx and result["stride"] == (stride or ctx)
+    assert result["bos"] is False and result["nll"] == pytest.approx(torch.tensor(expected).log().item(), rel=1e-4)
+
+
+def test_bad_arguments(tiny_llama3: Path) -> None:
+    loaded = load_model(str(tiny_llama3))
+    cases = [({"ctx": 1}, "ctx must be >= 2"), ({"ctx": 4096}, "exceeds the model's context of 1024"),
+             ({"stride": 0}, "stride must be between 1"), ({"stride": 200, "ctx": 100}, "stride must be"),
+             ({"windows": 0}, "windows must be >= 1")]
+    for kwargs, message in cases:
+        with pytest.raises(InvalidParameterError, match=message):
+            perplexity(loaded, TEXT, **kwargs)
+    with pytest.raises(InvalidParameterError, match="fewer than one window"):
+        perplexity(loaded, "Too short.", ctx=64)
+
+
+def _ember(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ember.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ})
+
+
+def test_cli_json_and_text(tiny_llama3: Path) -> None:
+    proc = _ember("eval", "ppl", str(tiny_llama3), "--text", str(TEXT_FILE), "--ctx", "64", "--windows", "2",
+                  "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in ("ppl", "nll", "tokens", "ctx", "windows", "stride", "windows_available", "text_tokens", "bos",
+                "model", "text", "dtype", "seconds"):
+        assert key in out, key
+    expected = perplexity(load_model(str(tiny_llama3)), TEXT, ctx=64, windows=2)
+    assert out["ppl"] == pytest.approx(expected["ppl"], rel=1e-6) and out["tokens"] == 63 + 63
+    proc = _ember("eval", "ppl", str(tiny_llama3), "--text", str(TEXT_FILE), "--ctx", "64", "--windows", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "63 tokens scored" in proc.stdout and "perplexity" in proc.stdout and str(TEXT_FILE) in proc.stdout
+
+
+def test_cli_errors_are_messages(tiny_llama3: Path, tmp_path: Path) -> None:
+    proc = _ember("eval", "ppl", str(tiny_llama3), "--text", str(tmp_path / "missing.txt"))
+    assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+    short = tmp_path / "short.txt"
+    short.write_text("It is a truth universally acknowledged.")
+    proc = _ember("eval", "ppl", str(tiny_llama3), "--text", str(short), "--ctx", "64")
+    assert proc.returncode == 2 and "fewer than one window" in proc.stderr and "Traceback" not in proc.stderr
