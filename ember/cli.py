@@ -1,4 +1,4 @@
-"""The `ember` command line: serve, generate, chat, bench, pull, models."""
+"""The `ember` command line: serve, generate, chat, bench, eval, compress, pull, models."""
 from __future__ import annotations
 
 import argparse
@@ -193,6 +193,85 @@ def _bench_parsers(sub: Any) -> None:
         p.set_defaults(func=cmd_bench)
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    import json
+
+    from ember.bench.perplexity import perplexity, read_text
+    from ember.models.loader import load_model
+
+    text = read_text(a.text)  # a missing file fails before the model loads
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    loaded = load_model(a.model, a.dtype, progress=not a.json)
+    result = {"model": str(loaded.path), "text": a.text, "dtype": a.dtype,
+              **perplexity(loaded, text, a.ctx, a.windows, a.stride)}
+    if a.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"model       {result['model']} ({a.dtype})")
+    print(f"text        {a.text}: {result['text_tokens']} tokens, BOS {'added' if result['bos'] else 'not added'}")
+    print(f"protocol    {result['windows']} of {result['windows_available']} windows of {a.ctx} tokens, "
+          f"stride {result['stride']}; {result['tokens']} tokens scored")
+    print(f"perplexity  {result['ppl']:.4f}  (mean NLL {result['nll']:.4f} nats, {result['seconds']:.1f} s)")
+    return 0
+
+
+def _eval_parsers(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="evaluate a model: perplexity on a text file",
+                        description="Evaluate MODEL (any model ember loads, compressed ones included).")
+    kinds = ev.add_subparsers(dest="kind", required=True, metavar="KIND")
+    ppl = kinds.add_parser("ppl", help="perplexity on a text file, in fixed-length windows",
+                           description="Perplexity of MODEL on FILE: the text is tokenized once and cut into "
+                                       "windows of --ctx tokens; every token but each window's first is scored "
+                                       "(with --stride S, windows after the first score their last S tokens).")
+    ppl.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    ppl.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
+    ppl.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    ppl.add_argument("--windows", type=int, default=None, help="score only the first N windows (default: all)")
+    ppl.add_argument("--stride", type=int, default=None, help="window step in tokens (default: ctx, no overlap)")
+    ppl.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                     help="weights dtype (default: float32)")
+    ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    ppl.set_defaults(func=cmd_eval)
+
+
+def cmd_compress(a: argparse.Namespace) -> int:
+    from ember.compress.pipeline import CompressOptions, compress_model
+
+    options = CompressOptions(bits=a.bits, group_size=a.group_size, sparsity=a.sparsity, pattern=a.pattern,
+                              calib=a.calib, calib_tokens=a.calib_tokens, dtype=a.dtype)
+    compress_model(a.model, a.method, options, a.out)
+    print(a.out)
+    return 0
+
+
+def _compress_parser(sub: Any) -> None:
+    cp = sub.add_parser("compress", help="prune and/or quantize a model into a folder every command loads",
+                        description="Compress MODEL without training and write a folder that `ember serve`, "
+                                    "`generate --model` and LLM() load. Methods: int8 (per-channel), int4 "
+                                    "(groups), awq (activation-aware int4), magnitude, wanda, dsnot (pruning); "
+                                    "combine one pruning and one quantization method, e.g. wanda,int4 "
+                                    "(pruning runs first).")
+    cp.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    cp.add_argument("--method", required=True, metavar="METHOD[,METHOD]", help="int8, int4, awq, magnitude, wanda, dsnot, or pruning,quantization")
+    cp.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
+    cp.add_argument("--bits", type=int, default=None, help="weight bits: 8 (int8), 4 (int4, awq default) or 8 (awq)")
+    cp.add_argument("--group-size", type=int, default=None,
+                    help="inputs per quantization group, a multiple of 32 (default: per output channel for "
+                         "8 bits; the largest of 128/64/32 that fits for 4 bits)")
+    cp.add_argument("--sparsity", type=float, default=None, help="fraction of weights to prune (default 0.5)")
+    cp.add_argument("--pattern", default=None, metavar="N:M", help="N:M sparsity, e.g. 2:4 (N of every M pruned)")
+    cp.add_argument("--calib", default=None, metavar="FILE", help="calibration text (needed by awq, wanda, dsnot)")
+    cp.add_argument("--calib-tokens", type=int, default=4096,
+                    help="calibration tokens, used in whole windows of 512 (default 4096)")
+    cp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the tensors kept float: embedding, norms (default float32)")
+    cp.set_defaults(func=cmd_compress)
+
+
 def cmd_pull(a: argparse.Namespace) -> int:
     from ember.loading.registry import DEFAULT_MODEL, pull
 
@@ -232,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(func=cmd_chat, temperature=0.7, max_tokens=512)
 
     _bench_parsers(sub)
+    _eval_parsers(sub)
+    _compress_parser(sub)
 
     md = sub.add_parser("models", help="list models in the local cache")
     md.set_defaults(func=cmd_models)

@@ -118,6 +118,20 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{source}: config.json has a malformed value ({e})") from None
 
+    def to_hf(self) -> dict[str, Any]:
+        """config.json contents that from_hf reads back into this config (for GGUF-sourced models)."""
+        arch = next(a for a, e in _HF_ARCHS.items() if e == self.arch)
+        return {
+            "architectures": [arch], "model_type": self.arch, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings, "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias, "sliding_window": self.sliding_window,
+            "use_sliding_window": self.sliding_window is not None, "_name_or_path": self.name,
+        }
+
 
 def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")

@@ -162,6 +162,19 @@ class Tokenizer:
         strip = not byte_level and ("Strip" in decoder or ("Metaspace" in decoder and '"never"' not in decoder))
         return cls(tok, byte_level, bos, eos, add_bos, _hf_template(folder, cfg), extra, strip, add_eos)
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json (stop ids) so that
+        from_hf_folder reads back a tokenizer that encodes, decodes and templates the same."""
+        folder = Path(folder)
+        self._tok.save(str(folder / "tokenizer.json"))
+        bos, eos = (None if i is None else self._pieces[i] for i in (self.bos_token_id, self.eos_token_id))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+               "add_bos_token": self.add_bos, "add_eos_token": self.add_eos, "chat_template": self.chat_template,
+               "clean_up_tokenization_spaces": False}
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+        gen = {"bos_token_id": self.bos_token_id, "eos_token_id": sorted(self.stop_token_ids)}
+        (folder / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+
 
 def _per_token(path: str | Path, meta: dict[str, Any], key: str, default: Any) -> list[Any]:
     """A per-token GGUF array (scores, token types), checked against the vocabulary's length."""

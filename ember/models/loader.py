@@ -14,6 +14,7 @@ from ember.errors import ModelLoadError
 from ember.loading import gguf, safetensors
 from ember.loading.registry import resolve
 from ember.loading.tokenizer import Tokenizer
+from ember.models import compressed
 from ember.models.llama import LlamaModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,28 +39,43 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "float32",
-               max_positions: int | None = None, progress: bool = False) -> LoadedModel:
-    """Load weights, config and tokenizer for a model name, .gguf path or HF folder."""
-    start = time.perf_counter()
-    path = resolve(model, progress=progress)
-    torch_dtype = parse_dtype(dtype)
+def _open(path: Path) -> tuple[ModelConfig, Tokenizer, gguf.GGUFFile | None]:
+    """Config, tokenizer and (for a GGUF file) the open reader of a model; weights are not read."""
     if path.is_dir():
-        config = load_hf_config(path)
-        tokenizer = Tokenizer.from_hf_folder(path)
-        weights = safetensors.iter_tensors(path)
-    elif path.suffix == ".gguf" or path.is_file():
+        return load_hf_config(path), Tokenizer.from_hf_folder(path), None
+    if path.suffix == ".gguf" or path.is_file():
         reader = gguf.open_reader(path)
         gguf.check_tensor_types(reader)
         meta = gguf.read_metadata(path, reader)
         config = ModelConfig.from_gguf(meta, str(path))
         config.tie_word_embeddings = "output.weight" not in gguf.tensor_names(reader)
-        tokenizer = Tokenizer.from_gguf(path, meta)
-        weights = gguf.iter_hf_tensors(path, reader, config.arch, config.num_heads, config.num_kv_heads)
+        return config, Tokenizer.from_gguf(path, meta), reader
+    raise ModelLoadError(f"{path}: not a .gguf file or a model folder")
+
+
+def load_config(model: str | Path | None = None, progress: bool = False) -> tuple[Path, ModelConfig, Tokenizer]:
+    """The resolved path, config and tokenizer of a model without loading its weights."""
+    path = resolve(model, progress=progress)
+    config, tokenizer, _ = _open(path)
+    return path, config, tokenizer
+
+
+def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "float32",
+               max_positions: int | None = None, progress: bool = False) -> LoadedModel:
+    """Load weights, config and tokenizer for a model name, .gguf path, HF folder or compressed folder."""
+    start = time.perf_counter()
+    path = resolve(model, progress=progress)
+    torch_dtype = parse_dtype(dtype)
+    config, tokenizer, reader = _open(path)
+    if compressed.is_compressed(path):  # written by `ember compress`: packed layers load as stored
+        net = compressed.load_compressed(path, config, torch_dtype, max_positions)
+        return LoadedModel(net, tokenizer, config, path, time.perf_counter() - start)
+    if reader is None:
+        weights, total = safetensors.iter_tensors(path), None
     else:
-        raise ModelLoadError(f"{path}: not a .gguf file or a model folder")
+        weights = gguf.iter_hf_tensors(path, reader, config.arch, config.num_heads, config.num_kv_heads)
+        total = len(reader.tensors)
     net = LlamaModel(config, max_positions)
-    total = len(reader.tensors) if not path.is_dir() else None
     with tqdm(weights, total=total, desc=f"loading {path.name}", unit="tensor", disable=None if progress else True,
               leave=False, file=sys.stderr) as bar:
         net.load_weights(bar, str(path))
