@@ -31,8 +31,9 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
                    help="turn off sharing of identical prompt prefixes")
     g.add_argument("--scheduler", default="splitfuse", choices=["splitfuse", "prefill-first"],
                    help="step policy (default: splitfuse)")
-    g.add_argument("--quantization", "-q", default="none", choices=["none", "int8"],
-                   help="quantize weights at load: int8 = groups of 32, AVX2 kernel (default: none)")
+    g.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4"],
+                   help="quantize weights at load, groups of 32, AVX2 kernels: int8 (near-lossless) or int4 "
+                        "(fastest decode; LM head int8) (default: none)")
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:

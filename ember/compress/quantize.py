@@ -14,7 +14,7 @@ from ember.ops.quant import BLOCK, GROUP, QuantLinear, dequantize, pack_int4, qu
 from ember.ops.quant import quantize_int8 as int8_codes
 
 log = logging.getLogger("ember")
-METHODS = ("none", "int8")  # what `--quantization` applies at load time
+METHODS = ("none", "int8", "int4")  # what `--quantization` applies at load time
 AWQ_GRID = 20  # alpha in {0, 1/20, ..., 1}
 
 
@@ -115,19 +115,20 @@ def quantize_rtn(model: LlamaModel, spec: QuantSpec) -> dict[str, str]:
     return report | quantize_head(model, spec)
 
 
-def quantize_int8(model: LlamaModel) -> LlamaModel:
-    """`--quantization int8`: round-to-nearest int8 in groups of 32 (layers whose input dimension is not
-    a multiple of 32 stay float)."""
-    spec = QuantSpec(8, GROUP)
+def quantize_at_load(model: LlamaModel, bits: int) -> LlamaModel:
+    """`--quantization int8|int4`: round-to-nearest in groups of 32 for every projection (layers whose
+    input dimension is not a multiple of 32 stay float). The LM head is int8 either way: at int4 it
+    costs ~3 perplexity points on SmolLM2-135M for a small share of the bytes read per token."""
+    spec = QuantSpec(bits, GROUP)
     for layer in model.layers:
         quantize_linears(layer, spec)
-    quantize_head(model, spec)
+    quantize_head(model, QuantSpec(8, GROUP))
     return model
 
 
 def apply(model: LlamaModel, method: str) -> LlamaModel:
-    if method == "int8":
-        return quantize_int8(model)
+    if method in ("int8", "int4"):
+        return quantize_at_load(model, int(method[3:]))
     return model
 
 

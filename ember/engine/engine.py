@@ -40,7 +40,7 @@ class EngineArgs:
     kv_cache_memory: float | None = None  # GiB; default: what max_num_seqs full contexts need, <= 2 GiB
     scheduler: str = "splitfuse"
     block_size: int = 16
-    quantization: str = "none"  # "int8": weights quantized at load (ember.compress.quantize)
+    quantization: str = "none"  # "int8" / "int4": weights quantized at load (ember.compress.quantize)
 
     def validate(self) -> None:
         checks = [
