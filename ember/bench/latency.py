@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,11 +61,24 @@ def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
               f"pp{pp}_tok_s": statistics.mean(pp_rates), f"pp{pp}_tok_s_std": _std(pp_rates),
               f"tg{tg}_tok_s": tg_rate, f"tg{tg}_tok_s_std": _std(tg_rates),
               "weight_bytes_per_token": weights, "achieved_bandwidth_gb_s": weights * tg_rate / 1e9}
+    result.update(memory_usage())
     if membw:
         bw = measure_read_bandwidth()
         result["machine_read_bandwidth_gb_s"] = bw
         result["bandwidth_fraction"] = result["achieved_bandwidth_gb_s"] / bw
     return result
+
+
+def memory_usage() -> dict[str, float]:
+    """This process's resident memory now and at its peak, in MiB (Linux; empty elsewhere)."""
+    try:
+        import resource
+
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return {"resident_mib": pages * resource.getpagesize() / 2**20,
+                "peak_resident_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    except (ImportError, OSError, ValueError, IndexError):
+        return {}
 
 
 def _std(values: list[float]) -> float:

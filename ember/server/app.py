@@ -281,12 +281,11 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int
     from ember.engine.engine import EngineArgs, LLMEngine
     from ember.loading.registry import DEFAULT_MODEL
 
-    llm_engine = LLMEngine(EngineArgs(model=model, **engine_kwargs))
     name = served_name or _default_name(model or DEFAULT_MODEL)
     metrics = Metrics()
-    engine = AsyncEngine(llm_engine, observer=_RequestLog(metrics))
+    engine = AsyncEngine.load(lambda: LLMEngine(EngineArgs(model=model, **engine_kwargs)),
+                              observer=_RequestLog(metrics))
     app = build_app(engine, name, metrics, api_key)
-    engine.start()
     log.info("serving %s on http://%s:%d/v1 (OpenAI-compatible)%s", name, host, port,
              " with an API key" if api_key else "")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,

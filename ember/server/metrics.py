@@ -75,7 +75,12 @@ class Metrics:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}"]
         counters = [("ember_prompt_tokens_total", "Prompt tokens received.", engine.stats["prompt_tokens"]),
                     ("ember_generation_tokens_total", "Tokens generated.", engine.stats["generation_tokens"]),
-                    ("ember_num_preemptions_total", "Sequences preempted.", engine.scheduler.num_preemptions)]
+                    ("ember_num_preemptions_total", "Sequences preempted.", engine.scheduler.num_preemptions),
+                    ("ember_engine_steps_total", "Engine steps.", engine.stats["steps"]),
+                    ("ember_engine_step_seconds_total", "Wall time inside engine steps.",
+                     round(engine.stats["step_s"], 6)),
+                    ("ember_model_forward_seconds_total", "Wall time of the model forward within steps.",
+                     round(engine.stats["forward_s"], 6))]
         for name, help_, value in counters:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value}"]
         with self._lock:
