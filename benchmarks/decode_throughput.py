@@ -1,7 +1,7 @@
 """Single-stream and batched greedy decode tok/s: ember vs transformers' generate, same model, same run.
 
 usage: python benchmarks/decode_throughput.py [--model PATH] [--threads 2] [--tokens 128] [--batch 16]
-       [--skip-transformers] [--dtype float32|bfloat16]
+       [--skip-transformers] [--dtype float32|bfloat16] [--quantization none|int8|int4]
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import torch
 PROMPT = "Once upon a time in a small village, there lived an old clockmaker who"
 
 
-def ember_rates(model: Path, dtype: str, tokens: int, batch: int) -> dict[str, float]:
+def ember_rates(model: Path, dtype: str, tokens: int, batch: int, quantization: str) -> dict[str, float]:
     from ember import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, kv_cache_memory=1.0)
+    llm = LLM(model, dtype=dtype, kv_cache_memory=1.0, quantization=quantization)
     ids = llm.get_tokenizer().encode(PROMPT)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int4"], help="ember's weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.model is None:
@@ -67,8 +68,8 @@ def main() -> None:
 
         a.model = pull()
     result = {"machine": f"{os.cpu_count()} cpus, {platform.processor() or platform.machine()}",
-              "threads": a.threads, "dtype": a.dtype, "tokens": a.tokens}
-    result.update(ember_rates(a.model, a.dtype, a.tokens, a.batch))
+              "threads": a.threads, "dtype": a.dtype, "tokens": a.tokens, "ember_quantization": a.quantization}
+    result.update(ember_rates(a.model, a.dtype, a.tokens, a.batch, a.quantization))
     if not a.skip_transformers:
         result.update(transformers_rates(a.model, a.dtype, a.tokens, a.batch))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=1))
