@@ -116,13 +116,15 @@ def quantize_rtn(model: LlamaModel, spec: QuantSpec) -> dict[str, str]:
 
 
 def quantize_at_load(model: LlamaModel, bits: int) -> LlamaModel:
-    """`--quantization int8|int4`: round-to-nearest in groups of 32 for every projection (layers whose
-    input dimension is not a multiple of 32 stay float). The LM head is int8 either way: at int4 it
-    costs ~3 perplexity points on SmolLM2-135M for a small share of the bytes read per token."""
-    spec = QuantSpec(bits, GROUP)
+    """`--quantization int8|int4`: round-to-nearest for every projection (layers whose input dimension
+    is not a multiple of 32 stay float). int8 is per output channel: on SmolLM2-135M as good as groups
+    of 32 (perplexity 44.40 vs float 44.41) and 22% less CPU per token (no per-group scales).
+    int4 is in groups of 32. The LM head is int8 per channel either way: at int4 it costs ~3
+    perplexity points on SmolLM2-135M for a small share of the bytes read per token."""
+    spec = QuantSpec(8) if bits == 8 else QuantSpec(4, GROUP)
     for layer in model.layers:
         quantize_linears(layer, spec)
-    quantize_head(model, QuantSpec(8, GROUP))
+    quantize_head(model, QuantSpec(8))
     return model
 
 
