@@ -76,7 +76,7 @@ def test_manifest_says_what_was_done(tiny_mistral: Path, tmp_path: Path) -> None
     assert on_disk == manifest
     assert manifest["methods"] == ["wanda", "int4"]  # pruning runs first
     assert manifest["quantization"] == {"method": "int4", "bits": 4, "group_size": 32,
-                                        "scheme": "asymmetric, integer zero point", "lm_head": "int4 g32"}
+                                        "scheme": "asymmetric, integer zero point", "lm_head": "int8 per-channel"}
     pruning = manifest["pruning"]
     assert pruning["method"] == "wanda" and pruning["sparsity"] == 0.5 and pruning["pattern"] == "2:4"
     assert pruning["achieved_sparsity"] == pytest.approx(0.5)
@@ -84,7 +84,7 @@ def test_manifest_says_what_was_done(tiny_mistral: Path, tmp_path: Path) -> None
     layers = manifest["layers"]
     assert len(layers) == 2 * 4 + 1 and layers["layers.1.mlp.down_proj"]["shape"] == [64, 160]
     for name, row in layers.items():
-        assert row["format"] == ("int4 g32" if name == "lm_head" else "int4 g32 zero-point")
+        assert row["format"] == ("int8 per-channel" if name == "lm_head" else "int4 g32 zero-point")
         assert row["sparsity"] >= (0 if name == "lm_head" else 0.5)  # zeros survive quantization
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.name != "manifest.json"}
     assert manifest["bytes"]["files"] == sizes and manifest["bytes"]["weights"] == sizes["model.safetensors"]
