@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ember.bench.common import machine
+from ember.ops.quant import QuantLinear
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -20,10 +21,8 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         if name.startswith("embed_tokens.") and model.lm_head is not None:
             continue
         total += p.numel() * p.element_size()
-    for name, b in model.named_buffers():  # packed quantized weights live in buffers
-        if name.endswith(("qweight", "scales", "mins")):
-            total += b.numel() * b.element_size()
-    return total
+    # Packed quantized weights live in buffers.
+    return total + sum(m.nbytes() for m in model.modules() if isinstance(m, QuantLinear))
 
 
 def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

@@ -190,35 +190,39 @@ static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const
   else wxa8_rows<8>(a, M, K, wq, ws, wm, bias, N, group, y, ldy);
 }
 
-static void check_quant(const torch::Tensor& x, const torch::Tensor& ws, int64_t K, int64_t N) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && ws.dtype() == torch::kFloat32 && ws.is_contiguous());
+// Checks a packed weight (int8 [N, K], or int4 [N, K/2] with mins) and its group scales [N, K/group];
+// returns K.
+static int64_t check_packed(const torch::Tensor& wq, const torch::Tensor& ws, const torch::Tensor* wm, int bits) {
+  const int64_t N = wq.size(0), K = bits == 4 ? wq.size(1) * 2 : wq.size(1);
+  TORCH_CHECK(wq.is_contiguous() && wq.dtype() == (bits == 4 ? torch::kUInt8 : torch::kInt8));
+  TORCH_CHECK(ws.dtype() == torch::kFloat32 && ws.is_contiguous());
   TORCH_CHECK(K % G == 0 && ws.size(0) == N && K % ws.size(1) == 0 && (K / ws.size(1)) % G == 0,
               "group size must be a multiple of 32 dividing K");
+  if (bits == 4)
+    TORCH_CHECK(wm && wm->dtype() == torch::kFloat32 && wm->is_contiguous() && wm->sizes() == ws.sizes());
+  return K;
 }
 
-// y [M, N] = x [M, K] . w^T for int8 w [N, K] with group scales ws [N, K/group].
+// y [M, N] = x [M, K] . w^T for a packed weight (see check_packed).
+static torch::Tensor packed_linear(torch::Tensor x, const torch::Tensor& wq, const torch::Tensor& ws,
+                                   const torch::Tensor* wm, int bits) {
+  const int64_t K = check_packed(wq, ws, wm, bits), N = wq.size(0);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K);
+  x = x.contiguous();
+  auto y = torch::empty({x.size(0), N}, torch::kFloat32);
+  wxa8_raw(x.data_ptr<float>(), x.size(0), K, wq.data_ptr(), ws.data_ptr<float>(),
+           wm ? wm->data_ptr<float>() : nullptr, nullptr, N, K / ws.size(1), bits, y.data_ptr<float>(), N);
+  return y;
+}
+
+// int8 w [N, K] with group scales ws [N, K/group].
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
-  check_quant(x, ws, K, N);
-  TORCH_CHECK(wq.dtype() == torch::kInt8 && wq.is_contiguous() && wq.size(1) == K);
-  auto y = torch::empty({M, N}, torch::kFloat32);
-  wxa8_raw(x.data_ptr<float>(), M, K, wq.data_ptr<int8_t>(), ws.data_ptr<float>(), nullptr, nullptr, N,
-           K / ws.size(1), 8, y.data_ptr<float>(), N);
-  return y;
+  return packed_linear(x, wq, ws, nullptr, 8);
 }
 
-// y [M, N] = x [M, K] . w^T for int4 w packed [N, K/2] with group scales and mins [N, K/group].
+// int4 w packed [N, K/2] with group scales and mins [N, K/group].
 torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, torch::Tensor wm) {
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
-  check_quant(x, ws, K, N);
-  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.is_contiguous() && wq.size(1) * 2 == K);
-  TORCH_CHECK(wm.dtype() == torch::kFloat32 && wm.is_contiguous() && wm.sizes() == ws.sizes());
-  auto y = torch::empty({M, N}, torch::kFloat32);
-  wxa8_raw(x.data_ptr<float>(), M, K, wq.data_ptr<uint8_t>(), ws.data_ptr<float>(), wm.data_ptr<float>(),
-           nullptr, N, K / ws.size(1), 4, y.data_ptr<float>(), N);
-  return y;
+  return packed_linear(x, wq, ws, &wm, 4);
 }
 
 // ---- small fused float32 ops for the decode path (each replaces several PyTorch ops) ----
@@ -421,11 +425,11 @@ struct DecodeLinear {
       : bits(bits_), w(w_.contiguous()), scales(s.contiguous()), mins(m.contiguous()), bias(b.contiguous()) {
     TORCH_CHECK(bits == 32 || bits == 8 || bits == 4, "bits must be 32, 8 or 4");
     N = w.size(0);
-    K = bits == 4 ? w.size(1) * 2 : w.size(1);
     if (bits == 32) {
       TORCH_CHECK(w.dtype() == torch::kFloat32);
+      K = w.size(1);
     } else {
-      check_quant(torch::empty({0, K}), scales, K, N);
+      K = check_packed(w, scales, bits == 4 ? &mins : nullptr, (int)bits);
     }
     TORCH_CHECK(bias.numel() == 0 || (bias.dtype() == torch::kFloat32 && bias.numel() == N));
   }
