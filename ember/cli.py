@@ -13,6 +13,9 @@ log = logging.getLogger("ember")
 
 
 MODEL_HELP = "model name, .gguf file or Hugging Face folder (default: smollm2-135m-instruct)"
+KV_CACHE_DTYPES = ["auto", "int8", "int4", "int2"]  # ember.ops.kv_quant's, listed here to keep --help fast
+KV_HELP = ("KV cache storage: auto (the model dtype) or KIVI int8 / int4 / int2 (keys per channel, values per "
+           "token, each sequence's newest block kept in float); more tokens fit in --kv-cache-memory")
 
 
 def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
@@ -32,13 +35,15 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     g.add_argument("--scheduler", default="splitfuse", choices=["splitfuse", "prefill-first"],
                    help="step policy (default: splitfuse)")
     g.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4"],
-                   help="quantize weights at load, groups of 32, AVX2 kernels: int8 (near-lossless) or int4 "
-                        "(fastest decode; LM head int8) (default: none)")
+                   help="quantize weights at load for ember's AVX2 kernels: int8 (per channel, near-lossless) "
+                        "or int4 (groups of 32, LM head int8; fastest decode) (default: none)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help=KV_HELP)
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     keys = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
-            "enable_prefix_caching", "scheduler", "quantization")
+            "enable_prefix_caching", "scheduler", "quantization", "kv_cache_dtype")
     return {k: getattr(a, k) for k in keys}
 
 
@@ -207,7 +212,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     loaded = load_model(a.model, a.dtype, progress=not a.json)
     result = {"model": str(loaded.path), "text": a.text, "dtype": a.dtype,
-              **perplexity(loaded, text, a.ctx, a.windows, a.stride)}
+              **perplexity(loaded, text, a.ctx, a.windows, a.stride, a.kv_cache_dtype)}
     if a.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -215,6 +220,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     print(f"text        {a.text}: {result['text_tokens']} tokens, BOS {'added' if result['bos'] else 'not added'}")
     print(f"protocol    {result['windows']} of {result['windows_available']} windows of {a.ctx} tokens, "
           f"stride {result['stride']}; {result['tokens']} tokens scored")
+    if result["kv_cache_dtype"] != "auto":
+        print(f"KV cache    {result['kv_cache_dtype']}: each window run in blocks of {result['kv_block_size']} "
+              "tokens through the paged cache, so every token reads earlier blocks as stored")
     print(f"perplexity  {result['ppl']:.4f}  (mean NLL {result['nll']:.4f} nats, {result['seconds']:.1f} s)")
     return 0
 
@@ -234,6 +242,9 @@ def _eval_parsers(sub: Any) -> None:
     ppl.add_argument("--stride", type=int, default=None, help="window step in tokens (default: ctx, no overlap)")
     ppl.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
                      help="weights dtype (default: float32)")
+    ppl.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                     help="auto: one dense forward per window; int8 / int4 / int2: score through a KIVI cache, "
+                          "one block of tokens per step, as generation reads it")
     ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=cmd_eval)

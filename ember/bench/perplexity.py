@@ -1,4 +1,5 @@
-"""Perplexity of a model on a text: fixed-length windows (non-overlapping or strided), dense forward."""
+"""Perplexity of a model on a text: fixed-length windows (non-overlapping or strided), dense forward or,
+for a quantized KV cache, block by block through the engine's paged cache."""
 from __future__ import annotations
 
 import math
@@ -8,8 +9,13 @@ from typing import Any
 
 import torch
 
+from ember.engine.kv_cache import BlockManager
+from ember.engine.runner import ModelRunner
+from ember.engine.sampling_params import SamplingParams
+from ember.engine.sequence import Sequence
 from ember.errors import InvalidParameterError
 from ember.models.loader import LoadedModel
+from ember.ops.kv_quant import KV_CACHE_DTYPES
 
 LOGIT_CHUNK = 256  # positions per logits slice: bounds memory to 256 x vocab floats
 
@@ -32,7 +38,7 @@ def context_limit(loaded: LoadedModel) -> int:
 
 
 def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | None = None,
-               stride: int | None = None) -> dict[str, Any]:
+               stride: int | None = None, kv_cache_dtype: str = "auto", block_size: int = 16) -> dict[str, Any]:
     """exp(mean NLL) of the text's tokens under the model.
 
     Protocol: the whole text is tokenized once as the tokenizer encodes a prompt (a BOS token only if
@@ -42,7 +48,15 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
     before it in the window); later windows score only their last min(stride, ctx - 1) tokens, so
     every scored token is scored once, with at least ctx - stride tokens of context (as Hugging Face's
     strided perplexity).
+
+    With a quantized `kv_cache_dtype` each window runs through the engine's runner and a KIVI cache one
+    block of `block_size` tokens per step: every token then sees earlier blocks as the cache stores them
+    (quantized) and its own block in float, exactly as a generated token does.
     """
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise InvalidParameterError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                                    f"got {kv_cache_dtype!r}", param="kv_cache_dtype")
+    kv_bits = KV_CACHE_DTYPES[kv_cache_dtype]
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)
     bos = loaded.tokenizer.add_bos and loaded.tokenizer.bos_token_id is not None
     if bos:
@@ -55,12 +69,15 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
     nll, scored = 0.0, 0
     for n, s in enumerate(starts):
         first = 1 if n == 0 else max(1, ctx - stride)
-        window_nll = _window_nll(loaded, tokens[s:s + ctx], first)
+        window = tokens[s:s + ctx]
+        window_nll = (_window_nll(loaded, window, first) if kv_bits is None
+                      else _window_nll_cached(loaded, window, first, kv_bits, block_size))
         nll += float(window_nll.sum())
         scored += window_nll.numel()
     mean = nll / scored
     return {"ppl": math.exp(mean), "nll": mean, "tokens": scored, "ctx": ctx, "windows": len(starts),
             "stride": stride, "windows_available": len(available), "text_tokens": len(ids), "bos": bos,
+            "kv_cache_dtype": kv_cache_dtype, "kv_block_size": block_size,
             "seconds": time.perf_counter() - start_time}
 
 
@@ -94,3 +111,24 @@ def _window_nll(loaded: LoadedModel, ids: torch.Tensor, first: int) -> torch.Ten
             logp = torch.log_softmax(model.compute_logits(hidden[a:b]), dim=-1)
             out.append(-logp.gather(1, ids[a + 1:b + 1, None])[:, 0].double())
     return torch.cat(out)
+
+
+def _window_nll_cached(loaded: LoadedModel, ids: torch.Tensor, first: int, kv_bits: int,
+                       block_size: int) -> torch.Tensor:
+    """As _window_nll, run one block per step through a ModelRunner over a quantized paged cache."""
+    n = ids.shape[0]
+    blocks = BlockManager(-(-n // block_size), block_size, enable_prefix_caching=False, num_residual=2)
+    runner = ModelRunner(loaded.model, blocks, loaded.model.embed_tokens.weight.dtype, kv_bits)
+    seq = Sequence("ppl", 0, ids.tolist(), SamplingParams(max_tokens=1, prompt_logprobs=0), 0.0)
+    out = []
+    for start in range(0, n, block_size):
+        count = min(block_size, n - start)
+        blocks.allocate(seq, count)
+        result = runner.run({seq: count})
+        seq.num_computed += count
+        blocks.commit(seq)
+        for part in result.prompt_rows:  # logits row i scores token part.first_token + i
+            logp = torch.log_softmax(result.logits[part.row:part.row + part.count], dim=-1)
+            targets = ids[part.first_token:part.first_token + part.count, None]
+            out.append(-logp.gather(1, targets)[:, 0].double())
+    return torch.cat(out)[first - 1:]

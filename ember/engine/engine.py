@@ -21,6 +21,7 @@ from ember.engine.sequence import Sequence, Status
 from ember.errors import InvalidParameterError, PromptTooLongError
 from ember.loading.tokenizer import IncrementalDetokenizer
 from ember.models.loader import LoadedModel, load_model, parse_dtype
+from ember.ops.kv_quant import KV_CACHE_DTYPES
 
 log = logging.getLogger("ember")
 GiB = 1 << 30
@@ -41,11 +42,14 @@ class EngineArgs:
     scheduler: str = "splitfuse"
     block_size: int = 16
     quantization: str = "none"  # "int8" / "int4": weights quantized at load (ember.compress.quantize)
+    kv_cache_dtype: str = "auto"  # "int8" / "int4" / "int2": KIVI-quantized KV cache (ember.ops.kv_quant)
 
     def validate(self) -> None:
         checks = [
             (self.scheduler in POLICIES, "scheduler", f"must be one of {', '.join(POLICIES)}"),
             (self.quantization in QUANT_METHODS, "quantization", f"must be one of {', '.join(QUANT_METHODS)}"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+             f"must be one of {', '.join(KV_CACHE_DTYPES)}"),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
             (self.block_size >= 1, "block_size", "must be >= 1"),
@@ -84,7 +88,8 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.config = self.loaded.config
         model = apply_quantization(self.loaded.model, args.quantization)
-        per_token = kv_bytes_per_token(model, self.dtype)
+        kv_bits = KV_CACHE_DTYPES[args.kv_cache_dtype]
+        per_token = kv_bytes_per_token(model, self.dtype, kv_bits, args.block_size)
         context = min(args.max_model_len or self.config.max_position_embeddings, model.max_positions)
         if self.config.sliding_window and context > self.config.sliding_window:
             # Full attention equals sliding-window attention only up to the window.
@@ -95,7 +100,11 @@ class LLMEngine:
                                         f"{model.max_positions} positions", param="max_model_len")
         memory = args.kv_cache_memory * GiB if args.kv_cache_memory else min(
             2 * GiB, per_token * context * args.max_num_seqs)
-        num_blocks = int(memory // (per_token * args.block_size))
+        # A quantized cache keeps each running sequence's incomplete block in float: budget two per sequence
+        # (an old tail filling while a new one starts), out of the same memory.
+        num_residual = 0 if kv_bits is None else 2 * args.max_num_seqs
+        memory -= num_residual * args.block_size * kv_bytes_per_token(model, torch.float32)
+        num_blocks = max(0, int(memory // (per_token * args.block_size)))
         if num_blocks * args.block_size < context:
             if args.max_model_len:
                 raise InvalidParameterError(
@@ -106,10 +115,10 @@ class LLMEngine:
         if num_blocks < 1:
             raise InvalidParameterError("kv_cache_memory is too small for a single block", "kv_cache_memory")
         self.max_model_len = context
-        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, num_residual)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
                                                    args.scheduler), self.blocks)
-        self.runner = ModelRunner(model, num_blocks, args.block_size, self.dtype)
+        self.runner = ModelRunner(model, self.blocks, self.dtype, kv_bits)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         # step_s / forward_s: wall time of whole steps and of the model inside them (engine overhead).
@@ -117,8 +126,8 @@ class LLMEngine:
                                         "step_s": 0.0, "forward_s": 0.0}
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s); max_model_len %d",
                  num_blocks, args.block_size, num_blocks * args.block_size,
-                 num_blocks * args.block_size * per_token / GiB, str(self.dtype).removeprefix("torch."),
-                 self.max_model_len)
+                 num_blocks * args.block_size * per_token / GiB,
+                 args.kv_cache_dtype if kv_bits else str(self.dtype).removeprefix("torch."), self.max_model_len)
 
     @property
     def num_cache_tokens(self) -> int:

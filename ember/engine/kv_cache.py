@@ -1,4 +1,5 @@
-"""Block allocator and prefix cache: full blocks are content-hashed and reused, free blocks evicted LRU."""
+"""Block allocator and prefix cache: full blocks are content-hashed and reused, free blocks evicted LRU;
+for quantized caches, residual slots for the blocks still filling."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -11,7 +12,8 @@ BlockKey = tuple[int | None, tuple[int, ...]]  # (parent block hash, token ids o
 class BlockManager:
     """Owns block ids, their reference counts and the hash -> block map; never touches KV tensors."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_residual: int = 0) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -22,6 +24,13 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
+        # Quantized caches only (num_residual > 0): a block still filling keeps its tokens in float in a
+        # residual slot until it is full. Only a sequence's own tail block is ever incomplete (forks copy
+        # it, prefix hits take full blocks), so slots are never shared.
+        self.use_residual = num_residual > 0
+        self.residual_of: dict[int, int] = {}  # block -> residual slot
+        self.free_residual: list[int] = list(range(num_residual - 1, -1, -1))
+        self.num_residual = num_residual
 
     @property
     def num_free_blocks(self) -> int:
@@ -44,6 +53,9 @@ class BlockManager:
             block = self._take_free()
             self.ref_count[block] = 1
             seq.block_table.append(block)
+        end = seq.num_computed + num_tokens
+        if self.use_residual and end % self.block_size:
+            self._give_residual(seq.block_table[end // self.block_size])
 
     def match_prefix(self, seq: Sequence) -> None:
         """Before a sequence's first step: reuse cached blocks for its longest known full-block prefix."""
@@ -79,6 +91,7 @@ class BlockManager:
             h = hash(key)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
+            self._drop_residual(block)
             if self.enable_prefix_caching and h not in self.cached:
                 self.cached[h] = block
                 self.block_key[block] = key
@@ -86,6 +99,7 @@ class BlockManager:
     def free_seq(self, seq: Sequence) -> None:
         """Release a sequence's blocks; hashed ones stay revivable until evicted (tail blocks first)."""
         for block in reversed(seq.block_table):
+            self._drop_residual(block)
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0:
                 self.free[block] = None
@@ -110,7 +124,21 @@ class BlockManager:
         dst = self._take_free()
         self.ref_count[dst] = 1
         child.block_table.append(dst)
+        if self.use_residual:
+            self._give_residual(dst)
         return parent.block_table[full], dst
+
+    def _give_residual(self, block: int) -> None:
+        if block not in self.residual_of:
+            if not self.free_residual:  # more sequences than planned (forks): the runner grows the pool
+                self.free_residual.append(self.num_residual)
+                self.num_residual += 1
+            self.residual_of[block] = self.free_residual.pop()
+
+    def _drop_residual(self, block: int) -> None:
+        slot = self.residual_of.pop(block, None)
+        if slot is not None:
+            self.free_residual.append(slot)
 
     def _take_free(self) -> int:
         if not self.free:

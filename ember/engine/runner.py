@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ember.engine.kv_cache import BlockManager
 from ember.engine.sequence import Sequence
 from ember.models.llama import LlamaModel
 from ember.ops.attention import AttentionMetadata, PrefillChunk
+from ember.ops.kv_quant import KVQuantMeta, QuantKVCache
 
 
 @dataclass
@@ -29,22 +31,40 @@ class StepResult:
     forward_s: float = 0.0  # time in the model (forward + logits), to separate the engine's own overhead
 
 
-def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype, kv_bits: int | None = None,
+                       block_size: int = 16) -> float:
+    """Cache bytes per token over all layers: dtype elements, or KIVI codes plus their parameters."""
     cfg = model.config
+    if kv_bits is not None:
+        per_layer = QuantKVCache.bytes_per_token(cfg.num_kv_heads, cfg.head_dim, kv_bits, block_size)
+        return cfg.num_layers * per_layer
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, model: LlamaModel, blocks: BlockManager, dtype: torch.dtype,
+                 kv_bits: int | None = None) -> None:
         cfg = model.config
         self.model = model
-        self.block_size = block_size
-        shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.blocks = blocks
+        self.block_size = bs = blocks.block_size
+        self.kv_bits = kv_bits
+        self.kv_caches: list[torch.Tensor] | list[QuantKVCache]
+        if kv_bits is None:
+            shape = (2, blocks.num_blocks, bs, cfg.num_kv_heads, cfg.head_dim)
+            self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        else:
+            self.kv_caches = [QuantKVCache(blocks.num_blocks, bs, cfg.num_kv_heads, cfg.head_dim, kv_bits,
+                                           blocks.num_residual) for _ in range(cfg.num_layers)]
 
     def copy_block(self, src: int, dst: int) -> None:
+        """Give dst the contents of src (a partly filled block being forked)."""
         for cache in self.kv_caches:
-            cache[:, dst] = cache[:, src]
+            if isinstance(cache, QuantKVCache):  # an incomplete block lives in its residual slot
+                cache.ensure_residual(self.blocks.num_residual)
+                cache.copy_residual(self.blocks.residual_of[src], self.blocks.residual_of[dst])
+            else:
+                cache[:, dst] = cache[:, src]
 
     @torch.inference_mode()
     def run(self, batch: dict[Sequence, int]) -> StepResult:
@@ -54,12 +74,14 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
         decode_rows: list[int] = []
         decode_seqs: list[Sequence] = []
+        spans: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, tokens, first row)
         logit_rows: list[int] = []
         result = StepResult(logits=torch.empty(0))
         bs = self.block_size
         for seq, n in batch.items():
             start, row0 = seq.num_computed, len(tokens)
             tokens.extend(seq.token_ids[start:start + n])
+            spans.append((seq, start, n, row0))
             pos = torch.arange(start, start + n)
             table = torch.tensor(seq.block_table, dtype=torch.long)
             positions.append(pos)
@@ -75,6 +97,8 @@ class ModelRunner:
         meta.slot_mapping = torch.cat(slots)
         if decode_rows:
             self._decode_meta(meta, decode_rows, decode_seqs)
+        if self.kv_bits is not None:
+            meta.kv_quant = self._kv_quant_meta(spans, decode_seqs)
         start = time.perf_counter()
         hidden = self.model(torch.tensor(tokens), torch.cat(positions), self.kv_caches, meta)
         result.logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, dtype=torch.long)])
@@ -105,3 +129,62 @@ class ModelRunner:
         meta.decode_block_tables = tables
         meta.decode_ctx_lens = ctx
         meta.decode_mask = (torch.arange(width * self.block_size)[None, :] < ctx[:, None])[:, None, None, :]
+
+    def _kv_quant_meta(self, spans: list[tuple[Sequence, int, int, int]],
+                       decode_seqs: list[Sequence]) -> KVQuantMeta:
+        """Where each new token goes in a KIVI cache and where each sequence's earlier tokens are."""
+        bs, slot_of = self.block_size, self.blocks.residual_of
+        for cache in self.kv_caches:
+            cache.ensure_residual(self.blocks.num_residual)
+        idx: dict[str, list[int]] = {k: [] for k in ("res_rows", "res_slots", "done_blocks", "pos_res",
+                                                     "res", "pos_new", "rows")}
+        chunk_context: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for seq, start, n, row0 in spans:
+            table, end = seq.block_table, start + n
+            for i in range(start // bs, end // bs):  # blocks this step fills
+                base, first_new = len(idx["done_blocks"]) * bs, max(start, i * bs)
+                idx["done_blocks"].append(table[i])
+                if first_new > i * bs:  # the block's earlier tokens are in its residual slot
+                    slot = slot_of[table[i]] * bs
+                    idx["pos_res"].extend(range(base, base + first_new - i * bs))
+                    idx["res"].extend(range(slot, slot + first_new - i * bs))
+                idx["pos_new"].extend(range(base + first_new - i * bs, base + bs))
+                idx["rows"].extend(range(row0 + first_new - start, row0 + (i + 1) * bs - start))
+            tail = max(start, end // bs * bs)
+            if tail < end:  # tokens of a block still filling: kept in float
+                slot = slot_of[table[end // bs]] * bs
+                idx["res_rows"].extend(range(row0 + tail - start, row0 + n))
+                idx["res_slots"].extend(range(slot + tail % bs, slot + tail % bs + end - tail))
+            if not (n == 1 and start > 0):
+                chunk_context.append(None if start == 0 else self._cached_context(table, start))
+        t = {k: torch.tensor(v, dtype=torch.long) for k, v in idx.items()}
+        qm = KVQuantMeta(t["res_rows"], t["res_slots"], t["done_blocks"], t["pos_res"], t["res"],
+                         t["pos_new"], t["rows"], chunk_context)
+        if decode_seqs:
+            self._quant_decode_meta(qm, decode_seqs)
+        return qm
+
+    def _cached_context(self, table: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full blocks and residual indices holding positions [0, start) of a sequence."""
+        bs = self.block_size
+        full = torch.tensor(table[: start // bs], dtype=torch.long)
+        if start % bs == 0:
+            return full, torch.empty(0, dtype=torch.long)
+        slot = self.blocks.residual_of[table[start // bs]]
+        return full, torch.arange(slot * bs, slot * bs + start % bs)
+
+    def _quant_decode_meta(self, qm: KVQuantMeta, seqs: list[Sequence]) -> None:
+        bs, slot_of = self.block_size, self.blocks.residual_of
+        pos = [s.num_computed for s in seqs]
+        width = max(p // bs for p in pos)
+        full = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, (s, p) in enumerate(zip(seqs, pos)):
+            full[i, : p // bs] = torch.tensor(s.block_table[: p // bs], dtype=torch.long)
+        # A block starting with this token has no earlier residual tokens: slot 0, fully masked.
+        qm.decode_residual = torch.tensor([slot_of.get(s.block_table[p // bs], 0) for s, p in zip(seqs, pos)])
+        p = torch.tensor(pos)
+        full_ok = torch.arange(width * bs)[None, :] < (p // bs * bs)[:, None]
+        res_ok = torch.arange(bs)[None, :] < (p % bs)[:, None]
+        self_ok = torch.ones(len(seqs), 1, dtype=torch.bool)
+        qm.decode_mask = torch.cat([full_ok, res_ok, self_ok], dim=1)[:, None, None, :]
+        qm.decode_full = full

@@ -10,6 +10,7 @@ from ember.config import ModelConfig
 from ember.errors import ModelLoadError
 from ember.ops.attention import AttentionMetadata, PrefillChunk, paged_attention
 from ember.ops.kernels import cpu_kernels
+from ember.ops.kv_quant import QuantKVCache
 from ember.ops.norm import RMSNorm
 from ember.ops.quant import KERNEL_MAX_ROWS, QuantLinear
 from ember.ops.rope import RotaryEmbedding, apply_rotary, inv_frequencies
@@ -126,7 +127,7 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(inv, self.max_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                kv_caches: list[torch.Tensor] | list[QuantKVCache], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions, x.dtype)
@@ -144,8 +145,8 @@ class LlamaModel(nn.Module):
         if meta.prefills or meta.decode_rows is None or x.dtype != torch.float32 or not self.layers:
             return None
         kern = cpu_kernels()
-        if kern is None or kv_caches[0].dtype != torch.float32:
-            return None
+        if kern is None or not isinstance(kv_caches[0], torch.Tensor) or kv_caches[0].dtype != torch.float32:
+            return None  # a quantized (KIVI) cache is read by the module path
         # Rebuilt when a projection module was swapped (quantization, compression) since the last step;
         # the key holds the modules themselves (compared by identity), so none can be freed and reused.
         key = tuple(m for layer in self.layers for m in _projections(layer))

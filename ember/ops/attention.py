@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.ops.kernels import cpu_kernels
+from ember.ops.kv_quant import KVQuantMeta, QuantKVCache
 
 
 @dataclass
@@ -30,6 +31,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
     decode_ctx_lens: torch.Tensor | None = None  # [B] context length of each decoding sequence
+    kv_quant: KVQuantMeta | None = None  # set when the cache is quantized (QuantKVCache)
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -39,9 +41,11 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     cache[1].view(-1, n_kv, hd).index_copy_(0, slots, v.to(cache.dtype))
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor | QuantKVCache,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] for the new tokens. Returns [T, H, D]."""
+    if isinstance(cache, QuantKVCache):
+        return _quantized_attention(q, k, v, cache, meta, scale)
     write_kv(cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     for chunk in meta.prefills:
@@ -78,4 +82,45 @@ def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale
     # Grouped-query trick: the G query heads of one KV head become G query rows.
     qg = q.view(b, n_kv, h // n_kv, hd)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=scale)
+    return o.reshape(b, h, hd)
+
+
+def _quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: QuantKVCache,
+                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """As paged_attention over a KIVI cache: earlier steps' tokens come back dequantized (full blocks)
+    or from the float residual; this step's own tokens are used exactly, then stored."""
+    qm = meta.kv_quant
+    assert qm is not None, "a quantized cache needs KVQuantMeta"
+    out = torch.empty_like(q)
+    for chunk, context in zip(meta.prefills, qm.chunk_context):
+        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+        kc, vc = k[rows], v[rows]
+        if context is not None:
+            full, res = context
+            kc = torch.cat([cache.keys(full).flatten(0, 1), cache.residual_rows(0, res), kc.float()])
+            vc = torch.cat([cache.values(full).flatten(0, 1), cache.residual_rows(1, res), vc.float()])
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1), kc.to(q.dtype).transpose(0, 1), vc.to(q.dtype).transpose(0, 1),
+            attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True)
+        out[rows] = o.transpose(0, 1)
+    if meta.decode_rows is not None:
+        out[meta.decode_rows] = _quantized_decode(q[meta.decode_rows], k[meta.decode_rows],
+                                                  v[meta.decode_rows], cache, qm, scale)
+    cache.update(k, v, qm)
+    return out
+
+
+def _quantized_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: QuantKVCache,
+                      qm: KVQuantMeta, scale: float) -> torch.Tensor:
+    b, h, hd = q.shape
+    n_kv = k.shape[1]
+    full, slots = qm.decode_full, qm.decode_residual
+    # [B, W*bs + bs + 1, KVH, D]: dequantized full blocks, the residual block, the token itself.
+    keys = torch.cat([cache.keys(full.flatten()).view(b, -1, n_kv, hd), cache.residual[0][slots],
+                      k.float()[:, None]], dim=1)
+    vals = torch.cat([cache.values(full.flatten()).view(b, -1, n_kv, hd), cache.residual[1][slots],
+                      v.float()[:, None]], dim=1)
+    qg = q.view(b, n_kv, h // n_kv, hd)
+    o = F.scaled_dot_product_attention(qg, keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
+                                       attn_mask=qm.decode_mask, scale=scale)
     return o.reshape(b, h, hd)

@@ -26,6 +26,11 @@ def _check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
         assert (b in bm.free) == (bm.ref_count[b] == 0)
     for h, b in bm.cached.items():
         assert bm.block_key[b] is not None and hash(bm.block_key[b]) == h
+    if bm.use_residual:  # exactly the incomplete tail blocks hold residual slots, each its own
+        tails = {s.block_table[s.num_computed // bm.block_size] for s in live if s.num_computed % bm.block_size}
+        assert set(bm.residual_of) == tails
+        slots = list(bm.residual_of.values()) + bm.free_residual
+        assert sorted(slots) == list(range(bm.num_residual))
 
 
 def _run_prompt(bm: BlockManager, seq: Sequence, chunk: int) -> bool:
@@ -46,9 +51,10 @@ prompts = st.lists(st.integers(0, 3), min_size=1, max_size=40)  # tiny alphabet:
 
 @settings(max_examples=150, deadline=None)
 @given(ops=st.lists(st.tuples(st.sampled_from(["add", "free"]), prompts, st.integers(1, 9)), max_size=40),
-       num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 2, 4]), caching=st.booleans())
-def test_allocator_invariants(ops, num_blocks: int, block_size: int, caching: bool) -> None:
-    bm = BlockManager(num_blocks, block_size, caching)
+       num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 2, 4]), caching=st.booleans(),
+       num_residual=st.sampled_from([0, 1, 3]))
+def test_allocator_invariants(ops, num_blocks: int, block_size: int, caching: bool, num_residual: int) -> None:
+    bm = BlockManager(num_blocks, block_size, caching, num_residual)
     live: list[Sequence] = []
     for op, tokens, chunk in ops:
         if op == "add":
@@ -65,6 +71,7 @@ def test_allocator_invariants(ops, num_blocks: int, block_size: int, caching: bo
         bm.free_seq(seq)
     _check_invariants(bm, [])
     assert bm.num_free_blocks == num_blocks
+    assert not bm.residual_of
 
 
 @settings(max_examples=100, deadline=None)

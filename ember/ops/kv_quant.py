@@ -1,0 +1,161 @@
+"""KIVI KV-cache quantization: full blocks stored as packed 8/4/2-bit codes (keys per channel, values per
+token, asymmetric), the newest tokens of each sequence kept in a float residual until their block fills."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+KV_CACHE_DTYPES = {"auto": None, "int8": 8, "int4": 4, "int2": 2}  # name -> bits (None: the model dtype)
+PARAM_DTYPE = torch.float16  # scales and minimums, as KIVI keeps them
+
+
+def kv_bits(name: str) -> int | None:
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return KV_CACHE_DTYPES[name]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., D] -> [..., D * bits / 8]: byte j holds codes j*p .. j*p+p-1, lowest bits first."""
+    if bits == 8:
+        return codes
+    per = 8 // bits
+    c = codes.view(*codes.shape[:-1], -1, per)
+    out = c[..., 0].clone()
+    for i in range(1, per):
+        out |= c[..., i] << (bits * i)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_codes."""
+    if bits == 8:
+        return packed
+    per, mask = 8 // bits, (1 << bits) - 1
+    parts = [(packed >> (bits * i)) & mask for i in range(per)]
+    return torch.stack(parts, dim=-1).flatten(-2)
+
+
+def quantize(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest over `dim`: codes (uint8, same shape as x), scale and min (float16,
+    `dim` reduced). Codes are computed from the float16-rounded parameters, so dequantize(...) is what the
+    cache holds, to within half a step."""
+    x = x.float()
+    lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    qmax = (1 << bits) - 1
+    scale = ((hi - lo) / qmax).to(PARAM_DTYPE)
+    lo = lo.to(PARAM_DTYPE)
+    s = scale.float()
+    # A constant group has scale 0: every code 0 gives back the minimum exactly.
+    q = torch.where(s > 0, (x - lo.float()) / torch.where(s > 0, s, 1.0), 0.0)
+    codes = q.round_().clamp_(0, qmax).to(torch.uint8)
+    return codes, scale.squeeze(dim), lo.squeeze(dim)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale.float() + lo.float()
+
+
+@dataclass
+class KVQuantMeta:
+    """Per-step indices for a quantized cache, built once by the runner and shared by all layers.
+
+    `new` rows are the step's tokens in flat-batch order; `residual` indices are flat slots
+    (slot * block_size + offset) of the float residual."""
+
+    res_rows: torch.Tensor  # [Tr] new rows whose block stays incomplete after this step
+    res_slots: torch.Tensor  # [Tr] residual indices they are written to
+    done_blocks: torch.Tensor  # [C] blocks that fill this step: quantized after attention
+    # Their C * bs tokens in block order: positions taken from the residual (written in earlier steps)
+    # and from the new rows.
+    done_pos_res: torch.Tensor
+    done_res: torch.Tensor
+    done_pos_new: torch.Tensor
+    done_rows: torch.Tensor
+    # Aligned with AttentionMetadata.prefills: (full blocks, residual indices) of the cached context.
+    chunk_context: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    decode_full: torch.Tensor | None = None  # [B, W] full blocks of each decoding sequence (padded 0)
+    decode_residual: torch.Tensor | None = None  # [B] residual slot of each one's incomplete block
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, W*bs + bs + 1]: full part, residual part, itself
+
+
+class QuantKVCache:
+    """One layer's KV cache in KIVI form.
+
+    Keys are quantized per channel over the tokens of a block (block_size is KIVI's group), values per
+    token over the head dimension. A block is quantized once it is full; until then its tokens live in
+    a float residual slot that the BlockManager assigns to incomplete blocks.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, n_kv: int, head_dim: int, bits: int,
+                 num_residual: int) -> None:
+        if head_dim * bits % 8:
+            raise ValueError(f"head_dim {head_dim} cannot be packed at {bits} bits")
+        self.bits, self.block_size, self.n_kv, self.head_dim = bits, block_size, n_kv, head_dim
+        width = head_dim * bits // 8
+        self.k_codes = torch.zeros(num_blocks, block_size, n_kv, width, dtype=torch.uint8)
+        self.k_scale = torch.zeros(num_blocks, n_kv, head_dim, dtype=PARAM_DTYPE)
+        self.k_min = torch.zeros(num_blocks, n_kv, head_dim, dtype=PARAM_DTYPE)
+        self.v_codes = torch.zeros(num_blocks, block_size, n_kv, width, dtype=torch.uint8)
+        self.v_scale = torch.zeros(num_blocks, block_size, n_kv, dtype=PARAM_DTYPE)
+        self.v_min = torch.zeros(num_blocks, block_size, n_kv, dtype=PARAM_DTYPE)
+        self.residual = torch.zeros(2, num_residual, block_size, n_kv, head_dim)
+
+    @staticmethod
+    def bytes_per_token(n_kv: int, head_dim: int, bits: int, block_size: int) -> float:
+        """Bytes one token takes in one layer's quantized blocks (codes plus its share of parameters)."""
+        p = torch.empty((), dtype=PARAM_DTYPE).element_size()
+        codes = 2 * n_kv * head_dim * bits / 8
+        return codes + n_kv * 2 * p + n_kv * head_dim * 2 * p / block_size
+
+    @property
+    def num_residual(self) -> int:
+        return self.residual.shape[1]
+
+    def ensure_residual(self, n: int) -> None:
+        """Grow the residual to at least n slots (forked sequences can exceed the initial count)."""
+        if n > self.num_residual:
+            extra = self.residual.new_zeros(2, n - self.num_residual, *self.residual.shape[2:])
+            self.residual = torch.cat([self.residual, extra], dim=1)
+
+    def copy_residual(self, src: int, dst: int) -> None:
+        self.residual[:, dst] = self.residual[:, src]
+
+    def residual_rows(self, which: int, index: torch.Tensor) -> torch.Tensor:
+        """Float residual tokens at flat indices `index` [n] (which: 0 keys, 1 values) -> [n, n_kv, D]."""
+        return self.residual[which].view(-1, self.n_kv, self.head_dim)[index]
+
+    def keys(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Dequantized keys of `blocks` [n] -> [n, block_size, n_kv, head_dim] float32."""
+        codes = unpack_codes(self.k_codes[blocks], self.bits)
+        return dequantize(codes, self.k_scale[blocks][:, None], self.k_min[blocks][:, None])
+
+    def values(self, blocks: torch.Tensor) -> torch.Tensor:
+        codes = unpack_codes(self.v_codes[blocks], self.bits)
+        return dequantize(codes, self.v_scale[blocks][..., None], self.v_min[blocks][..., None])
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, qm: KVQuantMeta) -> None:
+        """Store the step's new keys/values [T, n_kv, D]: quantize the blocks they fill, keep the rest."""
+        if qm.done_blocks.numel():
+            self._quantize_blocks(k, v, qm)
+        if qm.res_rows.numel():
+            flat = self.residual.view(2, -1, self.n_kv, self.head_dim)
+            flat[0].index_copy_(0, qm.res_slots, k[qm.res_rows].float())
+            flat[1].index_copy_(0, qm.res_slots, v[qm.res_rows].float())
+
+    def _quantize_blocks(self, k: torch.Tensor, v: torch.Tensor, qm: KVQuantMeta) -> None:
+        bs, blocks = self.block_size, qm.done_blocks
+        flat = self.residual.view(2, -1, self.n_kv, self.head_dim)
+        shape = (blocks.numel(), bs, self.n_kv, self.head_dim)
+        keys, vals = k.new_empty(shape, dtype=torch.float32), v.new_empty(shape, dtype=torch.float32)
+        for out, res, new in ((keys, flat[0], k), (vals, flat[1], v)):
+            out = out.view(-1, self.n_kv, self.head_dim)
+            out[qm.done_pos_res] = res[qm.done_res]
+            out[qm.done_pos_new] = new[qm.done_rows].float()
+        codes, scale, lo = quantize(keys, dim=1, bits=self.bits)  # per channel, over the block's tokens
+        self.k_codes[blocks] = pack_codes(codes, self.bits)
+        self.k_scale[blocks], self.k_min[blocks] = scale, lo
+        codes, scale, lo = quantize(vals, dim=3, bits=self.bits)  # per token, over the head dimension
+        self.v_codes[blocks] = pack_codes(codes, self.bits)
+        self.v_scale[blocks], self.v_min[blocks] = scale, lo
