@@ -26,6 +26,16 @@ def test_generate_streams_the_same_text_as_the_api(tiny_llama3: Path) -> None:
     assert "12 generated" in proc.stderr and "KV cache:" in proc.stderr
 
 
+def test_generate_with_a_quantized_kv_cache(tiny_llama3: Path) -> None:
+    prompt = TEXT[:80]
+    proc = _ember("generate", prompt, "--model", str(tiny_llama3), "--raw", "--max-tokens", "12",
+                  "--ignore-eos", "--kv-cache-dtype", "int4")
+    assert proc.returncode == 0, proc.stderr
+    expected = LLM(tiny_llama3, kv_cache_dtype="int4").generate(
+        prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].outputs[0].text
+    assert proc.stdout == expected + "\n" and "int4" in proc.stderr
+
+
 def test_bad_flags_give_a_message_not_a_traceback(tiny_llama3: Path) -> None:
     proc = _ember("generate", "hi", "--model", str(tiny_llama3), "--temperature", "-1")
     assert proc.returncode == 2

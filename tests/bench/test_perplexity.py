@@ -78,6 +78,19 @@ def test_cli_json_and_text(tiny_llama3: Path) -> None:
     assert "63 tokens scored" in proc.stdout and "perplexity" in proc.stdout and str(TEXT_FILE) in proc.stdout
 
 
+def test_cli_kv_cache_dtype(tiny_llama3: Path) -> None:
+    proc = _ember("eval", "ppl", str(tiny_llama3), "--text", str(TEXT_FILE), "--ctx", "64", "--windows", "2",
+                  "--kv-cache-dtype", "int2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    expected = perplexity(load_model(str(tiny_llama3)), TEXT, ctx=64, windows=2, kv_cache_dtype="int2")
+    dense = perplexity(load_model(str(tiny_llama3)), TEXT, ctx=64, windows=2)
+    assert out["kv_cache_dtype"] == "int2" and out["kv_block_size"] == 16
+    assert out["ppl"] == pytest.approx(expected["ppl"], rel=1e-6) and out["ppl"] != dense["ppl"]
+    with pytest.raises(InvalidParameterError, match="kv_cache_dtype"):
+        perplexity(load_model(str(tiny_llama3)), TEXT, ctx=64, kv_cache_dtype="int3")
+
+
 def test_cli_errors_are_messages(tiny_llama3: Path, tmp_path: Path) -> None:
     proc = _ember("eval", "ppl", str(tiny_llama3), "--text", str(tmp_path / "missing.txt"))
     assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
