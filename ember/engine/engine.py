@@ -53,6 +53,8 @@ class EngineArgs:
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
             (self.block_size >= 1, "block_size", "must be >= 1"),
+            (self.kv_cache_dtype == "auto" or self.block_size >= 2, "block_size",
+             "must be >= 2 with a quantized KV cache (keys are quantized per channel over a block)"),
             (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0 GiB"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2"),
         ]

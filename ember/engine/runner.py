@@ -141,21 +141,25 @@ class ModelRunner:
         chunk_context: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for seq, start, n, row0 in spans:
             table, end = seq.block_table, start + n
+            decode = n == 1 and start > 0
+            # A decoding token goes to its block's residual slot before attention reads the slot; a prompt
+            # chunk's tokens are read as they are and only the ones in a block still filling are kept.
+            res_from = start if decode else max(start, end // bs * bs)
             for i in range(start // bs, end // bs):  # blocks this step fills
-                base, first_new = len(idx["done_blocks"]) * bs, max(start, i * bs)
+                base = len(idx["done_blocks"]) * bs
+                first_new = (i + 1) * bs if decode else max(start, i * bs)  # before it: from the residual
                 idx["done_blocks"].append(table[i])
-                if first_new > i * bs:  # the block's earlier tokens are in its residual slot
+                if first_new > i * bs:  # these tokens are in the block's residual slot
                     slot = slot_of[table[i]] * bs
                     idx["pos_res"].extend(range(base, base + first_new - i * bs))
                     idx["res"].extend(range(slot, slot + first_new - i * bs))
                 idx["pos_new"].extend(range(base + first_new - i * bs, base + bs))
                 idx["rows"].extend(range(row0 + first_new - start, row0 + (i + 1) * bs - start))
-            tail = max(start, end // bs * bs)
-            if tail < end:  # tokens of a block still filling: kept in float
-                slot = slot_of[table[end // bs]] * bs
-                idx["res_rows"].extend(range(row0 + tail - start, row0 + n))
-                idx["res_slots"].extend(range(slot + tail % bs, slot + tail % bs + end - tail))
-            if not (n == 1 and start > 0):
+            if res_from < end:
+                slot = slot_of[table[res_from // bs]] * bs
+                idx["res_rows"].extend(range(row0 + res_from - start, row0 + n))
+                idx["res_slots"].extend(range(slot + res_from % bs, slot + res_from % bs + end - res_from))
+            if not decode:
                 chunk_context.append(None if start == 0 else self._cached_context(table, start))
         t = {k: torch.tensor(v, dtype=torch.long) for k, v in idx.items()}
         qm = KVQuantMeta(t["res_rows"], t["res_slots"], t["done_blocks"], t["pos_res"], t["res"],
@@ -180,11 +184,9 @@ class ModelRunner:
         full = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, (s, p) in enumerate(zip(seqs, pos)):
             full[i, : p // bs] = torch.tensor(s.block_table[: p // bs], dtype=torch.long)
-        # A block starting with this token has no earlier residual tokens: slot 0, fully masked.
-        qm.decode_residual = torch.tensor([slot_of.get(s.block_table[p // bs], 0) for s, p in zip(seqs, pos)])
+        qm.decode_residual = torch.tensor([slot_of[s.block_table[p // bs]] for s, p in zip(seqs, pos)])
         p = torch.tensor(pos)
         full_ok = torch.arange(width * bs)[None, :] < (p // bs * bs)[:, None]
-        res_ok = torch.arange(bs)[None, :] < (p % bs)[:, None]
-        self_ok = torch.ones(len(seqs), 1, dtype=torch.bool)
-        qm.decode_mask = torch.cat([full_ok, res_ok, self_ok], dim=1)[:, None, None, :]
+        res_ok = torch.arange(bs)[None, :] <= (p % bs)[:, None]  # the token itself is in the residual
+        qm.decode_mask = torch.cat([full_ok, res_ok], dim=1)[:, None, None, :]
         qm.decode_full = full

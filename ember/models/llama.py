@@ -131,22 +131,36 @@ class LlamaModel(nn.Module):
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions, x.dtype)
-        fused = self._fused_decoder(x, kv_caches, meta)
+        fused = self._fused_decoder(x, meta)
         if fused is not None:  # a batch of decodes only: all layers in one C++ call
-            return fused.forward(x, *rope, kv_caches, meta.slot_mapping, meta.decode_block_tables,
-                                 meta.decode_ctx_lens, self.layers[0].self_attn.scale)
+            return self._run_fused(fused, x, rope, kv_caches, meta)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, rope, cache, meta)
         return self.norm(x)
 
-    def _fused_decoder(self, x: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> Any:
+    def _run_fused(self, fused: Any, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                   kv_caches: list[torch.Tensor] | list[QuantKVCache], meta: AttentionMetadata) -> torch.Tensor:
+        scale = self.layers[0].self_attn.scale
+        if meta.kv_quant is None:
+            return fused.forward(x, *rope, kv_caches, meta.slot_mapping, meta.decode_block_tables,
+                                 meta.decode_ctx_lens, scale)
+        qm = meta.kv_quant
+        # Each token goes to its residual slot (rows are the decodes in order, as res_slots are).
+        hidden = fused.forward_kivi(x, *rope, [c.tensors() for c in kv_caches], qm.res_slots, qm.decode_full,
+                                    meta.decode_ctx_lens, qm.decode_residual, kv_caches[0].bits, scale)
+        for cache in kv_caches:
+            cache.quantize_filled(None, None, qm)
+        return hidden
+
+    def _fused_decoder(self, x: torch.Tensor, meta: AttentionMetadata) -> Any:
         """The C++ decoder stack when this step is single-token decodes only (rows in order), float32
-        and every projection is a plain or quantized linear the kernels run; else None."""
+        (weights and cache, or a KIVI cache) and every projection is a plain or quantized linear the
+        kernels run; else None."""
         if meta.prefills or meta.decode_rows is None or x.dtype != torch.float32 or not self.layers:
             return None
         kern = cpu_kernels()
-        if kern is None or not isinstance(kv_caches[0], torch.Tensor) or kv_caches[0].dtype != torch.float32:
-            return None  # a quantized (KIVI) cache is read by the module path
+        if kern is None:
+            return None
         # Rebuilt when a projection module was swapped (quantization, compression) since the last step;
         # the key holds the modules themselves (compared by identity), so none can be freed and reused.
         key = tuple(m for layer in self.layers for m in _projections(layer))

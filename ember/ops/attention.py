@@ -91,6 +91,7 @@ def _quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cach
     or from the float residual; this step's own tokens are used exactly, then stored."""
     qm = meta.kv_quant
     assert qm is not None, "a quantized cache needs KVQuantMeta"
+    cache.write_residual(k, v, qm)  # decoding tokens are read back from there
     out = torch.empty_like(q)
     for chunk, context in zip(meta.prefills, qm.chunk_context):
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
@@ -104,22 +105,24 @@ def _quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cach
             attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True)
         out[rows] = o.transpose(0, 1)
     if meta.decode_rows is not None:
-        out[meta.decode_rows] = _quantized_decode(q[meta.decode_rows], k[meta.decode_rows],
-                                                  v[meta.decode_rows], cache, qm, scale)
-    cache.update(k, v, qm)
+        out[meta.decode_rows] = _quantized_decode(q[meta.decode_rows], cache, meta, qm, scale)
+    cache.quantize_filled(k, v, qm)
     return out
 
 
-def _quantized_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: QuantKVCache,
-                      qm: KVQuantMeta, scale: float) -> torch.Tensor:
+def _quantized_decode(q: torch.Tensor, cache: QuantKVCache, meta: AttentionMetadata, qm: KVQuantMeta,
+                      scale: float) -> torch.Tensor:
+    kern = cpu_kernels() if q.dtype == torch.float32 else None
+    if kern is not None:  # dequantizes block by block into a small buffer instead of the whole context
+        return kern.kivi_decode_attention(q, cache.tensors(), qm.decode_full, meta.decode_ctx_lens,
+                                          qm.decode_residual, cache.bits, scale)
     b, h, hd = q.shape
-    n_kv = k.shape[1]
-    full, slots = qm.decode_full, qm.decode_residual
-    # [B, W*bs + bs + 1, KVH, D]: dequantized full blocks, the residual block, the token itself.
-    keys = torch.cat([cache.keys(full.flatten()).view(b, -1, n_kv, hd), cache.residual[0][slots],
-                      k.float()[:, None]], dim=1)
-    vals = torch.cat([cache.values(full.flatten()).view(b, -1, n_kv, hd), cache.residual[1][slots],
-                      v.float()[:, None]], dim=1)
+    n_kv = cache.n_kv
+    # [B, W*bs + bs, KVH, D]: dequantized full blocks, then the residual block (which holds the token).
+    keys = torch.cat([cache.keys(qm.decode_full.flatten()).view(b, -1, n_kv, hd), cache.residual[0][qm.decode_residual]],
+                     dim=1)
+    vals = torch.cat([cache.values(qm.decode_full.flatten()).view(b, -1, n_kv, hd),
+                      cache.residual[1][qm.decode_residual]], dim=1)
     qg = q.view(b, n_kv, h // n_kv, hd)
     o = F.scaled_dot_product_attention(qg, keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
                                        attn_mask=qm.decode_mask, scale=scale)

@@ -413,6 +413,121 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+// ---- KIVI cache: full blocks as packed codes (keys per channel, values per token), newest tokens in float ----
+
+struct KiviKV {
+  const uint8_t *KC, *VC;    // [blocks, BS, KVH, Wb] codes; planar: bits [i*b, (i+1)*b) of byte j = dim i*Wb + j
+  const at::Half *KS, *KM;   // [blocks, KVH, D] key scale / min (per channel over the block)
+  const at::Half *VS, *VM;   // [blocks, BS, KVH] value scale / min (per token)
+  const float *RK, *RV;      // residual [slots, BS, KVH, D]
+  const int64_t* tables;     // [B, W] full blocks
+  const int64_t* lens;       // [B] context length, this token included (it is in the residual)
+  const int64_t* slots;      // [B] residual slot holding the block still filling
+  int64_t W, BS, KVH, D, bits;
+};
+
+// codes of one (token, head) row -> out[0..D) as floats.
+static inline void unpack_codes_f32(const uint8_t* src, int64_t D, int bits, float* out) {
+  if (bits == 8) {
+    for (int64_t d = 0; d < D; ++d) out[d] = (float)src[d];
+    return;
+  }
+  const int per = 8 / bits, mask = (1 << bits) - 1;
+  const int64_t Wb = D / per;
+  for (int i = 0; i < per; ++i)
+    for (int64_t j = 0; j < Wb; ++j) out[i * Wb + j] = (float)((src[j] >> (bits * i)) & mask);
+}
+
+// One block of one head dequantized into buf [BS, D]: keys (per-channel parameters) or values (per token).
+static void kivi_block(const KiviKV& kv, bool keys, int64_t blk, int64_t h, float* buf, float* s, float* m) {
+  const int64_t BS = kv.BS, D = kv.D, Wb = D * kv.bits / 8;
+  const uint8_t* codes = (keys ? kv.KC : kv.VC) + (blk * BS * kv.KVH + h) * Wb;
+  if (keys) {
+    const at::Half *ks = kv.KS + (blk * kv.KVH + h) * D, *km = kv.KM + (blk * kv.KVH + h) * D;
+    for (int64_t d = 0; d < D; ++d) { s[d] = (float)ks[d]; m[d] = (float)km[d]; }
+  }
+  for (int64_t t = 0; t < BS; ++t, codes += kv.KVH * Wb) {
+    float* row = buf + t * D;
+    unpack_codes_f32(codes, D, (int)kv.bits, row);
+    if (keys) {
+      for (int64_t d = 0; d < D; ++d) row[d] = row[d] * s[d] + m[d];
+    } else {
+      const int64_t i = (blk * BS + t) * kv.KVH + h;
+      const float vs = (float)kv.VS[i], vm = (float)kv.VM[i];
+      for (int64_t d = 0; d < D; ++d) row[d] = row[d] * vs + vm;
+    }
+  }
+}
+
+// As decode_attention_raw, over a KIVI cache: each full block is dequantized into a small buffer (L1) once
+// per head and shared by the group's query heads; the residual block is read as float.
+static void kivi_decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const KiviKV& kv,
+                                      float scale, float* O) {
+  const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, group = H / KVH, row = KVH * D;
+  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores, buf(BS * D), s(D), m(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / KVH, h = i % KVH, p = kv.lens[b] - 1;
+      const int64_t full = p / BS, rest = p % BS + 1, len = full * BS + rest;
+      const int64_t* table = kv.tables + b * kv.W;
+      const float* rk = kv.RK + (kv.slots[b] * BS * KVH + h) * D;
+      const float* rv = kv.RV + (kv.slots[b] * BS * KVH + h) * D;
+      const float* qb = Q + b * ldq + h * group * D;
+      scores.resize(group * len);
+      for (int64_t j = 0; j < full; ++j) {
+        kivi_block(kv, true, table[j], h, buf.data(), s.data(), m.data());
+        for (int64_t t = 0; t < BS; ++t)
+          for (int64_t g = 0; g < group; ++g)
+            scores[g * len + j * BS + t] = dot_f32(qb + g * D, buf.data() + t * D, D) * scale;
+      }
+      for (int64_t t = 0; t < rest; ++t)
+        for (int64_t g = 0; g < group; ++g)
+          scores[g * len + full * BS + t] = dot_f32(qb + g * D, rk + t * row, D) * scale;
+      for (int64_t g = 0; g < group; ++g) softmax_inplace(scores.data() + g * len, len);
+      float* ob = O + (b * H + h * group) * D;
+      std::fill(ob, ob + group * D, 0.f);
+      for (int64_t j = 0; j < full; ++j) {
+        kivi_block(kv, false, table[j], h, buf.data(), s.data(), m.data());
+        for (int64_t t = 0; t < BS; ++t)
+          for (int64_t g = 0; g < group; ++g)
+            axpy_f32(scores[g * len + j * BS + t], buf.data() + t * D, ob + g * D, D);
+      }
+      for (int64_t t = 0; t < rest; ++t)
+        for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * len + full * BS + t], rv + t * row, ob + g * D, D);
+    }
+  });
+}
+
+// A QuantKVCache's tensors, in ember.ops.kv_quant's order:
+// [k_codes, k_scale, k_min, v_codes, v_scale, v_min, residual].
+static KiviKV kivi_view(const std::vector<torch::Tensor>& c, const torch::Tensor& tables, const torch::Tensor& lens,
+                        const torch::Tensor& slots, int64_t bits) {
+  TORCH_CHECK(c.size() == 7, "a KIVI cache is 7 tensors");
+  for (const auto& t : c) TORCH_CHECK(t.is_contiguous(), "KIVI cache tensors must be contiguous");
+  TORCH_CHECK(c[0].dtype() == torch::kUInt8 && c[1].dtype() == torch::kFloat16 && c[6].dtype() == torch::kFloat32);
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "KV bits must be 8, 4 or 2");
+  TORCH_CHECK(tables.dtype() == torch::kInt64 && lens.dtype() == torch::kInt64 && slots.dtype() == torch::kInt64);
+  const int64_t D = c[1].size(2);
+  TORCH_CHECK(c[0].size(3) * 8 == D * bits, "codes width does not match head_dim and bits");
+  return KiviKV{c[0].data_ptr<uint8_t>(), c[3].data_ptr<uint8_t>(), c[1].data_ptr<at::Half>(),
+                c[2].data_ptr<at::Half>(), c[4].data_ptr<at::Half>(), c[5].data_ptr<at::Half>(),
+                c[6].data_ptr<float>(), c[6].data_ptr<float>() + c[6].numel() / 2, tables.data_ptr<int64_t>(),
+                lens.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), tables.size(1), c[0].size(1), c[0].size(2),
+                D, bits};
+}
+
+// q [B, H, D]; cache: a QuantKVCache's tensors; tables [B, W] full blocks; lens [B]; slots [B].
+torch::Tensor kivi_decode_attention(torch::Tensor q, std::vector<torch::Tensor> cache, torch::Tensor tables,
+                                    torch::Tensor lens, torch::Tensor slots, int64_t bits, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32);
+  q = q.contiguous(); tables = tables.contiguous(); lens = lens.contiguous(); slots = slots.contiguous();
+  auto out = torch::empty_like(q);
+  const KiviKV kv = kivi_view(cache, tables, lens, slots, bits);
+  kivi_decode_attention_raw(q.data_ptr<float>(), q.size(0), q.size(1), q.size(1) * q.size(2), kv, (float)scale,
+                            out.data_ptr<float>());
+  return out;
+}
+
 // ---- the whole decoder stack for a batch of single-token decodes, in one call ----
 
 // A linear layer as the decode path sees it: float32 weights (bits 32) or packed int8 / int4.
@@ -471,10 +586,56 @@ class DecodeModel {
   // tables [B, W]; ctx_lens [B] (including this token). Returns the final-normed hidden states.
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> caches,
                         torch::Tensor slots, torch::Tensor tables, torch::Tensor ctx_lens, double scale) {
-    TORCH_CHECK(caches.size() == layers.size() && x.dtype() == torch::kFloat32);
+    TORCH_CHECK(caches.size() == layers.size());
+    tables = tables.contiguous(); slots = slots.contiguous(); ctx_lens = ctx_lens.contiguous();
+    const int64_t kv_size = KVH * D;
+    const int64_t* SL = slots.data_ptr<int64_t>();
+    return run(x, cos, sin, [&](size_t i, float* QKV, int64_t B, int64_t ld, float* A) {
+      torch::Tensor& cache = caches[i];
+      TORCH_CHECK(cache.dtype() == torch::kFloat32 && cache.is_contiguous() && cache.size(2) * cache.size(1) > 0);
+      const int64_t plane = cache.size(1) * cache.size(2) * kv_size;
+      float* KC = cache.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {  // new K and V into their slots
+        std::copy_n(QKV + b * ld + H * D, kv_size, KC + SL[b] * kv_size);
+        std::copy_n(QKV + b * ld + H * D + kv_size, kv_size, KC + plane + SL[b] * kv_size);
+      }
+      const PagedKV kv{KC, KC + plane, tables.data_ptr<int64_t>(), ctx_lens.data_ptr<int64_t>(), tables.size(1),
+                       cache.size(2), KVH, D};
+      decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
+    });
+  }
+
+  // As forward over KIVI caches (each a QuantKVCache's 7 tensors): each new K/V goes to the residual at
+  // flat index res_index[b] (slot * block_size + offset); tables [B, W] are the full blocks, res_slots [B]
+  // the slots. Blocks that fill are quantized afterwards, in Python.
+  torch::Tensor forward_kivi(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                             std::vector<std::vector<torch::Tensor>> caches, torch::Tensor res_index,
+                             torch::Tensor tables, torch::Tensor ctx_lens, torch::Tensor res_slots, int64_t bits,
+                             double scale) {
+    TORCH_CHECK(caches.size() == layers.size());
+    tables = tables.contiguous(); res_index = res_index.contiguous(); ctx_lens = ctx_lens.contiguous();
+    res_slots = res_slots.contiguous();
+    const int64_t kv_size = KVH * D;
+    const int64_t* RI = res_index.data_ptr<int64_t>();
+    return run(x, cos, sin, [&](size_t i, float* QKV, int64_t B, int64_t ld, float* A) {
+      const KiviKV kv = kivi_view(caches[i], tables, ctx_lens, res_slots, bits);
+      float *RK = const_cast<float*>(kv.RK), *RV = const_cast<float*>(kv.RV);
+      for (int64_t b = 0; b < B; ++b) {
+        std::copy_n(QKV + b * ld + H * D, kv_size, RK + RI[b] * kv_size);
+        std::copy_n(QKV + b * ld + H * D + kv_size, kv_size, RV + RI[b] * kv_size);
+      }
+      kivi_decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
+    });
+  }
+
+ private:
+  // Every layer for B decode tokens; attend(layer, QKV, B, ld, A) stores the new K/V and writes attention
+  // outputs [B, H*D] to A.
+  template <typename Attend>
+  torch::Tensor run(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, Attend attend) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32);
     x = x.contiguous().clone();
-    cos = cos.contiguous(); sin = sin.contiguous(); tables = tables.contiguous();
-    slots = slots.contiguous(); ctx_lens = ctx_lens.contiguous();
+    cos = cos.contiguous(); sin = sin.contiguous();
     const int64_t B = x.size(0), hidden = x.size(1), q_size = H * D, kv_size = KVH * D;
     const int64_t inter = layers.empty() ? 0 : layers[0].down.K;
     auto h = torch::empty({B, hidden}), t = torch::empty({B, hidden});
@@ -482,25 +643,14 @@ class DecodeModel {
     auto gu = torch::empty({B, 2 * inter}), act = torch::empty({B, inter});
     float *X = x.data_ptr<float>(), *Hb = h.data_ptr<float>(), *Tb = t.data_ptr<float>();
     float *QKV = qkv.data_ptr<float>(), *A = attn.data_ptr<float>(), *GU = gu.data_ptr<float>(), *ACT = act.data_ptr<float>();
-    const int64_t* SL = slots.data_ptr<int64_t>();
     const int64_t ld = q_size + 2 * kv_size;
     for (size_t i = 0; i < layers.size(); ++i) {
       const DecodeLayer& L = layers[i];
-      torch::Tensor& cache = caches[i];
-      TORCH_CHECK(cache.dtype() == torch::kFloat32 && cache.is_contiguous() && cache.size(2) * cache.size(1) > 0);
-      const int64_t plane = cache.size(1) * cache.size(2) * kv_size;
-      float* KC = cache.data_ptr<float>();
       rms_norm_raw(X, L.in_norm.data_ptr<float>(), B, hidden, eps, Hb);
       L.qkv.run(Hb, B, QKV);
       rope_raw(QKV, B, H, D, ld, cos.data_ptr<float>(), sin.data_ptr<float>());
       rope_raw(QKV + q_size, B, KVH, D, ld, cos.data_ptr<float>(), sin.data_ptr<float>());
-      for (int64_t b = 0; b < B; ++b) {  // new K and V into their slots
-        std::copy_n(QKV + b * ld + q_size, kv_size, KC + SL[b] * kv_size);
-        std::copy_n(QKV + b * ld + q_size + kv_size, kv_size, KC + plane + SL[b] * kv_size);
-      }
-      const PagedKV kv{KC, KC + plane, tables.data_ptr<int64_t>(), ctx_lens.data_ptr<int64_t>(), tables.size(1),
-                       cache.size(2), KVH, D};
-      decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
+      attend(i, QKV, B, ld, A);
       L.o.run(A, B, Tb);
       for (int64_t j = 0; j < B * hidden; ++j) X[j] += Tb[j];
       rms_norm_raw(X, L.post_norm.data_ptr<float>(), B, hidden, eps, Hb);
@@ -513,7 +663,6 @@ class DecodeModel {
     return h;
   }
 
- private:
   int64_t H, KVH, D;
   float eps;
   torch::Tensor final_norm;
@@ -525,6 +674,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache (float32)",
         release());
+  m.def("kivi_decode_attention", &kivi_decode_attention, "decode attention over a KIVI-quantized cache",
+        release());
   m.def("w8a8_linear", &w8a8_linear, "int8-weight linear with on-the-fly int8 activations (AVX2)", release());
   m.def("w4a8_linear", &w4a8_linear, "int4-weight linear with on-the-fly int8 activations (AVX2)", release());
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)", release());
@@ -535,5 +686,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeModel>(m, "DecodeModel")
       .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor>())
       .def("add_layer", &DecodeModel::add_layer)
-      .def("forward", &DecodeModel::forward, "all layers for a batch of decode tokens", release());
+      .def("forward", &DecodeModel::forward, "all layers for a batch of decode tokens", release())
+      .def("forward_kivi", &DecodeModel::forward_kivi, "all layers for a batch of decode tokens, KIVI caches",
+           release());
 }

@@ -17,14 +17,15 @@ def kv_bits(name: str) -> int | None:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [..., D] -> [..., D * bits / 8]: byte j holds codes j*p .. j*p+p-1, lowest bits first."""
+    """uint8 codes [..., D] -> [..., W = D * bits / 8], planar: bits [i*b, (i+1)*b) of byte j hold code
+    i*W + j (so a kernel unpacks W contiguous codes with one shift and mask)."""
     if bits == 8:
         return codes
     per = 8 // bits
-    c = codes.view(*codes.shape[:-1], -1, per)
-    out = c[..., 0].clone()
+    c = codes.view(*codes.shape[:-1], per, -1)
+    out = c[..., 0, :].clone()
     for i in range(1, per):
-        out |= c[..., i] << (bits * i)
+        out |= c[..., i, :] << (bits * i)
     return out
 
 
@@ -33,8 +34,7 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     per, mask = 8 // bits, (1 << bits) - 1
-    parts = [(packed >> (bits * i)) & mask for i in range(per)]
-    return torch.stack(parts, dim=-1).flatten(-2)
+    return torch.cat([(packed >> (bits * i)) & mask for i in range(per)], dim=-1)
 
 
 def quantize(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,6 +109,10 @@ class QuantKVCache:
         codes = 2 * n_kv * head_dim * bits / 8
         return codes + n_kv * 2 * p + n_kv * head_dim * 2 * p / block_size
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The storage in the order ember's C++ kernels take it."""
+        return [self.k_codes, self.k_scale, self.k_min, self.v_codes, self.v_scale, self.v_min, self.residual]
+
     @property
     def num_residual(self) -> int:
         return self.residual.shape[1]
@@ -135,24 +139,28 @@ class QuantKVCache:
         codes = unpack_codes(self.v_codes[blocks], self.bits)
         return dequantize(codes, self.v_scale[blocks][..., None], self.v_min[blocks][..., None])
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, qm: KVQuantMeta) -> None:
-        """Store the step's new keys/values [T, n_kv, D]: quantize the blocks they fill, keep the rest."""
-        if qm.done_blocks.numel():
-            self._quantize_blocks(k, v, qm)
+    def write_residual(self, k: torch.Tensor, v: torch.Tensor, qm: KVQuantMeta) -> None:
+        """Keep the new tokens [T, n_kv, D] of blocks still filling (and decoding tokens) in float."""
         if qm.res_rows.numel():
             flat = self.residual.view(2, -1, self.n_kv, self.head_dim)
             flat[0].index_copy_(0, qm.res_slots, k[qm.res_rows].float())
             flat[1].index_copy_(0, qm.res_slots, v[qm.res_rows].float())
 
-    def _quantize_blocks(self, k: torch.Tensor, v: torch.Tensor, qm: KVQuantMeta) -> None:
+    def quantize_filled(self, k: torch.Tensor | None, v: torch.Tensor | None, qm: KVQuantMeta) -> None:
+        """Quantize the blocks this step filled, from their residual tokens and the new rows (k, v may be
+        None when every token is already in the residual)."""
+        if not qm.done_blocks.numel():
+            return
         bs, blocks = self.block_size, qm.done_blocks
         flat = self.residual.view(2, -1, self.n_kv, self.head_dim)
         shape = (blocks.numel(), bs, self.n_kv, self.head_dim)
-        keys, vals = k.new_empty(shape, dtype=torch.float32), v.new_empty(shape, dtype=torch.float32)
+        keys, vals = torch.empty(shape), torch.empty(shape)
         for out, res, new in ((keys, flat[0], k), (vals, flat[1], v)):
             out = out.view(-1, self.n_kv, self.head_dim)
             out[qm.done_pos_res] = res[qm.done_res]
-            out[qm.done_pos_new] = new[qm.done_rows].float()
+            if qm.done_rows.numel():
+                assert new is not None
+                out[qm.done_pos_new] = new[qm.done_rows].float()
         codes, scale, lo = quantize(keys, dim=1, bits=self.bits)  # per channel, over the block's tokens
         self.k_codes[blocks] = pack_codes(codes, self.bits)
         self.k_scale[blocks], self.k_min[blocks] = scale, lo

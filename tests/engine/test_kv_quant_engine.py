@@ -98,3 +98,8 @@ def test_concurrent_sequences_read_their_own_residuals(tiny_llama3: Path) -> Non
     together = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
     assert [o.outputs[0].token_ids for o in together] == [_run(llm, p)[0] for p in prompts]
     assert_no_leaks(llm.engine)
+
+
+def test_block_size_one_cannot_group_keys(tiny_llama3: Path) -> None:
+    with pytest.raises(InvalidParameterError, match="block_size must be >= 2 with a quantized KV cache"):
+        LLM(tiny_llama3, kv_cache_dtype="int8", block_size=1)

@@ -79,8 +79,34 @@ def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch) -> None:
     torch.testing.assert_close(fast, A._decode(q, cache, meta, 0.125), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [32, 8, 4])
-def test_fused_decode_stack_equals_the_module_path(tiny_qwen2, monkeypatch, bits: int) -> None:
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_kivi_decode_attention_matches_the_gather_path(k, monkeypatch, bits: int) -> None:
+    import ember.ops.attention as A
+    from ember.ops.kv_quant import KVQuantMeta, QuantKVCache
+
+    nb, bs, kvh, hd, heads = 12, 16, 3, 64, 9
+    cache = QuantKVCache(nb, bs, kvh, hd, bits, num_residual=4)
+    empty = torch.empty(0, dtype=torch.long)
+    fill = KVQuantMeta(empty, empty, torch.arange(nb), torch.arange(nb * bs), torch.arange(nb * bs), empty, empty)
+    cache.residual = torch.randn(2, nb, bs, kvh, hd) * 3  # stage every block's tokens, quantize them all
+    cache.quantize_filled(None, None, fill)
+    cache.residual = torch.randn(2, 4, bs, kvh, hd)
+    full = torch.tensor([[3, 5, 7], [1, 0, 0], [9, 10, 11], [0, 0, 0]])
+    lens = torch.tensor([40, 32, 48, 1])  # residual tokens (this one included): 8, 16, 16, 1
+    slots = torch.tensor([2, 0, 3, 1])
+    full_ok = torch.arange(3 * bs)[None, :] < ((lens - 1) // bs * bs)[:, None]
+    res_ok = torch.arange(bs)[None, :] <= ((lens - 1) % bs)[:, None]
+    qm = KVQuantMeta(empty, empty, empty, empty, empty, empty, empty, decode_full=full, decode_residual=slots,
+                     decode_mask=torch.cat([full_ok, res_ok], 1)[:, None, None, :])
+    meta = A.AttentionMetadata(slot_mapping=empty, decode_ctx_lens=lens)
+    q = torch.randn(4, heads, hd)
+    fast = A._quantized_decode(q, cache, meta, qm, 0.125)
+    monkeypatch.setattr(A, "cpu_kernels", lambda: None)
+    torch.testing.assert_close(fast, A._quantized_decode(q, cache, meta, qm, 0.125), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,kv", [(32, "auto"), (8, "auto"), (4, "auto"), (32, "int4"), (8, "int2")])
+def test_fused_decode_stack_equals_the_module_path(tiny_qwen2, monkeypatch, bits: int, kv: str) -> None:
     """Greedy decoding of a batch through the C++ decoder stack and through the modules gives the same
     tokens and logprobs (q/k/v biases, GQA, quantized projections, several context lengths)."""
     from ember import LLM, SamplingParams
@@ -90,7 +116,7 @@ def test_fused_decode_stack_equals_the_module_path(tiny_qwen2, monkeypatch, bits
 
     # No prefix caching: quantized layers round differently for chunks of <= 32 rows (int8 activations)
     # and longer ones (dequantized GEMM), so a cache hit would change the prompt's numerics.
-    llm = LLM(tiny_qwen2, kv_cache_memory=0.01, enable_prefix_caching=False)
+    llm = LLM(tiny_qwen2, kv_cache_memory=0.01, enable_prefix_caching=False, kv_cache_dtype=kv)
     model = llm.engine.loaded.model
     if bits != 32:
         for layer in model.layers:

@@ -45,7 +45,8 @@ def test_full_blocks_are_quantized_and_the_rest_kept_in_float() -> None:
                      done_blocks=torch.tensor([2]), done_pos_res=torch.tensor([], dtype=torch.long),
                      done_res=torch.tensor([], dtype=torch.long), done_pos_new=torch.arange(4),
                      done_rows=torch.arange(4))
-    cache.update(k, v, qm)
+    cache.write_residual(k, v, qm)
+    cache.quantize_filled(k, v, qm)
     assert torch.equal(cache.residual[0, 1, :2], k[4:]) and torch.equal(cache.residual[1, 1, :2], v[4:])
     keys, vals = cache.keys(torch.tensor([2]))[0], cache.values(torch.tensor([2]))[0]
     k_step = cache.k_scale[2].float()  # per channel: [n_kv, hd]
