@@ -148,7 +148,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         else:
             from ember.bench.latency import run_latency
 
-            result = run_latency(llm, a.pp, a.tg, a.repetitions, a.seed, membw=not a.no_membw)
+            result = run_latency(llm, a.pp, a.tg, a.repetitions, a.seed, membw=not a.no_membw, depth=a.depth)
     emit(result, a.json, f"ember bench {a.kind}")
     return 0 if result.get("failed", 0) == 0 else 1
 
@@ -173,6 +173,8 @@ def _bench_parsers(sub: Any) -> None:
     _engine_flags(lat)
     lat.add_argument("--pp", type=int, default=512, help="prompt tokens per pp run")
     lat.add_argument("--tg", type=int, default=128, help="tokens generated per tg run")
+    lat.add_argument("--depth", "-d", type=int, default=0,
+                     help="context tokens before the tg run (llama-bench's -d): decode speed at that depth")
     lat.add_argument("--repetitions", "-r", type=int, default=3)
     lat.add_argument("--no-membw", action="store_true", help="skip measuring the machine's read bandwidth")
     sv = kinds.add_parser("serve", parents=[common, load], help="streaming load against a running server")

@@ -34,6 +34,13 @@ def test_bench_latency(tiny_llama3: Path) -> None:
                 "machine_read_bandwidth_gb_s", "bandwidth_fraction"):
         assert key in r and r[key] > 0
     assert r["weight_bytes_per_token"] > 64 * 64 * 4  # at least one projection's worth
+    assert r["depth"] == 0 and r["kv_cache_dtype"] == "auto"
+
+
+def test_bench_latency_at_depth_with_a_quantized_cache(tiny_llama3: Path) -> None:
+    r = _bench("latency", "--model", str(tiny_llama3), "--pp", "16", "--tg", "8", "-r", "1", "--depth", "100",
+               "--kv-cache-dtype", "int4", "--no-membw")
+    assert r["depth"] == 100 and r["kv_cache_dtype"] == "int4" and r["tg8_tok_s"] > 0
 
 
 def test_bench_serve_against_a_real_server(tiny_llama3: Path, tmp_path: Path) -> None:

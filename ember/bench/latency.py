@@ -37,7 +37,9 @@ def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 
 def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
-                membw: bool = True) -> dict[str, Any]:
+                membw: bool = True, depth: int = 0) -> dict[str, Any]:
+    """pp: prompt tok/s; tg: decode tok/s after a prompt of `depth` tokens (llama-bench's -d), timed from the
+    first generated token on."""
     from ember import SamplingParams
 
     rng = random.Random(seed)
@@ -51,14 +53,15 @@ def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
         llm.generate({"prompt_token_ids": rand(pp)}, SamplingParams(max_tokens=1))
         pp_rates.append(pp / (time.perf_counter() - start))
         stamps: list[float] = []
-        llm.generate({"prompt_token_ids": rand(1)}, SamplingParams(max_tokens=tg + 1, ignore_eos=True),
+        llm.generate({"prompt_token_ids": rand(max(1, depth))}, SamplingParams(max_tokens=tg + 1, ignore_eos=True),
                      on_output=lambda out: stamps.append(time.perf_counter()))
         tg_rates.append(tg / (stamps[-1] - stamps[0]))  # from the first token on: decode only
     tg_rate = statistics.mean(tg_rates)
     weights = weight_bytes_per_token(llm.engine.loaded.model)
     result = {"benchmark": "latency", "machine": machine(), "dtype": str(llm.engine.dtype).removeprefix("torch."),
               f"pp{pp}_tok_s": statistics.mean(pp_rates), f"pp{pp}_tok_s_std": _std(pp_rates),
-              f"tg{tg}_tok_s": tg_rate, f"tg{tg}_tok_s_std": _std(tg_rates),
+              f"tg{tg}_tok_s": tg_rate, f"tg{tg}_tok_s_std": _std(tg_rates), "depth": depth,
+              "kv_cache_dtype": llm.engine.args.kv_cache_dtype,
               "weight_bytes_per_token": weights, "achieved_bandwidth_gb_s": weights * tg_rate / 1e9}
     result.update(memory_usage())
     if membw:
