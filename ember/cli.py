@@ -214,7 +214,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     loaded = load_model(a.model, a.dtype, progress=not a.json)
     result = {"model": str(loaded.path), "text": a.text, "dtype": a.dtype,
-              **perplexity(loaded, text, a.ctx, a.windows, a.stride, a.kv_cache_dtype)}
+              **perplexity(loaded, text, a.ctx, a.windows, a.stride, a.kv_cache_dtype, a.block_size)}
     if a.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -247,6 +247,8 @@ def _eval_parsers(sub: Any) -> None:
     ppl.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                      help="auto: one dense forward per window; int8 / int4 / int2: score through a KIVI cache, "
                           "one block of tokens per step, as generation reads it")
+    ppl.add_argument("--block-size", type=int, default=16,
+                     help="KV block size with a quantized cache: KIVI's key group and most float tokens (default 16)")
     ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=cmd_eval)

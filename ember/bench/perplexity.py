@@ -57,6 +57,8 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
         raise InvalidParameterError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                                     f"got {kv_cache_dtype!r}", param="kv_cache_dtype")
     kv_bits = KV_CACHE_DTYPES[kv_cache_dtype]
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise InvalidParameterError(f"block_size must be an integer >= 2, got {block_size!r}", param="block_size")
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)
     bos = loaded.tokenizer.add_bos and loaded.tokenizer.bos_token_id is not None
     if bos:
