@@ -94,3 +94,20 @@ def test_tokenize_detokenize(server, offline: LLM) -> None:
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"] == "a single man"
     chat_ids = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES}).json()["tokens"]
     assert chat_ids == offline.get_tokenizer().apply_chat_template(MESSAGES, tokenize=True)
+
+
+def test_server_with_a_quantized_kv_cache(tiny_llama3: Path, tmp_path: Path) -> None:
+    """`ember serve --kv-cache-dtype int4` streams what LLM(kv_cache_dtype="int4") generates."""
+    from tests.server.conftest import start_server, stop_server
+
+    srv = start_server(tiny_llama3, tmp_path, "--kv-cache-dtype", "int4")
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+        stream = client.completions.create(model=srv.model, prompt="Netherfield Park", max_tokens=40,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        text = "".join(c.choices[0].text for c in stream)
+    finally:
+        assert stop_server(srv) == 0
+    llm = LLM(tiny_llama3, kv_cache_memory=0.02, max_model_len=512, kv_cache_dtype="int4")
+    assert text == _expected_completion(llm, "Netherfield Park", 40)
+    assert "int4" in srv.log.read_text()
