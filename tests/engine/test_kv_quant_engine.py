@@ -103,3 +103,24 @@ def test_concurrent_sequences_read_their_own_residuals(tiny_llama3: Path) -> Non
 def test_block_size_one_cannot_group_keys(tiny_llama3: Path) -> None:
     with pytest.raises(InvalidParameterError, match="block_size must be >= 2 with a quantized KV cache"):
         LLM(tiny_llama3, kv_cache_dtype="int8", block_size=1)
+
+
+def test_preemption_releases_residual_slots(tiny_llama3: Path) -> None:
+    """Too few blocks for every sequence at once: preempted sequences give back blocks and residual
+    slots, are recomputed later, and everything finishes with nothing leaked."""
+    from ember.engine.runner import kv_bytes_per_token
+
+    probe = LLM(tiny_llama3, kv_cache_dtype="int4")
+    model = probe.engine.loaded.model
+    residual = 2 * 4 * 16 * kv_bytes_per_token(model, torch.float32)  # max_num_seqs=4: 8 float blocks
+    memory = (residual + 14 * 16 * kv_bytes_per_token(model, torch.float32, 4, 16)) / 2**30
+    llm = LLM(tiny_llama3, kv_cache_dtype="int4", max_num_seqs=4, max_model_len=128, kv_cache_memory=memory)
+    assert llm.engine.blocks.num_blocks == 14
+    ids = llm.get_tokenizer().encode(TEXT)
+    prompts = [{"prompt_token_ids": ids[5 * i: 5 * i + 30 + 5 * i]} for i in range(6)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_no_leaks(llm.engine)
+    blocks = llm.engine.blocks
+    assert not blocks.residual_of and sorted(blocks.free_residual) == list(range(blocks.num_residual))
