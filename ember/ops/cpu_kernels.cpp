@@ -83,14 +83,19 @@ static void unpack_row(const uint8_t* src, int64_t K, uint8_t* dst) {
 
 // Raw y [M, N] = x [M, K] . W^T (+ bias); bits 8 (mins == nullptr) or 4. Rows of y are `ldy` apart.
 // Dequantize row n of a packed weight into float32 w[K] (8 lanes at a time; groups are whole blocks).
-static void dequant_row(const void* wq, const float* ws, const float* wm, int64_t n, int64_t K, int64_t group,
+// Group parameters are float32 or float16 (llama.cpp's choice: 5 bits per weight at int4 g32).
+static inline float to_f32(float v) { return v; }
+static inline float to_f32(at::Half v) { return _cvtsh_ss(v.x); }
+
+template <typename P>
+static void dequant_row(const void* wq, const P* ws, const P* wm, int64_t n, int64_t K, int64_t group,
                         int bits, uint8_t* codes, float* w) {
   const int64_t groups = K / group;
-  const float *s = ws + n * groups, *m = wm ? wm + n * groups : nullptr;
+  const P *s = ws + n * groups, *m = wm ? wm + n * groups : nullptr;
   if (bits == 4) unpack_row((const uint8_t*)wq + n * (K / 2), K, codes);
   const int8_t* q8 = (const int8_t*)wq + n * K;
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256 sv = _mm256_set1_ps(s[g]), mv = _mm256_set1_ps(m ? m[g] : 0.f);
+    const __m256 sv = _mm256_set1_ps(to_f32(s[g])), mv = _mm256_set1_ps(m ? to_f32(m[g]) : 0.f);
     for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
       const __m256i v = bits == 4 ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(codes + k)))
                                   : _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q8 + k)));
@@ -119,7 +124,8 @@ static inline void tile_2x4(const float* w0, const float* w1, const float* x, in
   out[4] = hsum(a10); out[5] = hsum(a11); out[6] = hsum(a12); out[7] = hsum(a13);
 }
 
-static void wxf32_raw(const float* x, int64_t M, int64_t K, const void* wq, const float* ws, const float* wm,
+template <typename P>
+static void wxf32_raw(const float* x, int64_t M, int64_t K, const void* wq, const P* ws, const P* wm,
                       const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {
   at::parallel_for(0, (N + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
     std::vector<float> w(2 * K);
@@ -148,8 +154,8 @@ static inline __m256i load_u4(const uint8_t* p) {
 }
 
 // One or two rows: memory-bound, so int8 activations and integer dots on the packed weights.
-template <int BITS>
-static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, const float* ws, const float* wm,
+template <int BITS, typename P>
+static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, const P* ws, const P* wm,
                       const float* bias, int64_t N, int64_t group, float* y, int64_t ldy) {
   const int64_t blocks = K / G, groups = K / group, per = group / G;
   const int64_t row_bytes = BITS == 4 ? K / 2 : K;
@@ -158,14 +164,14 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* wrow = (const uint8_t*)wq + n * row_bytes;
-      const float* wsrow = ws + n * groups;
+      const P* wsrow = ws + n * groups;
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* xrow = X + m * K;
         const float *xsrow = XS + m * blocks, *xsum = XSUM + m * blocks;
         __m256 acc = _mm256_setzero_ps();
         float offset = 0.f;
         for (int64_t g = 0, b = 0; g < groups; ++g) {
-          const float wscale = wsrow[g];
+          const float wscale = to_f32(wsrow[g]);
           float gsum = 0.f;
           for (int64_t j = 0; j < per; ++j, ++b) {
             const __m256i xv = _mm256_loadu_si256((const __m256i*)(xrow + b * G));
@@ -174,7 +180,7 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
             acc = _mm256_fmadd_ps(_mm256_set1_ps(xsrow[b] * wscale), d, acc);
             if (BITS == 4) gsum += xsum[b];
           }
-          if (BITS == 4) offset += wm[n * groups + g] * gsum;  // the mins' share: min * sum(x) per group
+          if (BITS == 4) offset += to_f32(wm[n * groups + g]) * gsum;  // the mins' share: min * sum(x) per group
         }
         y[m * ldy + n] = hsum(acc) + offset + (bias ? bias[n] : 0.f);
       }
@@ -182,7 +188,8 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
   });
 }
 
-static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const float* ws, const float* wm,
+template <typename P>
+static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const P* ws, const P* wm,
                      const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {
   if (M >= FLOAT_PATH_ROWS) return wxf32_raw(x, M, K, wq, ws, wm, bias, N, group, bits, y, ldy);
   const QuantAct a = quantize_rows(x, M, K);
@@ -190,16 +197,28 @@ static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const
   else wxa8_rows<8>(a, M, K, wq, ws, wm, bias, N, group, y, ldy);
 }
 
+// As wxa8_raw for parameter tensors of either dtype (see check_packed).
+static void wxa8_any(const float* x, int64_t M, int64_t K, const void* wq, const torch::Tensor& ws,
+                     const torch::Tensor* wm, const float* bias, int64_t N, int bits, float* y, int64_t ldy) {
+  const int64_t group = K / ws.size(1);
+  if (ws.dtype() == torch::kFloat16)
+    wxa8_raw(x, M, K, wq, ws.data_ptr<at::Half>(), wm ? wm->data_ptr<at::Half>() : nullptr, bias, N, group, bits, y, ldy);
+  else
+    wxa8_raw(x, M, K, wq, ws.data_ptr<float>(), wm ? wm->data_ptr<float>() : nullptr, bias, N, group, bits, y, ldy);
+}
+
 // Checks a packed weight (int8 [N, K], or int4 [N, K/2] with mins) and its group scales [N, K/group];
 // returns K.
 static int64_t check_packed(const torch::Tensor& wq, const torch::Tensor& ws, const torch::Tensor* wm, int bits) {
   const int64_t N = wq.size(0), K = bits == 4 ? wq.size(1) * 2 : wq.size(1);
   TORCH_CHECK(wq.is_contiguous() && wq.dtype() == (bits == 4 ? torch::kUInt8 : torch::kInt8));
-  TORCH_CHECK(ws.dtype() == torch::kFloat32 && ws.is_contiguous());
+  TORCH_CHECK((ws.dtype() == torch::kFloat32 || ws.dtype() == torch::kFloat16) && ws.is_contiguous(),
+              "group scales must be float32 or float16");
   TORCH_CHECK(K % G == 0 && ws.size(0) == N && K % ws.size(1) == 0 && (K / ws.size(1)) % G == 0,
               "group size must be a multiple of 32 dividing K");
   if (bits == 4)
-    TORCH_CHECK(wm && wm->dtype() == torch::kFloat32 && wm->is_contiguous() && wm->sizes() == ws.sizes());
+    TORCH_CHECK(wm && wm->dtype() == ws.dtype() && wm->is_contiguous() && wm->sizes() == ws.sizes(),
+                "int4 mins must match the scales' shape and dtype");
   return K;
 }
 
@@ -210,8 +229,7 @@ static torch::Tensor packed_linear(torch::Tensor x, const torch::Tensor& wq, con
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K);
   x = x.contiguous();
   auto y = torch::empty({x.size(0), N}, torch::kFloat32);
-  wxa8_raw(x.data_ptr<float>(), x.size(0), K, wq.data_ptr(), ws.data_ptr<float>(),
-           wm ? wm->data_ptr<float>() : nullptr, nullptr, N, K / ws.size(1), bits, y.data_ptr<float>(), N);
+  wxa8_any(x.data_ptr<float>(), x.size(0), K, wq.data_ptr(), ws, wm, nullptr, N, bits, y.data_ptr<float>(), N);
   return y;
 }
 
@@ -559,8 +577,7 @@ struct DecodeLinear {
       else at::mm_out(yt, xt, w.t());
       return;
     }
-    wxa8_raw(x, M, K, w.data_ptr(), scales.data_ptr<float>(), bits == 4 ? mins.data_ptr<float>() : nullptr, b, N,
-             K / scales.size(1), (int)bits, y, N);
+    wxa8_any(x, M, K, w.data_ptr(), scales, bits == 4 ? &mins : nullptr, b, N, (int)bits, y, N);
   }
 };
 

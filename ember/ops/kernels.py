@@ -28,7 +28,7 @@ def cpu_kernels() -> Any | None:
         src = Path(__file__).with_name("cpu_kernels.cpp")
         log.debug("loading ember's CPU kernels (compiled on first use, then cached)")
         return load(name="ember_cpu_kernels", sources=[str(src)], verbose=False,
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # a missing compiler must not stop the engine
         log.warning("could not build ember's CPU kernels (%s); using the PyTorch fallbacks", e)
         return None

@@ -39,12 +39,15 @@ def quantize_int8(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, to
 def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric round-to-nearest per group: w ~ q * scale + min with q in 0..15.
 
-    Returns (uint8 codes [N, K] unpacked, float32 scales [N, K/group], float32 mins [N, K/group])."""
+    Returns (uint8 codes [N, K] unpacked, float16 scales [N, K/group], float16 mins [N, K/group]): as
+    llama.cpp's q4_1, 5 bits per weight at groups of 32. Codes are rounded against the float16
+    parameters, so the error bound holds for what is stored."""
     n, k = w.shape
     g = w.float().reshape(n, k // group, group)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scales = (hi - lo) / 15.0
-    q = torch.round((g - lo.unsqueeze(-1)) / torch.where(scales > 0, scales, 1.0).unsqueeze(-1)).clamp(0, 15)
+    lo, hi = g.amin(-1).half(), g.amax(-1)
+    scales = ((hi - lo.float()) / 15.0).half()
+    s = scales.float()
+    q = torch.round((g - lo.float().unsqueeze(-1)) / torch.where(s > 0, s, 1.0).unsqueeze(-1)).clamp(0, 15)
     return q.to(torch.uint8).reshape(n, k), scales, lo
 
 
@@ -66,9 +69,9 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor |
     q = unpack_int4(qweight) if bits == 4 else qweight
     n, k = q.shape
     groups = scales.shape[1]
-    w = q.float().reshape(n, groups, k // groups) * scales.unsqueeze(-1)
+    w = q.float().reshape(n, groups, k // groups) * scales.float().unsqueeze(-1)
     if mins is not None:
-        w = w + mins.unsqueeze(-1)
+        w = w + mins.float().unsqueeze(-1)
     return w.reshape(n, k)
 
 
@@ -84,12 +87,12 @@ def wxa8_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     q = (unpack_int4(qweight) if bits == 4 else qweight).float()
     n = q.shape[0]
     per = nb // scales.shape[1]  # activation blocks per weight group
-    ws = scales.repeat_interleave(per, dim=1)  # [N, nb]
+    ws = scales.float().repeat_interleave(per, dim=1)  # [N, nb]
     dots = torch.einsum("mbg,nbg->mnb", xq.float().reshape(m, nb, BLOCK), q.reshape(n, nb, BLOCK))
     y = (dots * xs.unsqueeze(1) * ws.unsqueeze(0)).sum(-1)
     if mins is not None:  # sum_j m * x_j over each block, with x as the kernel sees it (dequantized int8)
         xsum = xq.float().reshape(m, nb, BLOCK).sum(-1) * xs  # [M, nb]
-        y = y + xsum @ mins.repeat_interleave(per, dim=1).T
+        y = y + xsum @ mins.float().repeat_interleave(per, dim=1).T
     return y
 
 
@@ -97,7 +100,9 @@ class QuantLinear(nn.Module):
     """Drop-in for a linear layer with packed group-quantized weights.
 
     bits=8: int8 codes [N, K], symmetric (scales only); bits=4: two codes per byte [N, K/2] (see
-    pack_int4) with scales and mins, w = q * scale + min. Groups run along K, `group` inputs each."""
+    pack_int4) with scales and mins, w = q * scale + min. Groups run along K, `group` inputs each.
+    Group parameters are float32 or float16 (int4 RTN/AWQ use float16; an integer zero point, which
+    must dequantize pruned weights to exactly 0, keeps float32)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, bits: int = 8) -> None:
@@ -112,8 +117,9 @@ class QuantLinear(nn.Module):
         if (bits == 4) != (mins is not None):
             raise ValueError("int4 layers need mins (asymmetric); int8 layers are symmetric")
         self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.float().contiguous())
-        self.register_buffer("mins", None if mins is None else mins.float().contiguous())
+        pdtype = torch.float16 if scales.dtype == torch.float16 else torch.float32
+        self.register_buffer("scales", scales.to(pdtype).contiguous())
+        self.register_buffer("mins", None if mins is None else mins.to(pdtype).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
     @classmethod

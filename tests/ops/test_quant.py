@@ -31,7 +31,7 @@ def test_int4_error_is_at_most_half_a_step_and_packing_round_trips() -> None:
         assert int(q.max()) <= 15 and torch.equal(Q.unpack_int4(Q.pack_int4(q)), q)
         layer = Q.QuantLinear.from_float(w, bits=4, group=group)
         assert layer.qweight.shape == (48, 128)
-        assert layer.nbytes() == w.numel() // 2 + 2 * 4 * w.numel() // group  # codes + float32 scale, min
+        assert layer.nbytes() == w.numel() // 2 + 2 * 2 * w.numel() // group  # codes + float16 scale, min
         err = (layer.dequantized() - w).abs().reshape(48, -1, group)
         assert (err <= s.unsqueeze(-1) / 2 + 1e-5).all()
         assert torch.equal(layer.dequantized(), Q.dequantize(Q.pack_int4(q), s, m, 4))
@@ -46,14 +46,19 @@ def test_pack_layout_is_llama_cpp_q4(bits: int, group: int, k: int) -> None:
 
 
 @pytest.mark.skipif(not HAS_AVX2 or shutil.which("c++") is None, reason="needs AVX2 and a C++ compiler")
-@pytest.mark.parametrize("bits,group", [(8, 32), (8, 320), (4, 32), (4, 64), (4, 160)])
+@pytest.mark.parametrize("bits,group,params", [(8, 32, "f32"), (8, 320, "f32"), (8, 64, "f16"), (4, 32, "f16"),
+                                               (4, 64, "f16"), (4, 160, "f16"), (4, 32, "f32")])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 32])
-def test_kernel_matches_the_pytorch_twin(bits: int, group: int, rows: int) -> None:
+def test_kernel_matches_the_pytorch_twin(bits: int, group: int, params: str, rows: int) -> None:
     k = cpu_kernels()
     assert k is not None, "the kernels failed to build on an AVX2 machine with a compiler"
     gen = torch.Generator().manual_seed(rows)
     w, x = torch.randn(201, 320, generator=gen), torch.randn(rows, 320, generator=gen)  # odd N: tile edge
     layer = Q.QuantLinear.from_float(w, bits=bits, group=group)
+    dtype = torch.float16 if params == "f16" else torch.float32  # group parameters of either width
+    mins = None if layer.mins is None else layer.mins.to(dtype)
+    layer = Q.QuantLinear(layer.qweight, layer.scales.to(dtype), mins, bits=bits)
+    assert layer.scales.dtype == dtype
     ref = Q.wxa8_reference(x, layer.qweight, layer.scales, layer.mins, bits)
     torch.testing.assert_close(layer.matmul(x), ref, rtol=1e-5, atol=1e-4)
     # ...and both are the float product (up to the activations' int8 rounding for a few rows).
