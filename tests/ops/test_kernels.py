@@ -63,17 +63,24 @@ def test_model_with_and_without_kernels_agree(tiny_qwen2, monkeypatch) -> None:
     torch.testing.assert_close(with_kernels, without, rtol=0, atol=1e-4)
 
 
-def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch) -> None:
+@pytest.mark.parametrize("long", [False, True])
+def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, long: bool) -> None:
+    """Short contexts run one (sequence, KV head) per task; one long context is split into pieces
+    attended in parallel and merged (flash-decoding)."""
     import ember.ops.attention as A
 
-    nb, bs, kvh, hd, heads = 20, 16, 3, 64, 9
+    nb, bs, kvh, hd, heads = 200, 16, 3, 64, 9
     cache = torch.randn(2, nb, bs, kvh, hd)
-    tables = torch.tensor([[3, 5, 7, 0], [1, 2, 0, 0], [9, 10, 11, 12], [4, 0, 0, 0]])
-    lens = torch.tensor([40, 20, 64, 1])
-    mask = (torch.arange(4 * bs)[None, :] < lens[:, None])[:, None, None, :]
+    if long:
+        tables = torch.randperm(nb)[None, :100]
+        lens = torch.tensor([1500])
+    else:
+        tables = torch.tensor([[3, 5, 7, 0], [1, 2, 0, 0], [9, 10, 11, 12], [4, 0, 0, 0]])
+        lens = torch.tensor([40, 20, 64, 1])
+    mask = (torch.arange(tables.shape[1] * bs)[None, :] < lens[:, None])[:, None, None, :]
     meta = A.AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), decode_block_tables=tables,
                                decode_mask=mask, decode_ctx_lens=lens)
-    q = torch.randn(4, heads, hd)
+    q = torch.randn(len(lens), heads, hd)
     fast = A._decode(q, cache, meta, 0.125)
     monkeypatch.setattr(A, "cpu_kernels", lambda: None)
     torch.testing.assert_close(fast, A._decode(q, cache, meta, 0.125), rtol=1e-5, atol=1e-5)
