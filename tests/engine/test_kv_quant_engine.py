@@ -124,3 +124,13 @@ def test_preemption_releases_residual_slots(tiny_llama3: Path) -> None:
     assert_no_leaks(llm.engine)
     blocks = llm.engine.blocks
     assert not blocks.residual_of and sorted(blocks.free_residual) == list(range(blocks.num_residual))
+
+
+def test_bfloat16_model_with_a_quantized_cache(tiny_llama3: Path) -> None:
+    """The module path (no fused float32 stack) reads and writes the KIVI cache for a bfloat16 model."""
+    prompt = LLM(tiny_llama3).get_tokenizer().encode(TEXT)[:40]
+    runs = {kv: _run(LLM(tiny_llama3, dtype="bfloat16", kv_cache_dtype=kv, max_num_batched_tokens=16), prompt)
+            for kv in ("auto", "int8")}
+    assert len(runs["int8"][0]) == 20
+    # int8 keys and values are within bfloat16's own rounding: the two caches agree closely.
+    assert sum(a == b for a, b in zip(runs["auto"][0], runs["int8"][0])) >= 15
