@@ -62,10 +62,19 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Ten
     if chunk.mask is not None:  # earlier context lives in the cache: read it all back
         k = cache[0][chunk.block_ids].view(-1, n_kv, hd)[: chunk.ctx_len].to(q.dtype)
         v = cache[1][chunk.block_ids].view(-1, n_kv, hd)[: chunk.ctx_len].to(q.dtype)
+    return _chunk_attention(q, k, v, chunk.mask, scale)
+
+
+def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """Causal attention of a chunk's queries [n, H, D] over its context k, v [ctx, KVH, D] (mask [n, ctx],
+    or None when the context is the chunk itself)."""
+    # 4-D inputs: with 3-D ones torch 2.13's CPU SDPA falls back to its math kernel, 3-6x slower here
+    # (512 queries over 2048 keys, 9 heads on 3: 68.8 vs 21.4 ms).
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True)
-    return o.transpose(0, 1)
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=None if mask is None else mask[None, None], is_causal=mask is None, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
 
 
 def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -100,10 +109,7 @@ def _quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cach
             full, res = context
             kc = torch.cat([cache.keys(full).flatten(0, 1), cache.residual_rows(0, res), kc.float()])
             vc = torch.cat([cache.values(full).flatten(0, 1), cache.residual_rows(1, res), vc.float()])
-        o = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1), kc.to(q.dtype).transpose(0, 1), vc.to(q.dtype).transpose(0, 1),
-            attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True)
-        out[rows] = o.transpose(0, 1)
+        out[rows] = _chunk_attention(q[rows], kc.to(q.dtype), vc.to(q.dtype), chunk.mask, scale)
     if meta.decode_rows is not None:
         out[meta.decode_rows] = _quantized_decode(q[meta.decode_rows], cache, meta, qm, scale)
     cache.quantize_filled(k, v, qm)
