@@ -10,12 +10,6 @@ KV_CACHE_DTYPES = {"auto": None, "int8": 8, "int4": 4, "int2": 2}  # name -> bit
 PARAM_DTYPE = torch.float16  # scales and minimums, as KIVI keeps them
 
 
-def kv_bits(name: str) -> int | None:
-    if name not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
-    return KV_CACHE_DTYPES[name]
-
-
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., D] -> [..., W = D * bits / 8], planar: bits [i*b, (i+1)*b) of byte j hold code
     i*W + j (so a kernel unpacks W contiguous codes with one shift and mask)."""
@@ -64,7 +58,8 @@ class KVQuantMeta:
     `new` rows are the step's tokens in flat-batch order; `residual` indices are flat slots
     (slot * block_size + offset) of the float residual."""
 
-    res_rows: torch.Tensor  # [Tr] new rows whose block stays incomplete after this step
+    res_rows: torch.Tensor  # [Tr] new rows kept in float: decoding tokens, and prompt tokens of a block
+    # that stays incomplete after this step
     res_slots: torch.Tensor  # [Tr] residual indices they are written to
     done_blocks: torch.Tensor  # [C] blocks that fill this step: quantized after attention
     # Their C * bs tokens in block order: positions taken from the residual (written in earlier steps)
@@ -77,7 +72,8 @@ class KVQuantMeta:
     chunk_context: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     decode_full: torch.Tensor | None = None  # [B, W] full blocks of each decoding sequence (padded 0)
     decode_residual: torch.Tensor | None = None  # [B] residual slot of each one's incomplete block
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, W*bs + bs + 1]: full part, residual part, itself
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, W*bs + bs]: full blocks, then the residual block
+    # (which already holds the decoding token)
 
 
 class QuantKVCache:
