@@ -120,14 +120,16 @@ class ModelRunner:
             logit_rows.append(row0 + n - 1)
 
     def _decode_meta(self, meta: AttentionMetadata, rows: list[int], seqs: list[Sequence]) -> None:
+        ctx = torch.tensor([s.num_computed + 1 for s in seqs])
+        meta.decode_rows = torch.tensor(rows, dtype=torch.long)
+        meta.decode_ctx_lens = ctx
+        if self.kv_bits is not None:  # a KIVI cache reads its own tables and mask (_quant_decode_meta)
+            return
         width = max(len(s.block_table) for s in seqs)
         tables = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, s in enumerate(seqs):
             tables[i, : len(s.block_table)] = torch.tensor(s.block_table)
-        ctx = torch.tensor([s.num_computed + 1 for s in seqs])
-        meta.decode_rows = torch.tensor(rows, dtype=torch.long)
         meta.decode_block_tables = tables
-        meta.decode_ctx_lens = ctx
         meta.decode_mask = (torch.arange(width * self.block_size)[None, :] < ctx[:, None])[:, None, None, :]
 
     def _kv_quant_meta(self, spans: list[tuple[Sequence, int, int, int]],
