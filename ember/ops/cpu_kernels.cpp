@@ -9,7 +9,6 @@
 #include <cmath>
 
 static constexpr int G = 32;  // activation block
-static constexpr int64_t FLOAT_PATH_ROWS = 3;  // from this many rows on, dequantize and use float FMAs (quant.py mirrors it)
 
 // Activations [M, K] quantized per block of 32: q = round(x / s), s = max|x| / 127; sum = s * sum(q).
 struct QuantAct {
@@ -71,81 +70,9 @@ static inline __m256 dot_u4(__m256i codes, __m256i x) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
 }
 
-// Unpack one row of int4 codes ([K/2] bytes; per block of 32, byte j = code j | code j+16 << 4).
-static void unpack_row(const uint8_t* src, int64_t K, uint8_t* dst) {
-  const __m128i low = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < K / G; ++b) {
-    const __m128i v = _mm_loadu_si128((const __m128i*)(src + b * G / 2));
-    _mm_storeu_si128((__m128i*)(dst + b * G), _mm_and_si128(v, low));
-    _mm_storeu_si128((__m128i*)(dst + b * G + 16), _mm_and_si128(_mm_srli_epi16(v, 4), low));
-  }
-}
-
-// Raw y [M, N] = x [M, K] . W^T (+ bias); bits 8 (mins == nullptr) or 4. Rows of y are `ldy` apart.
-// Dequantize row n of a packed weight into float32 w[K] (8 lanes at a time; groups are whole blocks).
 // Group parameters are float32 or float16 (llama.cpp's choice: 5 bits per weight at int4 g32).
 static inline float to_f32(float v) { return v; }
 static inline float to_f32(at::Half v) { return _cvtsh_ss(v.x); }
-
-template <typename P>
-static void dequant_row(const void* wq, const P* ws, const P* wm, int64_t n, int64_t K, int64_t group,
-                        int bits, uint8_t* codes, float* w) {
-  const int64_t groups = K / group;
-  const P *s = ws + n * groups, *m = wm ? wm + n * groups : nullptr;
-  if (bits == 4) unpack_row((const uint8_t*)wq + n * (K / 2), K, codes);
-  const int8_t* q8 = (const int8_t*)wq + n * K;
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256 sv = _mm256_set1_ps(to_f32(s[g])), mv = _mm256_set1_ps(m ? to_f32(m[g]) : 0.f);
-    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-      const __m256i v = bits == 4 ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(codes + k)))
-                                  : _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q8 + k)));
-      _mm256_storeu_ps(w + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sv, mv));
-    }
-  }
-}
-
-// Several rows of activations: the product is compute-bound, so dequantize weight rows once and run
-// float32 FMAs on a 2 (weight rows) x 4 (activation rows) register tile (no activation rounding here).
-static inline void tile_2x4(const float* w0, const float* w1, const float* x, int64_t K, float* out) {
-  const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-  for (int64_t k = 0; k < K; k += 8) {  // K is a multiple of 32
-    const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-    __m256 xv = _mm256_loadu_ps(x0 + k);
-    a00 = _mm256_fmadd_ps(v0, xv, a00); a10 = _mm256_fmadd_ps(v1, xv, a10);
-    xv = _mm256_loadu_ps(x1 + k);
-    a01 = _mm256_fmadd_ps(v0, xv, a01); a11 = _mm256_fmadd_ps(v1, xv, a11);
-    xv = _mm256_loadu_ps(x2 + k);
-    a02 = _mm256_fmadd_ps(v0, xv, a02); a12 = _mm256_fmadd_ps(v1, xv, a12);
-    xv = _mm256_loadu_ps(x3 + k);
-    a03 = _mm256_fmadd_ps(v0, xv, a03); a13 = _mm256_fmadd_ps(v1, xv, a13);
-  }
-  out[0] = hsum(a00); out[1] = hsum(a01); out[2] = hsum(a02); out[3] = hsum(a03);
-  out[4] = hsum(a10); out[5] = hsum(a11); out[6] = hsum(a12); out[7] = hsum(a13);
-}
-
-template <typename P>
-static void wxf32_raw(const float* x, int64_t M, int64_t K, const void* wq, const P* ws, const P* wm,
-                      const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {
-  at::parallel_for(0, (N + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
-    std::vector<float> w(2 * K);
-    std::vector<uint8_t> codes(K);
-    float out[8];
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n = 2 * p, rows = std::min<int64_t>(2, N - n);
-      for (int64_t r = 0; r < rows; ++r) dequant_row(wq, ws, wm, n + r, K, group, bits, codes.data(), w.data() + r * K);
-      if (rows == 1) std::copy_n(w.data(), K, w.data() + K);  // odd N: compute the last row twice
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) {
-        tile_2x4(w.data(), w.data() + K, x + m * K, K, out);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t i = 0; i < 4; ++i) y[(m + i) * ldy + n + r] = out[4 * r + i] + (bias ? bias[n + r] : 0.f);
-      }
-      for (; m < M; ++m)
-        for (int64_t r = 0; r < rows; ++r) y[m * ldy + n + r] = dot_f32(x + m * K, w.data() + r * K, K) + (bias ? bias[n + r] : 0.f);
-    }
-  });
-}
 
 // Load 32 int4 codes of one block (16 bytes) as 32 bytes 0..15 in block order.
 static inline __m256i load_u4(const uint8_t* p) {
@@ -153,7 +80,73 @@ static inline __m256i load_u4(const uint8_t* p) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
 }
 
-// One or two rows: memory-bound, so int8 activations and integer dots on the packed weights.
+// Scale-and-accumulate of one block's integer dot for one (weight row, activation row) pair. Every path
+// below uses this same sequence per pair (float lanes, then hsum + mins' share + bias), so a row's result
+// does not depend on how many rows share the call.
+template <int BITS>
+static inline __m256i load_block(const uint8_t* wrow, int64_t b) {
+  return BITS == 4 ? load_u4(wrow + b * G / 2) : _mm256_loadu_si256((const __m256i*)(wrow + b * G));
+}
+
+template <int BITS>
+static inline __m256 block_dot(__m256i xv, __m256i wv) {
+  return BITS == 4 ? dot_u4(wv, xv) : dot_s8(xv, wv);
+}
+
+// y[m, n] for one weight row and one activation row.
+template <int BITS, typename P>
+static float pair_dot(const uint8_t* wrow, const P* wsrow, const P* wmrow, const int8_t* xrow, const float* xsrow,
+                      const float* xsum, int64_t groups, int64_t per) {
+  __m256 acc = _mm256_setzero_ps();
+  float offset = 0.f;
+  for (int64_t g = 0, b = 0; g < groups; ++g) {
+    const float wscale = to_f32(wsrow[g]);
+    float gsum = 0.f;
+    for (int64_t j = 0; j < per; ++j, ++b) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xrow + b * G));
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(xsrow[b] * wscale), block_dot<BITS>(xv, load_block<BITS>(wrow, b)), acc);
+      if (BITS == 4) gsum += xsum[b];
+    }
+    if (BITS == 4) offset += to_f32(wmrow[g]) * gsum;  // the mins' share: min * sum(x) per group
+  }
+  return hsum(acc) + offset;
+}
+
+// The same for 2 weight rows x 4 activation rows at once: each weight block is loaded (and unpacked)
+// once for four rows, each activation block once for two; the arithmetic per pair is pair_dot's.
+template <int BITS, typename P>
+static void tile_dot(const uint8_t* w0, const uint8_t* w1, const P* s0, const P* s1, const P* m0, const P* m1,
+                     const int8_t* x, const float* xs, const float* xsum, int64_t K, int64_t groups, int64_t per,
+                     float* out) {
+  const int64_t blocks = K / G;
+  __m256 acc[2][4];
+  float offset[2][4] = {}, gsum[4];
+  for (int i = 0; i < 4; ++i) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+  for (int64_t g = 0, b = 0; g < groups; ++g) {
+    const float ws0 = to_f32(s0[g]), ws1 = to_f32(s1[g]);
+    for (int i = 0; i < 4; ++i) gsum[i] = 0.f;
+    for (int64_t j = 0; j < per; ++j, ++b) {
+      const __m256i v0 = load_block<BITS>(w0, b), v1 = load_block<BITS>(w1, b);
+      for (int i = 0; i < 4; ++i) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + i * K + b * G));
+        const float xsc = xs[i * blocks + b];
+        acc[0][i] = _mm256_fmadd_ps(_mm256_set1_ps(xsc * ws0), block_dot<BITS>(xv, v0), acc[0][i]);
+        acc[1][i] = _mm256_fmadd_ps(_mm256_set1_ps(xsc * ws1), block_dot<BITS>(xv, v1), acc[1][i]);
+        if (BITS == 4) gsum[i] += xsum[i * blocks + b];
+      }
+    }
+    if (BITS == 4)
+      for (int i = 0; i < 4; ++i) {
+        offset[0][i] += to_f32(m0[g]) * gsum[i];
+        offset[1][i] += to_f32(m1[g]) * gsum[i];
+      }
+  }
+  for (int r = 0; r < 2; ++r)
+    for (int i = 0; i < 4; ++i) out[4 * r + i] = hsum(acc[r][i]) + offset[r][i];
+}
+
+// Activations quantized to int8 per block of 32, integer dots against the packed weights: memory-bound
+// at one or two rows, compute-bound beyond, where the 2x4 tiles run ~2.5x the float32 FMA rate.
 template <int BITS, typename P>
 static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, const P* ws, const P* wm,
                       const float* bias, int64_t N, int64_t group, float* y, int64_t ldy) {
@@ -161,29 +154,27 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
   const int64_t row_bytes = BITS == 4 ? K / 2 : K;
   const int8_t* X = a.q.data_ptr<int8_t>();
   const float *XS = a.s.data_ptr<float>(), *XSUM = a.sum.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wrow = (const uint8_t*)wq + n * row_bytes;
-      const P* wsrow = ws + n * groups;
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xrow = X + m * K;
-        const float *xsrow = XS + m * blocks, *xsum = XSUM + m * blocks;
-        __m256 acc = _mm256_setzero_ps();
-        float offset = 0.f;
-        for (int64_t g = 0, b = 0; g < groups; ++g) {
-          const float wscale = to_f32(wsrow[g]);
-          float gsum = 0.f;
-          for (int64_t j = 0; j < per; ++j, ++b) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i*)(xrow + b * G));
-            const __m256 d = BITS == 4 ? dot_u4(load_u4(wrow + b * G / 2), xv)
-                                       : dot_s8(xv, _mm256_loadu_si256((const __m256i*)(wrow + b * G)));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(xsrow[b] * wscale), d, acc);
-            if (BITS == 4) gsum += xsum[b];
-          }
-          if (BITS == 4) offset += to_f32(wm[n * groups + g]) * gsum;  // the mins' share: min * sum(x) per group
+  auto row = [&](int64_t n) { return (const uint8_t*)wq + n * row_bytes; };
+  auto mins = [&](int64_t n) { return wm ? wm + n * groups : nullptr; };
+  auto one = [&](int64_t n, int64_t m) {
+    y[m * ldy + n] = pair_dot<BITS>(row(n), ws + n * groups, mins(n), X + m * K, XS + m * blocks, XSUM + m * blocks,
+                                    groups, per) + (bias ? bias[n] : 0.f);
+  };
+  const int64_t tiled_m = M < 4 ? 0 : M - M % 4;
+  at::parallel_for(0, (N + 1) / 2, M < 4 ? 8 : 2, [&](int64_t p0, int64_t p1) {
+    float out[8];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = 2 * p;
+      if (n + 1 < N) {
+        for (int64_t m = 0; m < tiled_m; m += 4) {
+          tile_dot<BITS>(row(n), row(n + 1), ws + n * groups, ws + (n + 1) * groups, mins(n), mins(n + 1),
+                         X + m * K, XS + m * blocks, XSUM + m * blocks, K, groups, per, out);
+          for (int r = 0; r < 2; ++r)
+            for (int i = 0; i < 4; ++i) y[(m + i) * ldy + n + r] = out[4 * r + i] + (bias ? bias[n + r] : 0.f);
         }
-        y[m * ldy + n] = hsum(acc) + offset + (bias ? bias[n] : 0.f);
       }
+      for (int64_t r = 0; r < std::min<int64_t>(2, N - n); ++r)
+        for (int64_t m = n + 1 < N ? tiled_m : 0; m < M; ++m) one(n + r, m);
     }
   });
 }
@@ -191,7 +182,6 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
 template <typename P>
 static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const P* ws, const P* wm,
                      const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {
-  if (M >= FLOAT_PATH_ROWS) return wxf32_raw(x, M, K, wq, ws, wm, bias, N, group, bits, y, ldy);
   const QuantAct a = quantize_rows(x, M, K);
   if (bits == 4) wxa8_rows<4>(a, M, K, wq, ws, wm, bias, N, group, y, ldy);
   else wxa8_rows<8>(a, M, K, wq, ws, wm, bias, N, group, y, ldy);

@@ -11,10 +11,8 @@ from ember.ops.kernels import cpu_kernels
 BLOCK = 32
 GROUP = BLOCK  # default weight group
 BITS = (4, 8)
-# From this many rows on the kernels dequantize weight rows and use float FMAs (compute-bound); below,
-# they quantize the activations to int8 and use integer dots (memory-bound). Mirrors cpu_kernels.cpp.
-FLOAT_PATH_ROWS = 3
-# Above this many rows (prefill) the module dequantizes the whole matrix for the float GEMM instead.
+# Up to this many rows (decode batches) the kernels quantize the activations to int8 per block and run
+# integer dots; above it (prompt chunks) the module dequantizes the whole matrix for the float GEMM.
 KERNEL_MAX_ROWS = 32
 
 
@@ -77,10 +75,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor |
 
 def wxa8_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                    bits: int) -> torch.Tensor:
-    """Pure-PyTorch twin of the kernels: few rows get int8 activations per block of 32 and exact integer
-    dots; more rows multiply by the dequantized weights."""
-    if x.shape[0] >= FLOAT_PATH_ROWS:
-        return x @ dequantize(qweight, scales, mins, bits).T
+    """Pure-PyTorch twin of the kernels: int8 activations per block of 32 and exact integer dots."""
     m, k = x.shape
     nb = k // BLOCK
     xq, xs = quantize_int8(x, BLOCK)
