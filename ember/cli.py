@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -34,6 +35,10 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
                    help="turn off sharing of identical prompt prefixes")
     g.add_argument("--scheduler", default="splitfuse", choices=["splitfuse", "prefill-first"],
                    help="step policy (default: splitfuse)")
+    g.add_argument("--itl-target", type=_itl_target, default=None, metavar="MS|auto|off",
+                   help="splitfuse: milliseconds a step carrying decodes and prompt chunks may take, from the "
+                        "measured latency-vs-tokens curve; auto = twice a plain decode step; off = fill every "
+                        "step to --max-num-batched-tokens (default: auto)")
     g.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4"],
                    help="quantize weights at load for ember's AVX2 kernels: int8 (per channel, near-lossless) "
                         "or int4 (groups of 32, LM head int8; fastest decode) (default: none)")
@@ -41,9 +46,24 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
                    help=KV_HELP)
 
 
+def _itl_target(text: str) -> float | None:
+    """--itl-target: 'auto' -> None, 'off' -> 0, else milliseconds -> seconds."""
+    if text == "auto":
+        return None
+    if text == "off":
+        return 0.0
+    try:
+        ms = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, 'auto' or 'off', got {text!r}") from None
+    if not ms > 0 or math.isinf(ms):
+        raise argparse.ArgumentTypeError(f"milliseconds must be a positive number, got {text!r}")
+    return ms / 1000
+
+
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     keys = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
-            "enable_prefix_caching", "scheduler", "quantization", "kv_cache_dtype")
+            "enable_prefix_caching", "scheduler", "itl_target", "quantization", "kv_cache_dtype")
     return {k: getattr(a, k) for k in keys}
 
 

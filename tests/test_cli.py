@@ -1,10 +1,13 @@
 """The `ember` command as a user runs it: generate streams text, pull is idempotent and offline, help reads."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from ember import LLM, SamplingParams
 from tests.conftest import TEXT
@@ -42,6 +45,16 @@ def test_bad_flags_give_a_message_not_a_traceback(tiny_llama3: Path) -> None:
     assert "temperature must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
     proc = _ember("generate", "hi", "--model", str(tiny_llama3), "--max-model-len", "100000")
     assert proc.returncode == 2 and "max_model_len" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _ember("generate", "hi", "--model", str(tiny_llama3), "--itl-target", "fast")
+    assert proc.returncode == 2 and "--itl-target" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_itl_target_values() -> None:
+    from ember.cli import _itl_target
+    assert _itl_target("auto") is None and _itl_target("off") == 0.0 and _itl_target("80") == 0.08
+    for bad in ("-5", "0", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _itl_target(bad)
 
 
 def test_pull_uses_the_cache(default_gguf: Path) -> None:
@@ -56,5 +69,5 @@ def test_help_lists_commands_and_flags() -> None:
     out = _ember("--help").stdout
     assert "generate" in out and "pull" in out
     out = _ember("generate", "--help").stdout
-    for flag in ("--max-num-batched-tokens", "--kv-cache-memory", "--scheduler", "--dtype", "--top-p"):
+    for flag in ("--max-num-batched-tokens", "--kv-cache-memory", "--scheduler", "--itl-target", "--dtype", "--top-p"):
         assert flag in out

@@ -43,6 +43,9 @@ class EngineArgs:
     block_size: int = 16
     quantization: str = "none"  # "int8" / "int4": weights quantized at load (ember.compress.quantize)
     kv_cache_dtype: str = "auto"  # "int8" / "int4" / "int2": KIVI-quantized KV cache (ember.ops.kv_quant)
+    # SplitFuse: seconds a step carrying decodes and prompt chunks may take; None = auto (twice a plain
+    # decode step, from the measured latency curve), 0 = fill every step to max_num_batched_tokens.
+    itl_target: float | None = None
 
     def validate(self) -> None:
         checks = [
@@ -52,6 +55,7 @@ class EngineArgs:
              f"must be one of {', '.join(KV_CACHE_DTYPES)}"),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
+            (self.itl_target is None or self.itl_target >= 0, "itl_target", "must be >= 0 seconds (0 = off)"),
             (self.block_size >= 1, "block_size", "must be >= 1"),
             (self.kv_cache_dtype == "auto" or self.block_size >= 2, "block_size",
              "must be >= 2 with a quantized KV cache (keys are quantized per channel over a block)"),
@@ -119,7 +123,7 @@ class LLMEngine:
         self.max_model_len = context
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, num_residual)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
-                                                   args.scheduler), self.blocks)
+                                                   args.scheduler, args.itl_target), self.blocks)
         self.runner = ModelRunner(model, self.blocks, self.dtype, kv_bits)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
@@ -224,11 +228,6 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        outputs = self._step()
-        self.stats["step_s"] += time.perf_counter() - start
-        return outputs
-
-    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():  # a scheduler bug: fail loudly rather than spin
@@ -236,6 +235,14 @@ class LLMEngine:
                                    f"{len(self.scheduler.waiting)} waiting, "
                                    f"{self.blocks.num_free_blocks}/{self.blocks.num_blocks} blocks free")
             return []
+        sizes = dict(batch)  # _step may finish sequences; the latency curve wants what ran
+        outputs = self._step(batch)
+        seconds = time.perf_counter() - start
+        self.stats["step_s"] += seconds
+        self.scheduler.observe(sizes, seconds)
+        return outputs
+
+    def _step(self, batch: dict[Sequence, int]) -> list[RequestOutput]:
         result = self.runner.run(batch)
         for seq, n in batch.items():
             seq.num_computed += n

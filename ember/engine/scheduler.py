@@ -1,6 +1,7 @@
 """Token-budget scheduling (Dynamic SplitFuse or prefill-first), preemption by recomputation, aborts."""
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -10,11 +11,75 @@ from ember.engine.sequence import Sequence, Status
 POLICIES = ("splitfuse", "prefill-first")
 
 
+# With an automatic latency target, a step that carries prompt chunks may take this many times as long
+# as a plain decode step of the same sequences.
+AUTO_ITL_FACTOR = 2.0
+
+
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 256  # the token budget of one step
     policy: str = "splitfuse"
+    # SplitFuse's bound on a step that carries both decodes and prompt chunks, in seconds: None = auto
+    # (AUTO_ITL_FACTOR x a plain decode step), 0 = off (every step filled to the token budget).
+    itl_target: float | None = None
+    min_chunk: int = 16  # prompt tokens a step may always carry, however slow, so prompts progress
+
+
+class StepCost:
+    """The measured latency-vs-tokens curve: step seconds ~ a + b * tokens.
+
+    On a GPU a forward pass costs about the same up to hundreds of tokens, so DeepSpeed-FastGen fills
+    every pass to one budget. On a CPU the cost grows with every token from the first, so the budget that
+    keeps decodes flowing has to come from this curve. Fitted online (exponentially weighted least squares)
+    to the engine's steps that carry prompt tokens; decode-only steps are tracked on their own (the fused
+    decode path has its own cost), keyed by their batch size."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._decode: dict[int, float] = {}
+
+    def observe(self, tokens: int, seconds: float, decode_only: bool) -> None:
+        if decode_only:
+            old = self._decode.get(tokens)
+            self._decode[tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            return
+        d = self.decay
+        self._w = d * self._w + 1.0
+        self._x = d * self._x + tokens
+        self._y = d * self._y + seconds
+        self._xx = d * self._xx + tokens * tokens
+        self._xy = d * self._xy + tokens * seconds
+
+    def line(self) -> tuple[float, float] | None:
+        """(a, b) of the fit, or None until steps of clearly different sizes were seen."""
+        if self._w < 2:
+            return None
+        mx, my = self._x / self._w, self._y / self._w
+        var = self._xx / self._w - mx * mx
+        if var < 16.0:  # token counts too alike (spread < 4) to tell the slope
+            return None
+        b = (self._xy / self._w - mx * my) / var
+        if b <= 0:
+            return None
+        return max(0.0, my - b * mx), b
+
+    def decode_seconds(self, batch: int) -> float | None:
+        """A decode-only step of `batch` sequences, from the nearest batch size seen."""
+        if not self._decode:
+            return None
+        near = min(self._decode, key=lambda n: (abs(n - batch), n))
+        return self._decode[near] * max(batch, 1) / max(near, 1) if near < batch else self._decode[near]
+
+    def max_tokens(self, seconds: float) -> int | None:
+        """Most tokens a step may carry to take at most `seconds`, or None while the curve is unknown."""
+        fit = self.line()
+        if fit is None:
+            return None
+        a, b = fit
+        return max(0, math.floor((seconds - a) / b + 1e-6))  # (the epsilon: float noise at exact fits)
 
 
 class Scheduler:
@@ -26,6 +91,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.num_preemptions = 0
+        self.cost = StepCost()
+
+    def observe(self, batch: dict[Sequence, int], seconds: float) -> None:
+        """The wall time of a step the engine ran from `batch` (feeds the latency curve)."""
+        tokens = sum(batch.values())
+        self.cost.observe(tokens, seconds, decode_only=tokens == len(batch))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -44,6 +115,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         batch = self._schedule_decodes(budget)
         budget -= len(batch)
+        if batch:
+            budget = min(budget, self._chunk_allowance(len(batch)))
         # Prompt chunks fill what is left: running sequences mid-prompt first, then new arrivals.
         for seq in [s for s in self.running if s.in_prefill and s not in batch]:
             if budget <= 0:
@@ -74,6 +147,21 @@ class Scheduler:
         return self._schedule_decodes(None)
 
     # -- pieces ---------------------------------------------------------------------------
+
+    def _chunk_allowance(self, decodes: int) -> int:
+        """Prompt tokens a step with `decodes` decoding sequences may carry and stay within the ITL target."""
+        target = self.config.itl_target
+        if target == 0:
+            return self.config.max_num_batched_tokens
+        if target is None:
+            plain = self.cost.decode_seconds(decodes)
+            if plain is None:
+                return self.config.min_chunk
+            target = AUTO_ITL_FACTOR * plain
+        most = self.cost.max_tokens(target)
+        if most is None:  # no curve yet: a small chunk, which also measures a point on it
+            return self.config.min_chunk
+        return max(self.config.min_chunk, most - decodes)
 
     def _schedule_decodes(self, budget: int | None) -> dict[Sequence, int]:
         """One token for every decoding sequence, preempting the newest when blocks run out."""

@@ -1,0 +1,92 @@
+"""SplitFuse's latency-aware budget: the step-cost curve and how much prompt a step with decodes takes."""
+from __future__ import annotations
+
+import pytest
+
+from ember.engine.kv_cache import BlockManager
+from ember.engine.sampling_params import SamplingParams
+from ember.engine.scheduler import AUTO_ITL_FACTOR, Scheduler, SchedulerConfig, StepCost
+from ember.engine.sequence import Sequence
+
+
+def _seq(n: int, rid: str = "r") -> Sequence:
+    return Sequence(rid, 0, list(range(1, n + 1)), SamplingParams(max_tokens=8), 0.0)
+
+
+def test_step_cost_recovers_a_line_and_inverts_it() -> None:
+    cost = StepCost()
+    assert cost.line() is None and cost.max_tokens(1.0) is None
+    for n in (40, 200, 72, 150, 18, 256):
+        cost.observe(n, 0.010 + 0.002 * n, decode_only=False)
+    a, b = cost.line()
+    assert a == pytest.approx(0.010, rel=1e-6) and b == pytest.approx(0.002, rel=1e-6)
+    assert cost.max_tokens(0.050) == 20
+    assert cost.max_tokens(0.005) == 0
+
+
+def test_step_cost_needs_spread_and_keeps_decode_steps_apart() -> None:
+    cost = StepCost()
+    for _ in range(10):
+        cost.observe(64, 0.1, decode_only=False)
+    assert cost.line() is None  # one size only: the slope is unknown
+    cost.observe(8, 0.030, decode_only=True)
+    cost.observe(8, 0.040, decode_only=True)
+    assert cost.decode_seconds(8) == pytest.approx(0.032)
+    assert cost.decode_seconds(4) == pytest.approx(0.032)  # nearest size seen, not scaled down
+    assert cost.decode_seconds(16) == pytest.approx(0.064)  # larger: scaled by batch size
+    assert cost.line() is None  # decode steps do not enter the fit
+
+
+def _running(sched: Scheduler, decoders: int) -> list[Sequence]:
+    """`decoders` sequences past their prompts, then a long prompt waiting."""
+    seqs = [_seq(4, f"d{i}") for i in range(decoders)]
+    for s in seqs:
+        sched.add(s)
+    assert sched.schedule() == {s: 4 for s in seqs}  # their prompts, one step
+    for s in seqs:
+        s.num_computed = 4
+        s.output_ids.append(7)
+    return seqs
+
+
+@pytest.mark.parametrize("itl_target, expect", [
+    (0.0, 512 - 4),  # off: fill the budget
+    (0.030, 20 - 4),  # explicit: the curve's tokens for 30 ms, minus the decodes
+    (None, round(AUTO_ITL_FACTOR * 20 - 10) - 4),  # auto: twice the measured plain decode step
+])
+def test_splitfuse_chunk_follows_the_latency_target(itl_target: float | None, expect: int) -> None:
+    sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", itl_target), BlockManager(400, 16))
+    decoders = _running(sched, 4)
+    for n in (30, 300, 120, 500):
+        sched.cost.observe(n, 0.010 + 0.001 * n, decode_only=False)
+    sched.cost.observe(4, 0.020, decode_only=True)
+    long = _seq(3000, "long")
+    sched.add(long)
+    batch = sched.schedule()
+    assert all(batch[s] == 1 for s in decoders)  # decodes are never held back
+    assert batch[long] == expect
+
+
+def test_without_a_curve_a_small_chunk_goes_with_the_decodes() -> None:
+    sched = Scheduler(SchedulerConfig(8, 512, "splitfuse"), BlockManager(400, 16))
+    _running(sched, 2)
+    long = _seq(3000, "long")
+    sched.add(long)
+    assert sched.schedule()[long] == sched.config.min_chunk
+
+
+def test_a_slow_machine_still_moves_prompts_forward() -> None:
+    sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", 0.001), BlockManager(400, 16))
+    _running(sched, 2)
+    for n in (30, 300):
+        sched.cost.observe(n, 0.010 + 0.001 * n, decode_only=False)
+    long = _seq(3000, "long")
+    sched.add(long)
+    assert sched.schedule()[long] == sched.config.min_chunk  # target unreachable: the minimum, not zero
+
+
+def test_prompts_alone_fill_the_whole_budget() -> None:
+    sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", 0.001), BlockManager(400, 16))
+    long = _seq(3000, "long")
+    sched.add(long)
+    assert sched.schedule()[long] == 512  # no decode to protect
