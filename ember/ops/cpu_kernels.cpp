@@ -58,18 +58,6 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
   return r;
 }
 
-// 32 signed x 32 signed int8 -> 8 int32 partial sums as floats.
-static inline __m256 dot_s8(__m256i x, __m256i w) {
-  const __m256i ax = _mm256_sign_epi8(x, x);  // |x|, unsigned for maddubs
-  const __m256i sw = _mm256_sign_epi8(w, x);  // w with x's sign
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1)));
-}
-
-// 32 unsigned 4-bit codes x 32 signed int8 -> 8 int32 partial sums as floats (no saturation: 2*15*127).
-static inline __m256 dot_u4(__m256i codes, __m256i x) {
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
-}
-
 // Group parameters are float32 or float16 (llama.cpp's choice: 5 bits per weight at int4 g32).
 static inline float to_f32(float v) { return v; }
 static inline float to_f32(at::Half v) { return _cvtsh_ss(v.x); }
@@ -80,101 +68,110 @@ static inline __m256i load_u4(const uint8_t* p) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
 }
 
-// Scale-and-accumulate of one block's integer dot for one (weight row, activation row) pair. Every path
-// below uses this same sequence per pair (float lanes, then hsum + mins' share + bias), so a row's result
-// does not depend on how many rows share the call.
 template <int BITS>
 static inline __m256i load_block(const uint8_t* wrow, int64_t b) {
   return BITS == 4 ? load_u4(wrow + b * G / 2) : _mm256_loadu_si256((const __m256i*)(wrow + b * G));
 }
 
+// One block's integer dot as 8 float lanes. `ax` is |x| (int8 only: hoisted, it serves every weight row).
 template <int BITS>
-static inline __m256 block_dot(__m256i xv, __m256i wv) {
-  return BITS == 4 ? dot_u4(wv, xv) : dot_s8(xv, wv);
+static inline __m256 block_dot(__m256i xv, __m256i ax, __m256i wv) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (BITS == 4) return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones));
 }
 
-// y[m, n] for one weight row and one activation row.
-template <int BITS, typename P>
-static float pair_dot(const uint8_t* wrow, const P* wsrow, const P* wmrow, const int8_t* xrow, const float* xsrow,
-                      const float* xsum, int64_t groups, int64_t per) {
+static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8_f32(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+// The int4 mins' share of one output: sum over groups of min_g * (sum of the dequantized x in group g).
+template <typename P>
+static float mins_share(const P* mrow, const float* gsum, int64_t groups) {
   __m256 acc = _mm256_setzero_ps();
-  float offset = 0.f;
-  for (int64_t g = 0, b = 0; g < groups; ++g) {
-    const float wscale = to_f32(wsrow[g]);
-    float gsum = 0.f;
-    for (int64_t j = 0; j < per; ++j, ++b) {
-      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xrow + b * G));
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(xsrow[b] * wscale), block_dot<BITS>(xv, load_block<BITS>(wrow, b)), acc);
-      if (BITS == 4) gsum += xsum[b];
-    }
-    if (BITS == 4) offset += to_f32(wmrow[g]) * gsum;  // the mins' share: min * sum(x) per group
-  }
-  return hsum(acc) + offset;
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) acc = _mm256_fmadd_ps(load8_f32(mrow + g), _mm256_loadu_ps(gsum + g), acc);
+  float r = hsum(acc);
+  for (; g < groups; ++g) r += to_f32(mrow[g]) * gsum[g];
+  return r;
 }
 
-// The same for 2 weight rows x 4 activation rows at once: each weight block is loaded (and unpacked)
-// once for four rows, each activation block once for two; the arithmetic per pair is pair_dot's.
-template <int BITS, typename P>
-static void tile_dot(const uint8_t* w0, const uint8_t* w1, const P* s0, const P* s1, const P* m0, const P* m1,
-                     const int8_t* x, const float* xs, const float* xsum, int64_t K, int64_t groups, int64_t per,
-                     float* out) {
+// How every path accumulates one (weight row, activation row) pair, so that a row's result does not
+// depend on how many rows share the call: with one activation block per weight group (PER1), each block
+// is scaled by x_scale * w_scale; with several, blocks are summed with their x scales and each group's
+// sum is scaled by its w scale once. Then the lanes are summed, plus the mins' share and the bias.
+template <int BITS, bool PER1, int R, int C, typename P>
+static void dot_tile(const uint8_t* const* w, const P* const* ws, const int8_t* x, const float* xs, int64_t K,
+                     int64_t groups, int64_t per, float* out) {
   const int64_t blocks = K / G;
-  __m256 acc[2][4];
-  float offset[2][4] = {}, gsum[4];
-  for (int i = 0; i < 4; ++i) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+  __m256 acc[R][C], gacc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   for (int64_t g = 0, b = 0; g < groups; ++g) {
-    const float ws0 = to_f32(s0[g]), ws1 = to_f32(s1[g]);
-    for (int i = 0; i < 4; ++i) gsum[i] = 0.f;
-    for (int64_t j = 0; j < per; ++j, ++b) {
-      const __m256i v0 = load_block<BITS>(w0, b), v1 = load_block<BITS>(w1, b);
-      for (int i = 0; i < 4; ++i) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + i * K + b * G));
-        const float xsc = xs[i * blocks + b];
-        acc[0][i] = _mm256_fmadd_ps(_mm256_set1_ps(xsc * ws0), block_dot<BITS>(xv, v0), acc[0][i]);
-        acc[1][i] = _mm256_fmadd_ps(_mm256_set1_ps(xsc * ws1), block_dot<BITS>(xv, v1), acc[1][i]);
-        if (BITS == 4) gsum[i] += xsum[i * blocks + b];
+    __m256 wsv[R];
+    for (int r = 0; r < R; ++r) wsv[r] = _mm256_set1_ps(to_f32(ws[r][g]));
+    if (!PER1)
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) gacc[r][c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < (PER1 ? 1 : per); ++j, ++b) {
+      __m256i wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load_block<BITS>(w[r], b);
+      for (int c = 0; c < C; ++c) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + c * K + b * G));
+        const __m256i ax = BITS == 4 ? xv : _mm256_sign_epi8(xv, xv);
+        const __m256 xsv = _mm256_broadcast_ss(xs + c * blocks + b);
+        for (int r = 0; r < R; ++r) {
+          const __m256 d = block_dot<BITS>(xv, ax, wv[r]);
+          if (PER1) acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(xsv, wsv[r]), d, acc[r][c]);
+          else gacc[r][c] = _mm256_fmadd_ps(xsv, d, gacc[r][c]);
+        }
       }
     }
-    if (BITS == 4)
-      for (int i = 0; i < 4; ++i) {
-        offset[0][i] += to_f32(m0[g]) * gsum[i];
-        offset[1][i] += to_f32(m1[g]) * gsum[i];
-      }
+    if (!PER1)
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wsv[r], gacc[r][c], acc[r][c]);
   }
-  for (int r = 0; r < 2; ++r)
-    for (int i = 0; i < 4; ++i) out[4 * r + i] = hsum(acc[r][i]) + offset[r][i];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * C + c] = hsum(acc[r][c]);
 }
 
 // Activations quantized to int8 per block of 32, integer dots against the packed weights: memory-bound
-// at one or two rows, compute-bound beyond, where the 2x4 tiles run ~2.5x the float32 FMA rate.
-template <int BITS, typename P>
+// at one or two rows, compute-bound beyond, where 2 (weight rows) x 4 (activation rows) tiles reuse each
+// loaded block.
+template <int BITS, bool PER1, typename P>
 static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, const P* ws, const P* wm,
                       const float* bias, int64_t N, int64_t group, float* y, int64_t ldy) {
   const int64_t blocks = K / G, groups = K / group, per = group / G;
   const int64_t row_bytes = BITS == 4 ? K / 2 : K;
   const int8_t* X = a.q.data_ptr<int8_t>();
   const float *XS = a.s.data_ptr<float>(), *XSUM = a.sum.data_ptr<float>();
+  std::vector<float> gsum(BITS == 4 ? M * groups : 0);  // per activation row and weight group
+  for (int64_t i = 0; i < (int64_t)gsum.size(); ++i) {
+    float t = 0.f;
+    for (int64_t j = 0; j < per; ++j) t += XSUM[(i / groups) * blocks + (i % groups) * per + j];
+    gsum[i] = t;
+  }
   auto row = [&](int64_t n) { return (const uint8_t*)wq + n * row_bytes; };
-  auto mins = [&](int64_t n) { return wm ? wm + n * groups : nullptr; };
-  auto one = [&](int64_t n, int64_t m) {
-    y[m * ldy + n] = pair_dot<BITS>(row(n), ws + n * groups, mins(n), X + m * K, XS + m * blocks, XSUM + m * blocks,
-                                    groups, per) + (bias ? bias[n] : 0.f);
+  auto finish = [&](int64_t n, int64_t m, float dot) {
+    const float mins = BITS == 4 ? mins_share(wm + n * groups, gsum.data() + m * groups, groups) : 0.f;
+    y[m * ldy + n] = dot + mins + (bias ? bias[n] : 0.f);
   };
   const int64_t tiled_m = M < 4 ? 0 : M - M % 4;
   at::parallel_for(0, (N + 1) / 2, M < 4 ? 8 : 2, [&](int64_t p0, int64_t p1) {
     float out[8];
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n = 2 * p;
-      if (n + 1 < N) {
-        for (int64_t m = 0; m < tiled_m; m += 4) {
-          tile_dot<BITS>(row(n), row(n + 1), ws + n * groups, ws + (n + 1) * groups, mins(n), mins(n + 1),
-                         X + m * K, XS + m * blocks, XSUM + m * blocks, K, groups, per, out);
-          for (int r = 0; r < 2; ++r)
-            for (int i = 0; i < 4; ++i) y[(m + i) * ldy + n + r] = out[4 * r + i] + (bias ? bias[n + r] : 0.f);
-        }
+      const int64_t n = 2 * p, rows = std::min<int64_t>(2, N - n);
+      const uint8_t* w[2] = {row(n), row(n + rows - 1)};
+      const P* s[2] = {ws + n * groups, ws + (n + rows - 1) * groups};
+      for (int64_t m = 0; m < tiled_m; m += 4) {
+        dot_tile<BITS, PER1, 2, 4>(w, s, X + m * K, XS + m * blocks, K, groups, per, out);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int i = 0; i < 4; ++i) finish(n + r, m + i, out[4 * r + i]);
       }
-      for (int64_t r = 0; r < std::min<int64_t>(2, N - n); ++r)
-        for (int64_t m = n + 1 < N ? tiled_m : 0; m < M; ++m) one(n + r, m);
+      for (int64_t m = tiled_m; m < M; ++m)
+        for (int64_t r = 0; r < rows; ++r) {
+          dot_tile<BITS, PER1, 1, 1>(w + r, s + r, X + m * K, XS + m * blocks, K, groups, per, out);
+          finish(n + r, m, out[0]);
+        }
     }
   });
 }
@@ -183,8 +180,9 @@ template <typename P>
 static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const P* ws, const P* wm,
                      const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {
   const QuantAct a = quantize_rows(x, M, K);
-  if (bits == 4) wxa8_rows<4>(a, M, K, wq, ws, wm, bias, N, group, y, ldy);
-  else wxa8_rows<8>(a, M, K, wq, ws, wm, bias, N, group, y, ldy);
+  const bool per1 = group == G;
+  if (bits == 4) (per1 ? wxa8_rows<4, true, P> : wxa8_rows<4, false, P>)(a, M, K, wq, ws, wm, bias, N, group, y, ldy);
+  else (per1 ? wxa8_rows<8, true, P> : wxa8_rows<8, false, P>)(a, M, K, wq, ws, wm, bias, N, group, y, ldy);
 }
 
 // As wxa8_raw for parameter tensors of either dtype (see check_packed).
