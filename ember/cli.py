@@ -36,9 +36,10 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     g.add_argument("--scheduler", default="splitfuse", choices=["splitfuse", "prefill-first"],
                    help="step policy (default: splitfuse)")
     g.add_argument("--itl-target", type=_itl_target, default=None, metavar="MS|auto|off",
-                   help="splitfuse: milliseconds a step carrying decodes and prompt chunks may take, from the "
-                        "measured latency-vs-tokens curve; auto = twice a plain decode step; off = fill every "
-                        "step to --max-num-batched-tokens (default: auto)")
+                   help="splitfuse: milliseconds a step carrying decodes and prompt chunks may take, read off "
+                        "the measured latency-vs-tokens curve (smaller prompt chunks while sequences decode); "
+                        "auto = twice a plain decode step; off = fill every step to --max-num-batched-tokens "
+                        "(default: off)")
     g.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4"],
                    help="quantize weights at load for ember's AVX2 kernels: int8 (per channel, near-lossless) "
                         "or int4 (groups of 32, LM head int8; fastest decode) (default: none)")
@@ -46,12 +47,10 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
                    help=KV_HELP)
 
 
-def _itl_target(text: str) -> float | None:
-    """--itl-target: 'auto' -> None, 'off' -> 0, else milliseconds -> seconds."""
-    if text == "auto":
-        return None
-    if text == "off":
-        return 0.0
+def _itl_target(text: str) -> float | str | None:
+    """--itl-target: 'off' -> None, 'auto', else milliseconds -> seconds."""
+    if text in ("off", "auto"):
+        return None if text == "off" else text
     try:
         ms = float(text)
     except ValueError:

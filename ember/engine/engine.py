@@ -43,9 +43,9 @@ class EngineArgs:
     block_size: int = 16
     quantization: str = "none"  # "int8" / "int4": weights quantized at load (ember.compress.quantize)
     kv_cache_dtype: str = "auto"  # "int8" / "int4" / "int2": KIVI-quantized KV cache (ember.ops.kv_quant)
-    # SplitFuse: seconds a step carrying decodes and prompt chunks may take; None = auto (twice a plain
-    # decode step, from the measured latency curve), 0 = fill every step to max_num_batched_tokens.
-    itl_target: float | None = None
+    # SplitFuse: seconds a step carrying decodes and prompt chunks may take, read off the measured
+    # latency curve, or "auto" (twice a plain decode step); None: fill every step to max_num_batched_tokens.
+    itl_target: float | str | None = None
 
     def validate(self) -> None:
         checks = [
@@ -55,7 +55,8 @@ class EngineArgs:
              f"must be one of {', '.join(KV_CACHE_DTYPES)}"),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
-            (self.itl_target is None or self.itl_target >= 0, "itl_target", "must be >= 0 seconds (0 = off)"),
+            (self.itl_target in (None, "auto") or isinstance(self.itl_target, (int, float))
+             and 0 < self.itl_target < float("inf"), "itl_target", 'must be seconds > 0, "auto" or None'),
             (self.block_size >= 1, "block_size", "must be >= 1"),
             (self.kv_cache_dtype == "auto" or self.block_size >= 2, "block_size",
              "must be >= 2 with a quantized KV cache (keys are quantized per channel over a block)"),

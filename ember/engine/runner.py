@@ -13,6 +13,13 @@ from ember.ops.attention import AttentionMetadata, PrefillChunk
 from ember.ops.kv_quant import KVQuantMeta, QuantKVCache
 
 
+# With a float cache, prompt chunks of up to this many tokens run as single-query rows over the paged
+# cache, as decodes do (row i of a chunk attends up to its own position): a step of decodes plus small
+# chunks then runs whole in the fused C++ decoder stack instead of layer by layer. Larger chunks go to
+# SDPA, which reuses each key across queries.
+CHUNK_AS_DECODE_ROWS = 32
+
+
 @dataclass
 class PromptLogprobRows:
     """Logit rows [row, row + count) score prompt tokens first_token .. first_token + count - 1."""
@@ -74,6 +81,7 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
         decode_rows: list[int] = []
         decode_seqs: list[Sequence] = []
+        decode_ctx: list[int] = []
         spans: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, tokens, first row)
         logit_rows: list[int] = []
         result = StepResult(logits=torch.empty(0))
@@ -86,9 +94,10 @@ class ModelRunner:
             table = torch.tensor(seq.block_table, dtype=torch.long)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
-            if n == 1 and start > 0:
-                decode_rows.append(row0)
-                decode_seqs.append(seq)
+            if n == 1 and start > 0 or self.kv_bits is None and n <= CHUNK_AS_DECODE_ROWS:
+                decode_rows.extend(range(row0, row0 + n))
+                decode_seqs.extend([seq] * n)
+                decode_ctx.extend(range(start + 1, start + n + 1))
             else:
                 ctx = start + n
                 mask = None if start == 0 else torch.arange(ctx)[None, :] <= pos[:, None]
@@ -96,7 +105,7 @@ class ModelRunner:
             self._request_rows(seq, start, n, row0, logit_rows, result)
         meta.slot_mapping = torch.cat(slots)
         if decode_rows:
-            self._decode_meta(meta, decode_rows, decode_seqs)
+            self._decode_meta(meta, decode_rows, decode_seqs, decode_ctx)
         if self.kv_bits is not None:
             meta.kv_quant = self._kv_quant_meta(spans, decode_seqs)
         start = time.perf_counter()
@@ -119,16 +128,24 @@ class ModelRunner:
             result.sample_rows[seq] = len(logit_rows)
             logit_rows.append(row0 + n - 1)
 
-    def _decode_meta(self, meta: AttentionMetadata, rows: list[int], seqs: list[Sequence]) -> None:
-        ctx = torch.tensor([s.num_computed + 1 for s in seqs])
+    def _decode_meta(self, meta: AttentionMetadata, rows: list[int], seqs: list[Sequence], ctx_lens: list[int]
+                     ) -> None:
+        """Rows that attend one query each over their sequence's paged cache: decodes, and the tokens of
+        small prompt chunks (row i of a chunk sees the cache up to its own position)."""
+        ctx = torch.tensor(ctx_lens)
         meta.decode_rows = torch.tensor(rows, dtype=torch.long)
         meta.decode_ctx_lens = ctx
         if self.kv_bits is not None:  # a KIVI cache reads its own tables and mask (_quant_decode_meta)
             return
         width = max(len(s.block_table) for s in seqs)
         tables = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.block_table)] = torch.tensor(s.block_table)
+        i = 0
+        while i < len(seqs):  # a chunk's rows are consecutive and share their sequence's table
+            s, j = seqs[i], i + 1
+            while j < len(seqs) and seqs[j] is s:
+                j += 1
+            tables[i:j, : len(s.block_table)] = torch.tensor(s.block_table)
+            i = j
         meta.decode_block_tables = tables
         meta.decode_mask = (torch.arange(width * self.block_size)[None, :] < ctx[:, None])[:, None, None, :]
 

@@ -21,9 +21,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 256  # the token budget of one step
     policy: str = "splitfuse"
-    # SplitFuse's bound on a step that carries both decodes and prompt chunks, in seconds: None = auto
-    # (AUTO_ITL_FACTOR x a plain decode step), 0 = off (every step filled to the token budget).
-    itl_target: float | None = None
+    # SplitFuse's bound on a step that carries both decodes and prompt chunks: seconds, or "auto"
+    # (AUTO_ITL_FACTOR x a plain decode step); None = off (every step filled to the token budget).
+    itl_target: float | str | None = None
     min_chunk: int = 16  # prompt tokens a step may always carry, however slow, so prompts progress
 
 
@@ -151,9 +151,9 @@ class Scheduler:
     def _chunk_allowance(self, decodes: int) -> int:
         """Prompt tokens a step with `decodes` decoding sequences may carry and stay within the ITL target."""
         target = self.config.itl_target
-        if target == 0:
-            return self.config.max_num_batched_tokens
         if target is None:
+            return self.config.max_num_batched_tokens
+        if target == "auto":
             plain = self.cost.decode_seconds(decodes)
             if plain is None:
                 return self.config.min_chunk

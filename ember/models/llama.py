@@ -168,7 +168,7 @@ class LlamaModel(nn.Module):
             quant = any(isinstance(m, QuantLinear) for layer in self.layers for m in _projections(layer))
             self._fused = (key, _build_fused(kern, self), quant)
         _, fused, quant = self._fused
-        # Many rows make quantized layers compute-bound: the module path dequantizes for a float GEMM.
+        # Beyond KERNEL_MAX_ROWS the module path dequantizes quantized layers for a float GEMM.
         return None if quant and x.shape[0] > KERNEL_MAX_ROWS else fused
 
     def dense_context(self, n: int) -> tuple[list[torch.Tensor], AttentionMetadata]:

@@ -50,11 +50,11 @@ def _running(sched: Scheduler, decoders: int) -> list[Sequence]:
 
 
 @pytest.mark.parametrize("itl_target, expect", [
-    (0.0, 512 - 4),  # off: fill the budget
+    (None, 512 - 4),  # off: fill the budget
     (0.030, 20 - 4),  # explicit: the curve's tokens for 30 ms, minus the decodes
-    (None, round(AUTO_ITL_FACTOR * 20 - 10) - 4),  # auto: twice the measured plain decode step
+    ("auto", round(AUTO_ITL_FACTOR * 20 - 10) - 4),  # auto: twice the measured plain decode step
 ])
-def test_splitfuse_chunk_follows_the_latency_target(itl_target: float | None, expect: int) -> None:
+def test_splitfuse_chunk_follows_the_latency_target(itl_target: float | str | None, expect: int) -> None:
     sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", itl_target), BlockManager(400, 16))
     decoders = _running(sched, 4)
     for n in (30, 300, 120, 500):
@@ -68,7 +68,7 @@ def test_splitfuse_chunk_follows_the_latency_target(itl_target: float | None, ex
 
 
 def test_without_a_curve_a_small_chunk_goes_with_the_decodes() -> None:
-    sched = Scheduler(SchedulerConfig(8, 512, "splitfuse"), BlockManager(400, 16))
+    sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", "auto"), BlockManager(400, 16))
     _running(sched, 2)
     long = _seq(3000, "long")
     sched.add(long)
