@@ -1,12 +1,18 @@
 """SplitFuse's latency-aware budget: the step-cost curve and how much prompt a step with decodes takes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from ember import LLM, SamplingParams
+from ember.engine.engine import EngineArgs
 from ember.engine.kv_cache import BlockManager
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import AUTO_ITL_FACTOR, Scheduler, SchedulerConfig, StepCost
 from ember.engine.sequence import Sequence
+from ember.errors import InvalidParameterError
+from tests.conftest import TEXT
 
 
 def _seq(n: int, rid: str = "r") -> Sequence:
@@ -90,3 +96,35 @@ def test_prompts_alone_fill_the_whole_budget() -> None:
     long = _seq(3000, "long")
     sched.add(long)
     assert sched.schedule()[long] == 512  # no decode to protect
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("inf"), "fast"])
+def test_bad_itl_targets_are_refused(bad: object) -> None:
+    with pytest.raises(InvalidParameterError, match="itl_target"):
+        EngineArgs(itl_target=bad).validate()
+    for good in (None, "auto", 0.05):
+        EngineArgs(itl_target=good).validate()
+
+
+def test_a_latency_capped_engine_gives_the_same_tokens(tiny_llama3: Path) -> None:
+    # Two sequence slots, so later prompts are admitted while others decode; a 1 us target (out of reach
+    # even for a tiny model) then holds every such step to min_chunk prompt tokens.
+    ids = LLM(tiny_llama3).get_tokenizer().encode(TEXT)
+    prompts = [{"prompt_token_ids": ids[9 * i: 9 * i + 20 + 7 * i]} for i in range(6)]
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0, ignore_eos=True) for i in range(6)]
+    outs, mixed = {}, []
+    for target in (None, 1e-6):
+        llm = LLM(tiny_llama3, itl_target=target, kv_cache_memory=0.01, max_num_seqs=2)
+        sched = llm.engine.scheduler
+        schedule = sched.schedule
+
+        def spy() -> dict:
+            batch = schedule()
+            if target and any(n == 1 for n in batch.values()):
+                mixed.append(sum(n for n in batch.values() if n > 1))
+            return batch
+
+        sched.schedule = spy
+        outs[target] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert outs[None] == outs[1e-6]
+    assert max(mixed) == sched.config.min_chunk  # prompts did join decoding steps, capped
