@@ -167,11 +167,14 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
         for (int64_t r = 0; r < rows; ++r)
           for (int i = 0; i < 4; ++i) finish(n + r, m + i, out[4 * r + i]);
       }
-      for (int64_t m = tiled_m; m < M; ++m)
-        for (int64_t r = 0; r < rows; ++r) {
-          dot_tile<BITS, PER1, 1, 1>(w + r, s + r, X + m * K, XS + m * blocks, K, groups, per, out);
-          finish(n + r, m, out[0]);
+      for (int64_t m = tiled_m; m < M; ++m) {
+        if (PER1) {  // both rows at once: two accumulation chains in flight
+          dot_tile<BITS, PER1, 2, 1>(w, s, X + m * K, XS + m * blocks, K, groups, per, out);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) dot_tile<BITS, PER1, 1, 1>(w + r, s + r, X + m * K, XS + m * blocks, K, groups, per, out + r);
         }
+        for (int64_t r = 0; r < rows; ++r) finish(n + r, m, out[r]);
+      }
     }
   });
 }
