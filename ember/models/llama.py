@@ -132,7 +132,7 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions, x.dtype)
         fused = self._fused_decoder(x, meta)
-        if fused is not None:  # a batch of decodes only: all layers in one C++ call
+        if fused is not None:  # one-query rows only: all layers in one C++ call
             return self._run_fused(fused, x, rope, kv_caches, meta)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, rope, cache, meta)
@@ -153,7 +153,8 @@ class LlamaModel(nn.Module):
         return hidden
 
     def _fused_decoder(self, x: torch.Tensor, meta: AttentionMetadata) -> Any:
-        """The C++ decoder stack when this step is single-token decodes only (rows in order), float32
+        """The C++ decoder stack when every row of this step attends one query over the paged cache
+        (decodes, and prompt chunks the runner turned into such rows; rows in order), float32
         (weights and cache, or a KIVI cache) and every projection is a plain or quantized linear the
         kernels run; else None."""
         if meta.prefills or meta.decode_rows is None or x.dtype != torch.float32 or not self.layers:

@@ -27,10 +27,10 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) for each new token
     prefills: list[PrefillChunk] = field(default_factory=list)
-    decode_rows: torch.Tensor | None = None  # [B] rows of the flat batch that are single-token decodes
+    decode_rows: torch.Tensor | None = None  # [B] rows attending one query each (decodes, small chunks)
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
-    decode_ctx_lens: torch.Tensor | None = None  # [B] context length of each decoding sequence
+    decode_ctx_lens: torch.Tensor | None = None  # [B] tokens each such row attends (its position + 1)
     kv_quant: KVQuantMeta | None = None  # set when the cache is quantized (QuantKVCache)
 
 
