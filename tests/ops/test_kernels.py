@@ -28,9 +28,11 @@ def test_rms_norm(k) -> None:
 
 
 def test_silu_mul(k) -> None:
-    gu = torch.randn(5, 2 * 96) * 4
-    gate, up = gu.split(96, dim=-1)
-    torch.testing.assert_close(k.silu_mul(gu), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    for width in (96, 101):  # eight lanes at a time, and a scalar tail
+        gu = torch.randn(5, 2 * width) * 4
+        gu[0, :6] = torch.tensor([-100.0, -88.5, -30.0, 30.0, 88.5, 100.0])  # exp's clamp and both tails
+        gate, up = gu.split(width, dim=-1)
+        torch.testing.assert_close(k.silu_mul(gu), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 
 def test_rope_in_place(k) -> None:
