@@ -27,44 +27,62 @@ class SchedulerConfig:
     min_chunk: int = 16  # prompt tokens a step may always carry, however slow, so prompts progress
 
 
-class StepCost:
-    """The measured latency-vs-tokens curve: step seconds ~ a + b * tokens.
+class _LineFit:
+    """Exponentially weighted least squares for y ~ a + b * x."""
 
-    On a GPU a forward pass costs about the same up to hundreds of tokens, so DeepSpeed-FastGen fills
-    every pass to one budget. On a CPU the cost grows with every token from the first, so the budget that
-    keeps decodes flowing has to come from this curve. Fitted online (exponentially weighted least squares)
-    to the engine's steps that carry prompt tokens; decode-only steps are tracked on their own (the fused
-    decode path has its own cost), keyed by their batch size."""
-
-    def __init__(self, decay: float = 0.9) -> None:
+    def __init__(self, decay: float) -> None:
         self.decay = decay
         self._w = self._x = self._y = self._xx = self._xy = 0.0
-        self._decode: dict[int, float] = {}
 
-    def observe(self, tokens: int, seconds: float, decode_only: bool) -> None:
-        if decode_only:
-            old = self._decode.get(tokens)
-            self._decode[tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
-            return
+    def add(self, x: float, y: float) -> None:
         d = self.decay
         self._w = d * self._w + 1.0
-        self._x = d * self._x + tokens
-        self._y = d * self._y + seconds
-        self._xx = d * self._xx + tokens * tokens
-        self._xy = d * self._xy + tokens * seconds
+        self._x = d * self._x + x
+        self._y = d * self._y + y
+        self._xx = d * self._xx + x * x
+        self._xy = d * self._xy + x * y
 
     def line(self) -> tuple[float, float] | None:
-        """(a, b) of the fit, or None until steps of clearly different sizes were seen."""
+        """(a, b), or None until points of clearly different x were seen."""
         if self._w < 2:
             return None
         mx, my = self._x / self._w, self._y / self._w
         var = self._xx / self._w - mx * mx
-        if var < 16.0:  # token counts too alike (spread < 4) to tell the slope
+        if var < 16.0:  # x too alike (spread < 4) to tell the slope
             return None
         b = (self._xy / self._w - mx * my) / var
         if b <= 0:
             return None
         return max(0.0, my - b * mx), b
+
+
+class StepCost:
+    """The measured latency-vs-tokens curve: step seconds ~ a + b * tokens.
+
+    On a GPU a forward pass costs about the same up to hundreds of tokens, so DeepSpeed-FastGen fills
+    every pass to one budget. On a CPU the cost grows with every token from the first, so the budget that
+    keeps decodes flowing has to come from this curve. Fitted online to the engine's steps that carry
+    prompt tokens, preferring those that also carry decodes (the steps it must predict; prompt-only steps
+    run other code paths, long chunks through SDPA and a float GEMM); decode-only steps are tracked on
+    their own, keyed by their batch size."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self._mixed = _LineFit(decay)
+        self._prompt = _LineFit(decay)
+        self._decode: dict[int, float] = {}
+
+    def observe(self, tokens: int, decodes: int, seconds: float) -> None:
+        if tokens == decodes:
+            old = self._decode.get(tokens)
+            self._decode[tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            return
+        self._prompt.add(tokens, seconds)
+        if decodes:
+            self._mixed.add(tokens, seconds)
+
+    def line(self) -> tuple[float, float] | None:
+        """(a, b) of the fit, or None until steps of clearly different sizes were seen."""
+        return self._mixed.line() or self._prompt.line()
 
     def decode_seconds(self, batch: int) -> float | None:
         """A decode-only step of `batch` sequences, from the nearest batch size seen."""
@@ -95,8 +113,7 @@ class Scheduler:
 
     def observe(self, batch: dict[Sequence, int], seconds: float) -> None:
         """The wall time of a step the engine ran from `batch` (feeds the latency curve)."""
-        tokens = sum(batch.values())
-        self.cost.observe(tokens, seconds, decode_only=tokens == len(batch))
+        self.cost.observe(sum(batch.values()), sum(1 for n in batch.values() if n == 1), seconds)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

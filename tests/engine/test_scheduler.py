@@ -23,7 +23,7 @@ def test_step_cost_recovers_a_line_and_inverts_it() -> None:
     cost = StepCost()
     assert cost.line() is None and cost.max_tokens(1.0) is None
     for n in (40, 200, 72, 150, 18, 256):
-        cost.observe(n, 0.010 + 0.002 * n, decode_only=False)
+        cost.observe(n, 0, 0.010 + 0.002 * n)
     a, b = cost.line()
     assert a == pytest.approx(0.010, rel=1e-6) and b == pytest.approx(0.002, rel=1e-6)
     assert cost.max_tokens(0.050) == 20
@@ -33,14 +33,24 @@ def test_step_cost_recovers_a_line_and_inverts_it() -> None:
 def test_step_cost_needs_spread_and_keeps_decode_steps_apart() -> None:
     cost = StepCost()
     for _ in range(10):
-        cost.observe(64, 0.1, decode_only=False)
+        cost.observe(64, 0, 0.1)
     assert cost.line() is None  # one size only: the slope is unknown
-    cost.observe(8, 0.030, decode_only=True)
-    cost.observe(8, 0.040, decode_only=True)
+    cost.observe(8, 8, 0.030)
+    cost.observe(8, 8, 0.040)
     assert cost.decode_seconds(8) == pytest.approx(0.032)
     assert cost.decode_seconds(4) == pytest.approx(0.032)  # nearest size seen, not scaled down
     assert cost.decode_seconds(16) == pytest.approx(0.064)  # larger: scaled by batch size
     assert cost.line() is None  # decode steps do not enter the fit
+
+
+def test_step_cost_prefers_steps_that_carry_decodes() -> None:
+    cost = StepCost()
+    for n in (300, 900, 2000):  # prompt-only steps: another code path, another line
+        cost.observe(n, 0, 0.100 + 0.003 * n)
+    assert cost.line() == pytest.approx((0.100, 0.003))
+    for n in (20, 40, 30):
+        cost.observe(n, 8, 0.020 + 0.001 * n)
+    assert cost.line() == pytest.approx((0.020, 0.001))
 
 
 def _running(sched: Scheduler, decoders: int) -> list[Sequence]:
@@ -64,8 +74,8 @@ def test_splitfuse_chunk_follows_the_latency_target(itl_target: float | str | No
     sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", itl_target), BlockManager(400, 16))
     decoders = _running(sched, 4)
     for n in (30, 300, 120, 500):
-        sched.cost.observe(n, 0.010 + 0.001 * n, decode_only=False)
-    sched.cost.observe(4, 0.020, decode_only=True)
+        sched.cost.observe(n, 0, 0.010 + 0.001 * n)
+    sched.cost.observe(4, 4, 0.020)
     long = _seq(3000, "long")
     sched.add(long)
     batch = sched.schedule()
@@ -85,7 +95,7 @@ def test_a_slow_machine_still_moves_prompts_forward() -> None:
     sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", 0.001), BlockManager(400, 16))
     _running(sched, 2)
     for n in (30, 300):
-        sched.cost.observe(n, 0.010 + 0.001 * n, decode_only=False)
+        sched.cost.observe(n, 0, 0.010 + 0.001 * n)
     long = _seq(3000, "long")
     sched.add(long)
     assert sched.schedule()[long] == sched.config.min_chunk  # target unreachable: the minimum, not zero
