@@ -236,11 +236,10 @@ class LLMEngine:
                                    f"{len(self.scheduler.waiting)} waiting, "
                                    f"{self.blocks.num_free_blocks}/{self.blocks.num_blocks} blocks free")
             return []
-        sizes = dict(batch)  # _step may finish sequences; the latency curve wants what ran
         outputs = self._step(batch)
         seconds = time.perf_counter() - start
         self.stats["step_s"] += seconds
-        self.scheduler.observe(sizes, seconds)
+        self.scheduler.observe(batch, seconds)
         return outputs
 
     def _step(self, batch: dict[Sequence, int]) -> list[RequestOutput]:

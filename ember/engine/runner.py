@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 
@@ -140,10 +141,8 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         tables = torch.zeros(len(seqs), width, dtype=torch.long)
         i = 0
-        while i < len(seqs):  # a chunk's rows are consecutive and share their sequence's table
-            s, j = seqs[i], i + 1
-            while j < len(seqs) and seqs[j] is s:
-                j += 1
+        for s, rows_of_s in groupby(seqs):  # a chunk's rows are consecutive and share their sequence's table
+            j = i + len(list(rows_of_s))
             tables[i:j, : len(s.block_table)] = torch.tensor(s.block_table)
             i = j
         meta.decode_block_tables = tables

@@ -89,7 +89,7 @@ class StepCost:
         if not self._decode:
             return None
         near = min(self._decode, key=lambda n: (abs(n - batch), n))
-        return self._decode[near] * max(batch, 1) / max(near, 1) if near < batch else self._decode[near]
+        return self._decode[near] * max(1.0, batch / near)  # scaled up from a smaller batch, never down
 
     def max_tokens(self, seconds: float) -> int | None:
         """Most tokens a step may carry to take at most `seconds`, or None while the curve is unknown."""

@@ -73,7 +73,9 @@ static inline __m256i load_block(const uint8_t* wrow, int64_t b) {
   return BITS == 4 ? load_u4(wrow + b * G / 2) : _mm256_loadu_si256((const __m256i*)(wrow + b * G));
 }
 
-// One block's integer dot as 8 float lanes. `ax` is |x| (int8 only: hoisted, it serves every weight row).
+// One block's integer dot as 8 float lanes. int8: maddubs needs an unsigned operand, so |x| (`ax`, hoisted:
+// it serves every weight row) times w with x's sign; int4 codes are unsigned already (no saturation:
+// 2 * 15 * 127 fits in int16).
 template <int BITS>
 static inline __m256 block_dot(__m256i xv, __m256i ax, __m256i wv) {
   const __m256i ones = _mm256_set1_epi16(1);
@@ -181,6 +183,7 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
   });
 }
 
+// Raw y [M, N] = x [M, K] . W^T (+ bias); bits 8 (mins == nullptr) or 4. Rows of y are `ldy` apart.
 template <typename P>
 static void wxa8_raw(const float* x, int64_t M, int64_t K, const void* wq, const P* ws, const P* wm,
                      const float* bias, int64_t N, int64_t group, int bits, float* y, int64_t ldy) {

@@ -13,8 +13,8 @@ GROUP = BLOCK  # default weight group
 BITS = (4, 8)
 # Up to this many rows (decode batches, mixed steps, prompt chunks) the kernels quantize the activations
 # to int8 per block and run integer dots; above it (long prompt chunks) the module dequantizes the whole
-# matrix for MKL's float GEMM, whose blocking wins there (measured: int8 even at 512 rows, int4 1.4x
-# behind MKL; below ~128 rows the integer tiles win, and dequantizing costs ~1 ms per matrix per step).
+# matrix for MKL's float GEMM. Measured per matrix: the integer tiles win below ~128 rows (dequantizing
+# alone costs ~1 ms); at 512 rows int8 tiles only tie with dequantize + MKL and int4 tiles trail it 1.4x.
 KERNEL_MAX_ROWS = 256
 
 
