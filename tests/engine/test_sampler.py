@@ -152,6 +152,15 @@ def test_min_p_never_draws_below_the_floor() -> None:
         assert (probs[torch.arange(64), ids] >= floor).all()
 
 
+def test_draws_at_the_ends_of_the_unit_interval_land_on_kept_tokens() -> None:
+    # Masked tokens (zero mass) at both ends and between: u = 0 takes the first kept token, u just below 1
+    # (u * total may round up to the total) the last or the likeliest kept one, never a masked one.
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0]] * 3)
+    u = torch.tensor([[0.0], [1.0 - 2**-53], [1.0]], dtype=torch.float64)
+    tokens = sampler_module._inverse_cdf(probs, u).tolist()
+    assert tokens[0] == 1 and tokens[1] in (1, 3) and tokens[2] == 3
+
+
 @pytest.mark.parametrize("seeded", [False, True])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_temperature_frequencies_match_softmax(seeded: bool, temperature: float) -> None:
