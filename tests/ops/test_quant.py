@@ -50,10 +50,22 @@ def test_pack_layout_is_llama_cpp_q4(bits: int, group: int, k: int) -> None:
                                                (4, 64, "f16"), (4, 160, "f16"), (4, 32, "f32")])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 32])
 def test_kernel_matches_the_pytorch_twin(bits: int, group: int, params: str, rows: int) -> None:
+    _check_kernel(bits, group, params, rows, 320)
+
+
+@pytest.mark.skipif(not HAS_AVX2 or shutil.which("c++") is None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_kernel_on_long_rows(rows: int) -> None:
+    # 73 blocks of 32: the few-rows path stages scale products 64 blocks at a time, and 73 % 8 == 1
+    # leaves a tail after the eight-lane mins.
+    _check_kernel(4, 32, "f16", rows, 73 * 32)
+
+
+def _check_kernel(bits: int, group: int, params: str, rows: int, k_in: int) -> None:
     k = cpu_kernels()
     assert k is not None, "the kernels failed to build on an AVX2 machine with a compiler"
     gen = torch.Generator().manual_seed(rows)
-    w, x = torch.randn(201, 320, generator=gen), torch.randn(rows, 320, generator=gen)  # odd N: tile edge
+    w, x = torch.randn(201, k_in, generator=gen), torch.randn(rows, k_in, generator=gen)  # odd N: tile edge
     layer = Q.QuantLinear.from_float(w, bits=bits, group=group)
     dtype = torch.float16 if params == "f16" else torch.float32  # group parameters of either width
     mins = None if layer.mins is None else layer.mins.to(dtype)
