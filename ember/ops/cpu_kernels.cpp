@@ -451,12 +451,13 @@ static void attend_v64(const float* p, int64_t begin, int64_t end, const PagedKV
 // One query token per sequence attending to its context straight from the paged cache (no gather).
 // Q rows are `ldq` floats apart (H heads x D each); O is [B, H, D]. Walks the block table block by block.
 static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV& kv,
-                                   float scale, float* O);
-static bool split_pays(int64_t B, const PagedKV& kv);
+                                   float scale, int64_t pieces, float* O);
+static int64_t context_pieces(int64_t B, const PagedKV& kv);
 
 static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV& kv,
                                  float scale, float* O) {
-  if (split_pays(B, kv)) return decode_attention_split(Q, B, H, ldq, kv, scale, O);
+  const int64_t pieces = context_pieces(B, kv);
+  if (pieces > 1) return decode_attention_split(Q, B, H, ldq, kv, scale, pieces, O);
   const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, group = H / KVH, row = KVH * D;
   at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
@@ -489,10 +490,11 @@ static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t l
   });
 }
 
-// Flash-decoding for few, long sequences: (sequence, KV head) pairs alone leave threads idle (one
-// sequence of a 3-KV-head model is 3 items for 2 threads), so each context is cut into SPLIT_TOKENS
-// pieces attended in parallel, each keeping its max, exp-sum and unnormalised output, then merged.
-constexpr int64_t SPLIT_TOKENS = 256;
+// Flash-decoding for few sequences: (sequence, KV head) pairs alone leave threads idle or unevenly loaded
+// (one sequence of a 3-KV-head model is 3 items for 2 threads: one waits a third of the time), so each
+// context is cut into equal pieces attended in parallel, each keeping its max, exp-sum and unnormalised
+// output, then merged. Pieces are at least MIN_PIECE tokens: below that the merge costs more than it saves.
+constexpr int64_t MIN_PIECE = 32;
 
 // Tokens [t0, t1) of sequence b for KV head h: per query head g, m[g] = max score, l[g] = sum of
 // exp(score - m[g]), acc[g*D..] = sum of exp(score - m[g]) * V.
@@ -516,52 +518,47 @@ static void partial_attention(const float* qb, int64_t group, const PagedKV& kv,
 }
 
 static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV& kv,
-                                   float scale, float* O) {
-  const int64_t KVH = kv.KVH, D = kv.D, group = H / KVH;
-  std::vector<int64_t> seq_of, start_of;  // one entry per piece
-  std::vector<int64_t> first(B + 1, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t t = 0; t < kv.lens[b]; t += SPLIT_TOKENS) { seq_of.push_back(b); start_of.push_back(t); }
-    first[b + 1] = (int64_t)seq_of.size();
-  }
-  const int64_t pieces = (int64_t)seq_of.size();
-  std::vector<float> M(pieces * KVH * group), L(M.size()), ACC(M.size() * D);
-  at::parallel_for(0, pieces * KVH, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(group * SPLIT_TOKENS);
+                                   float scale, int64_t pieces, float* O) {
+  const int64_t KVH = kv.KVH, D = kv.D, group = H / KVH, items = B * KVH * pieces;
+  std::vector<float> M(items * group), L(M.size()), ACC(M.size() * D);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, kv.lens[b]);
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {  // i = (b, h, piece)
+    std::vector<float> scores(group * (longest / pieces + 1));
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t c = i / KVH, h = i % KVH, b = seq_of[c];
-      const int64_t t0 = start_of[c], t1 = std::min(kv.lens[b], t0 + SPLIT_TOKENS);
-      partial_attention(Q + b * ldq + h * group * D, group, kv, kv.tables + b * kv.W, h, t0, t1, scale,
-                        scores.data(), &M[i * group], &L[i * group], &ACC[i * group * D]);
+      const int64_t b = i / (KVH * pieces), h = (i / pieces) % KVH, c = i % pieces, len = kv.lens[b];
+      partial_attention(Q + b * ldq + h * group * D, group, kv, kv.tables + b * kv.W, h, c * len / pieces,
+                        (c + 1) * len / pieces, scale, scores.data(), &M[i * group], &L[i * group], &ACC[i * group * D]);
     }
   });
-  at::parallel_for(0, B * KVH * group, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {  // j = (b, h, g): merge the pieces of one query head
-      const int64_t b = j / (KVH * group), h = (j / group) % KVH, g = j % group;
-      float mx = -INFINITY, sum = 0.f;
-      for (int64_t c = first[b]; c < first[b + 1]; ++c) mx = std::max(mx, M[(c * KVH + h) * group + g]);
-      float* out = O + (b * H + h * group + g) * D;
-      std::fill(out, out + D, 0.f);
-      for (int64_t c = first[b]; c < first[b + 1]; ++c) {
-        const int64_t k = (c * KVH + h) * group + g;
-        const float w = std::exp(M[k] - mx);
-        sum += w * L[k];
-        axpy_f32(w, &ACC[k * D], out, D);
-      }
-      const float inv = 1.f / sum;
-      for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+  for (int64_t j = 0; j < B * KVH * group; ++j) {  // j = (b, h, g): merge the pieces of one query head
+    const int64_t bh = j / group, g = j % group;
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t c = 0; c < pieces; ++c) mx = std::max(mx, M[(bh * pieces + c) * group + g]);
+    float* out = O + j * D;  // (b, h, g) is query head h * group + g of sequence b
+    std::fill(out, out + D, 0.f);
+    for (int64_t c = 0; c < pieces; ++c) {
+      const int64_t k = (bh * pieces + c) * group + g;
+      const float w = std::exp(M[k] - mx);
+      sum += w * L[k];
+      axpy_f32(w, &ACC[k * D], out, D);
     }
-  });
+    const float inv = 1.f / sum;
+    for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+  }
 }
 
-// Whether decode_attention_split pays: fewer (sequence, KV head) items than two per thread, and a
-// context of more than 4 pieces (measured, one sequence of SmolLM2 on 2 threads, 30 layers cycled:
-// 2048 tokens 508 -> 421 us per layer, 1024 tokens 255 -> 241, but 300 tokens 41 -> 83).
-static bool split_pays(int64_t B, const PagedKV& kv) {
-  if (B * kv.KVH >= 2 * at::get_num_threads()) return false;
-  for (int64_t b = 0; b < B; ++b)
-    if (kv.lens[b] > 4 * SPLIT_TOKENS) return true;
-  return false;
+// Pieces per context for decode_attention_split (1: no split): when there are fewer (sequence, KV head)
+// items than two per thread, the fewest pieces that give every thread the same number of items, each
+// piece at least MIN_PIECE tokens of the shortest context.
+static int64_t context_pieces(int64_t B, const PagedKV& kv) {
+  const int64_t threads = at::get_num_threads(), items = B * kv.KVH;
+  if (threads < 2 || items >= 2 * threads) return 1;
+  int64_t shortest = kv.lens[0];
+  for (int64_t b = 1; b < B; ++b) shortest = std::min(shortest, kv.lens[b]);
+  for (int64_t p = 2; p * MIN_PIECE <= shortest; ++p)
+    if ((items * p) % threads == 0) return p;
+  return 1;
 }
 
 // q [B, H, D]; k_cache, v_cache [blocks, block_size, KVH, D]; tables [B, W]; ctx_lens [B].

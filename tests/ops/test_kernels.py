@@ -65,17 +65,18 @@ def test_model_with_and_without_kernels_agree(tiny_qwen2, monkeypatch) -> None:
     torch.testing.assert_close(with_kernels, without, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("long", [False, True])
-def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, long: bool) -> None:
-    """Short contexts run one (sequence, KV head) per task; one long context is split into pieces
-    attended in parallel and merged (flash-decoding)."""
+@pytest.mark.parametrize("alone", [0, 67, 1500])
+def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, alone: int) -> None:
+    """Several sequences run one (sequence, KV head) per task; one sequence alone (3 KV heads for 2
+    threads) has its context split into pieces attended in parallel and merged (flash-decoding), at an
+    odd length too."""
     import ember.ops.attention as A
 
     nb, bs, kvh, hd, heads = 200, 16, 3, 64, 9
     cache = torch.randn(2, nb, bs, kvh, hd)
-    if long:
+    if alone:
         tables = torch.randperm(nb)[None, :100]
-        lens = torch.tensor([1500])
+        lens = torch.tensor([alone])
     else:
         tables = torch.tensor([[3, 5, 7, 0], [1, 2, 0, 0], [9, 10, 11, 12], [4, 0, 0, 0]])
         lens = torch.tensor([40, 20, 64, 1])
