@@ -14,9 +14,10 @@ log = logging.getLogger("ember")
 
 
 MODEL_HELP = "model name, .gguf file or Hugging Face folder (default: smollm2-135m-instruct)"
-KV_CACHE_DTYPES = ["auto", "int8", "int4", "int2"]  # ember.ops.kv_quant's, listed here to keep --help fast
-KV_HELP = ("KV cache storage: auto (the model dtype) or KIVI int8 / int4 / int2 (keys per channel, values per "
-           "token, each sequence's newest block kept in float); more tokens fit in --kv-cache-memory")
+KV_CACHE_DTYPES = ["auto", "float16", "int8", "int4", "int2"]  # ember.ops.kv_quant's, listed to keep --help fast
+KV_HELP = ("KV cache storage: auto (the model dtype), float16 (half a float32 model's cache, as llama.cpp's "
+           "default), or KIVI int8 / int4 / int2 (keys per channel, values per token, each sequence's newest "
+           "block kept in float); more tokens fit in --kv-cache-memory")
 
 
 def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
@@ -264,8 +265,8 @@ def _eval_parsers(sub: Any) -> None:
     ppl.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
                      help="weights dtype (default: float32)")
     ppl.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                     help="auto: one dense forward per window; int8 / int4 / int2: score through a KIVI cache, "
-                          "one block of tokens per step, as generation reads it")
+                     help="auto: one dense forward per window; float16, or KIVI int8 / int4 / int2: score "
+                          "through that cache, one block of tokens per step, as generation reads it")
     ppl.add_argument("--block-size", type=int, default=16,
                      help="KV block size with a quantized cache: KIVI's key group and most float tokens (default 16)")
     ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

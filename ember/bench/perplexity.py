@@ -15,7 +15,7 @@ from ember.engine.sampling_params import SamplingParams
 from ember.engine.sequence import Sequence
 from ember.errors import InvalidParameterError
 from ember.models.loader import LoadedModel
-from ember.ops.kv_quant import KV_CACHE_DTYPES
+from ember.ops.kv_quant import KV_CACHE_DTYPES, float_cache_dtype
 
 LOGIT_CHUNK = 256  # positions per logits slice: bounds memory to 256 x vocab floats
 
@@ -49,14 +49,13 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
     every scored token is scored once, with at least ctx - stride tokens of context (as Hugging Face's
     strided perplexity).
 
-    With a quantized `kv_cache_dtype` each window runs through the engine's runner and a KIVI cache one
-    block of `block_size` tokens per step: every token then sees earlier blocks as the cache stores them
-    (quantized) and its own block in float, exactly as a generated token does.
+    With any `kv_cache_dtype` but "auto" each window runs through the engine's runner and that cache (float16,
+    or KIVI) one block of `block_size` tokens per step: every token then sees earlier tokens as the cache
+    stores them (KIVI: its own block in float), exactly as a generated token does.
     """
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise InvalidParameterError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                                     f"got {kv_cache_dtype!r}", param="kv_cache_dtype")
-    kv_bits = KV_CACHE_DTYPES[kv_cache_dtype]
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise InvalidParameterError(f"block_size must be an integer >= 2, got {block_size!r}", param="block_size")
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)
@@ -72,8 +71,8 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
     for n, s in enumerate(starts):
         first = 1 if n == 0 else max(1, ctx - stride)
         window = tokens[s:s + ctx]
-        window_nll = (_window_nll(loaded, window, first) if kv_bits is None
-                      else _window_nll_cached(loaded, window, first, kv_bits, block_size))
+        window_nll = (_window_nll(loaded, window, first) if kv_cache_dtype == "auto"
+                      else _window_nll_cached(loaded, window, first, kv_cache_dtype, block_size))
         nll += float(window_nll.sum())
         scored += window_nll.numel()
     mean = nll / scored
@@ -115,12 +114,13 @@ def _window_nll(loaded: LoadedModel, ids: torch.Tensor, first: int) -> torch.Ten
     return torch.cat(out)
 
 
-def _window_nll_cached(loaded: LoadedModel, ids: torch.Tensor, first: int, kv_bits: int,
+def _window_nll_cached(loaded: LoadedModel, ids: torch.Tensor, first: int, kv_cache_dtype: str,
                        block_size: int) -> torch.Tensor:
-    """As _window_nll, run one block per step through a ModelRunner over a quantized paged cache."""
+    """As _window_nll, run one block per step through a ModelRunner over a paged cache of that type."""
     n = ids.shape[0]
     blocks = BlockManager(-(-n // block_size), block_size, enable_prefix_caching=False, num_residual=2)
-    runner = ModelRunner(loaded.model, blocks, loaded.model.embed_tokens.weight.dtype, kv_bits)
+    dtype = float_cache_dtype(kv_cache_dtype, loaded.model.embed_tokens.weight.dtype)
+    runner = ModelRunner(loaded.model, blocks, dtype, KV_CACHE_DTYPES[kv_cache_dtype])
     seq = Sequence("ppl", 0, ids.tolist(), SamplingParams(max_tokens=1, prompt_logprobs=0), 0.0)
     out = []
     for start in range(0, n, block_size):

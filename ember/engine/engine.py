@@ -21,7 +21,7 @@ from ember.engine.sequence import Sequence, Status
 from ember.errors import InvalidParameterError, PromptTooLongError
 from ember.loading.tokenizer import IncrementalDetokenizer
 from ember.models.loader import LoadedModel, load_model, parse_dtype
-from ember.ops.kv_quant import KV_CACHE_DTYPES
+from ember.ops.kv_quant import KV_CACHE_DTYPES, float_cache_dtype
 
 log = logging.getLogger("ember")
 GiB = 1 << 30
@@ -42,7 +42,7 @@ class EngineArgs:
     scheduler: str = "splitfuse"
     block_size: int = 16
     quantization: str = "none"  # "int8" / "int4": weights quantized at load (ember.compress.quantize)
-    kv_cache_dtype: str = "auto"  # "int8" / "int4" / "int2": KIVI-quantized KV cache (ember.ops.kv_quant)
+    kv_cache_dtype: str = "auto"  # "float16", or "int8" / "int4" / "int2": KIVI (ember.ops.kv_quant)
     # SplitFuse: seconds a step carrying decodes and prompt chunks may take, read off the measured
     # latency curve, or "auto" (twice a plain decode step); None: fill every step to max_num_batched_tokens.
     itl_target: float | str | None = None
@@ -58,7 +58,7 @@ class EngineArgs:
             (self.itl_target in (None, "auto") or isinstance(self.itl_target, (int, float))
              and 0 < self.itl_target < float("inf"), "itl_target", 'must be seconds > 0, "auto" or None'),
             (self.block_size >= 1, "block_size", "must be >= 1"),
-            (self.kv_cache_dtype == "auto" or self.block_size >= 2, "block_size",
+            (KV_CACHE_DTYPES.get(self.kv_cache_dtype) is None or self.block_size >= 2, "block_size",
              "must be >= 2 with a quantized KV cache (keys are quantized per channel over a block)"),
             (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0 GiB"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2"),
@@ -96,7 +96,8 @@ class LLMEngine:
         self.config = self.loaded.config
         model = apply_quantization(self.loaded.model, args.quantization)
         kv_bits = KV_CACHE_DTYPES[args.kv_cache_dtype]
-        per_token = kv_bytes_per_token(model, self.dtype, kv_bits, args.block_size)
+        kv_dtype = float_cache_dtype(args.kv_cache_dtype, self.dtype)
+        per_token = kv_bytes_per_token(model, kv_dtype, kv_bits, args.block_size)
         context = min(args.max_model_len or self.config.max_position_embeddings, model.max_positions)
         if self.config.sliding_window and context > self.config.sliding_window:
             # Full attention equals sliding-window attention only up to the window.
@@ -125,7 +126,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, num_residual)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
                                                    args.scheduler, args.itl_target), self.blocks)
-        self.runner = ModelRunner(model, self.blocks, self.dtype, kv_bits)
+        self.runner = ModelRunner(model, self.blocks, kv_dtype, kv_bits)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         # step_s / forward_s: wall time of whole steps and of the model inside them (engine overhead).
@@ -134,7 +135,7 @@ class LLMEngine:
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s); max_model_len %d",
                  num_blocks, args.block_size, num_blocks * args.block_size,
                  num_blocks * args.block_size * per_token / GiB,
-                 args.kv_cache_dtype if kv_bits else str(self.dtype).removeprefix("torch."), self.max_model_len)
+                 args.kv_cache_dtype if kv_bits else str(kv_dtype).removeprefix("torch."), self.max_model_len)
 
     @property
     def num_cache_tokens(self) -> int:

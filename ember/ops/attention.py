@@ -78,7 +78,7 @@ def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    kern = cpu_kernels() if q.dtype == torch.float32 and cache.dtype == torch.float32 else None
+    kern = cpu_kernels() if q.dtype == torch.float32 and cache.dtype in (torch.float32, torch.float16) else None
     if kern is not None:  # reads K/V in place from the blocks instead of gathering a padded copy
         return kern.paged_decode_attention(q, cache[0], cache[1], meta.decode_block_tables,
                                            meta.decode_ctx_lens, scale)

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <type_traits>
 
 static constexpr int G = 32;  // activation block
 
@@ -67,18 +68,23 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-static inline float dot_f32(const float* a, const float* b, int64_t n) {
+// Float32 or float16 operands (group parameters: llama.cpp's choice, 5 bits per weight at int4 g32; a
+// float16 KV cache: llama.cpp's default), read as float32.
+static inline float to_f32(float v) { return v; }
+static inline float to_f32(at::Half v) { return _cvtsh_ss(v.x); }
+static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8_f32(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+template <typename T>
+static inline float dot_f32(const float* a, const T* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8_f32(b + i), acc);
   float r = hsum(acc);
-  for (; i < n; ++i) r += a[i] * b[i];
+  for (; i < n; ++i) r += a[i] * to_f32(b[i]);
   return r;
 }
 
-// Group parameters are float32 or float16 (llama.cpp's choice: 5 bits per weight at int4 g32).
-static inline float to_f32(float v) { return v; }
-static inline float to_f32(at::Half v) { return _cvtsh_ss(v.x); }
 
 // Load 32 int4 codes of one block (16 bytes) as 32 bytes 0..15 in block order.
 static inline __m256i load_u4(const uint8_t* p) {
@@ -101,8 +107,6 @@ static inline __m256 block_dot(__m256i xv, __m256i ax, __m256i wv) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones));
 }
 
-static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8_f32(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
 // The int4 mins' share of one output: sum over groups of min_g * (sum of the dequantized x in group g).
 template <typename P>
@@ -398,18 +402,20 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 }
 
 // Paged KV cache geometry: K and V planes of [blocks, block_size, KVH, D] floats.
+template <typename T>  // float or at::Half
 struct PagedKV {
-  const float *K, *V;
+  const T *K, *V;
   const int64_t* tables;  // [B, W] block ids
   const int64_t* lens;    // [B] context lengths
   int64_t W, BS, KVH, D;
 };
 
-static inline void axpy_f32(float p, const float* x, float* y, int64_t n) {
+template <typename T>
+static inline void axpy_f32(float p, const T* x, float* y, int64_t n) {
   const __m256 pv = _mm256_set1_ps(p);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += p * x[i];
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, load8_f32(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += p * to_f32(x[i]);
 }
 
 // e^x for 8 floats: Cephes' range reduction and polynomial (as avx_mathfun), ~1 ulp on softmax inputs.
@@ -456,18 +462,19 @@ static void softmax_inplace(float* s, int64_t n) {
 }
 
 // out[0..64) = sum over t in [begin, end) of p[t - begin] * V[t] for one KV head, in eight registers.
-static void attend_v64(const float* p, int64_t begin, int64_t end, const PagedKV& kv, const int64_t* table,
+template <typename T>
+static void attend_v64(const float* p, int64_t begin, int64_t end, const PagedKV<T>& kv, const int64_t* table,
                        int64_t h, float* out) {
   const int64_t row = kv.KVH * kv.D;
   __m256 a[8];
   for (auto& r : a) r = _mm256_setzero_ps();
   for (int64_t t0 = begin; t0 < end;) {
-    const float* v = kv.V + ((table[t0 / kv.BS] * kv.BS + t0 % kv.BS) * kv.KVH + h) * kv.D;
+    const T* v = kv.V + ((table[t0 / kv.BS] * kv.BS + t0 % kv.BS) * kv.KVH + h) * kv.D;
     const int64_t t1 = std::min(end, (t0 / kv.BS + 1) * kv.BS);
     for (int64_t t = t0; t < t1; ++t, v += row) {
       _mm_prefetch((const char*)(v + 4 * row), _MM_HINT_T0);
       const __m256 pt = _mm256_set1_ps(p[t - begin]);
-      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * j), a[j]);
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(pt, load8_f32(v + 8 * j), a[j]);
     }
     t0 = t1;
   }
@@ -476,11 +483,14 @@ static void attend_v64(const float* p, int64_t begin, int64_t end, const PagedKV
 
 // One query token per sequence attending to its context straight from the paged cache (no gather).
 // Q rows are `ldq` floats apart (H heads x D each); O is [B, H, D]. Walks the block table block by block.
-static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV& kv,
+template <typename T>
+static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV<T>& kv,
                                    float scale, int64_t pieces, float* O);
-static int64_t context_pieces(int64_t B, const PagedKV& kv);
+template <typename T>
+static int64_t context_pieces(int64_t B, const PagedKV<T>& kv);
 
-static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV& kv,
+template <typename T>
+static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV<T>& kv,
                                  float scale, float* O) {
   const int64_t pieces = context_pieces(B, kv);
   if (pieces > 1) return decode_attention_split(Q, B, H, ldq, kv, scale, pieces, O);
@@ -493,7 +503,7 @@ static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t l
       scores.resize(group * len);
       const float* qb = Q + b * ldq + h * group * D;
       for (int64_t t0 = 0; t0 < len; t0 += BS) {
-        const float* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
+        const T* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
         const int64_t t1 = std::min(len, t0 + BS);
         for (int64_t t = t0; t < t1; ++t, k += row) {
           _mm_prefetch((const char*)(k + 4 * row), _MM_HINT_T0);
@@ -508,7 +518,7 @@ static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t l
       }
       std::fill(ob, ob + group * D, 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += BS) {
-        const float* v = kv.V + (table[t0 / BS] * BS * KVH + h) * D;
+        const T* v = kv.V + (table[t0 / BS] * BS * KVH + h) * D;
         for (int64_t t = t0; t < std::min(len, t0 + BS); ++t, v += row)
           for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * len + t], v, ob + g * D, D);
       }
@@ -524,11 +534,12 @@ constexpr int64_t MIN_PIECE = 32;
 
 // Tokens [t0, t1) of sequence b for KV head h: per query head g, m[g] = max score, l[g] = sum of
 // exp(score - m[g]), acc[g*D..] = sum of exp(score - m[g]) * V.
-static void partial_attention(const float* qb, int64_t group, const PagedKV& kv, const int64_t* table, int64_t h,
+template <typename T>
+static void partial_attention(const float* qb, int64_t group, const PagedKV<T>& kv, const int64_t* table, int64_t h,
                               int64_t t0, int64_t t1, float scale, float* scores, float* m, float* l, float* acc) {
   const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, n = t1 - t0;
   for (int64_t t = t0; t < t1; ++t) {
-    const float* k = kv.K + ((table[t / BS] * BS + t % BS) * KVH + h) * D;
+    const T* k = kv.K + ((table[t / BS] * BS + t % BS) * KVH + h) * D;
     for (int64_t g = 0; g < group; ++g) scores[g * n + t - t0] = dot_f32(qb + g * D, k, D) * scale;
   }
   for (int64_t g = 0; g < group; ++g) l[g] = exp_inplace(scores + g * n, n, m + g);
@@ -538,12 +549,13 @@ static void partial_attention(const float* qb, int64_t group, const PagedKV& kv,
   }
   std::fill(acc, acc + group * D, 0.f);
   for (int64_t t = t0; t < t1; ++t) {
-    const float* v = kv.V + ((table[t / BS] * BS + t % BS) * KVH + h) * D;
+    const T* v = kv.V + ((table[t / BS] * BS + t % BS) * KVH + h) * D;
     for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * n + t - t0], v, acc + g * D, D);
   }
 }
 
-static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV& kv,
+template <typename T>
+static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV<T>& kv,
                                    float scale, int64_t pieces, float* O) {
   const int64_t KVH = kv.KVH, D = kv.D, group = H / KVH, items = B * KVH * pieces;
   std::vector<float> M(items * group), L(M.size()), ACC(M.size() * D);
@@ -580,7 +592,8 @@ static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t
 // Pieces per context for decode_attention_split (1: no split): when there are fewer (sequence, KV head)
 // items than two per thread, the fewest pieces that give every thread the same number of items, each
 // piece at least MIN_PIECE tokens of the shortest context.
-static int64_t context_pieces(int64_t B, const PagedKV& kv) {
+template <typename T>
+static int64_t context_pieces(int64_t B, const PagedKV<T>& kv) {
   const int64_t threads = at::get_num_threads(), items = B * kv.KVH;
   if (threads < 2 || items >= 2 * threads) return 1;
   int64_t shortest = kv.lens[0];
@@ -590,20 +603,40 @@ static int64_t context_pieces(int64_t B, const PagedKV& kv) {
   return 1;
 }
 
-// q [B, H, D]; k_cache, v_cache [blocks, block_size, KVH, D]; tables [B, W]; ctx_lens [B].
+// Calls f with the cache tensor's element type as a null pointer of it: float32 or float16.
+template <typename F>
+static void with_cache_type(const torch::Tensor& cache, F f) {
+  TORCH_CHECK(cache.dtype() == torch::kFloat32 || cache.dtype() == torch::kFloat16, "KV cache must be float32 or float16");
+  if (cache.dtype() == torch::kFloat16) f((at::Half*)nullptr);
+  else f((float*)nullptr);
+}
+
+// q [B, H, D]; k_cache, v_cache [blocks, block_size, KVH, D] float32 or float16; tables [B, W]; ctx_lens [B].
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor tables, torch::Tensor ctx_lens, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 && k_cache.is_contiguous()
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == v_cache.dtype() && k_cache.is_contiguous()
               && v_cache.is_contiguous() && tables.dtype() == torch::kInt64 && ctx_lens.dtype() == torch::kInt64);
   q = q.contiguous();
   tables = tables.contiguous();
   ctx_lens = ctx_lens.contiguous();
   auto out = torch::empty_like(q);
-  const PagedKV kv{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(),
-                   ctx_lens.data_ptr<int64_t>(), tables.size(1), k_cache.size(1), k_cache.size(2), k_cache.size(3)};
-  decode_attention_raw(q.data_ptr<float>(), q.size(0), q.size(1), q.size(1) * q.size(2), kv, (float)scale,
-                       out.data_ptr<float>());
+  with_cache_type(k_cache, [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    const PagedKV<T> kv{(const T*)k_cache.data_ptr(), (const T*)v_cache.data_ptr(), tables.data_ptr<int64_t>(),
+                        ctx_lens.data_ptr<int64_t>(), tables.size(1), k_cache.size(1), k_cache.size(2), k_cache.size(3)};
+    decode_attention_raw(q.data_ptr<float>(), q.size(0), q.size(1), q.size(1) * q.size(2), kv, (float)scale,
+                         out.data_ptr<float>());
+  });
   return out;
+}
+
+// n floats into a float32 or float16 cache row (float16 rounded to nearest even, as tensor.to(float16)).
+static inline void store_row(const float* src, float* dst, int64_t n) { std::copy_n(src, n, dst); }
+static inline void store_row(const float* src, at::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i*)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) dst[i] = at::Half(src[i]);
 }
 
 // ---- KIVI cache: full blocks as packed codes (keys per channel, values per token), newest tokens in float ----
@@ -774,8 +807,8 @@ class DecodeModel {
     layers.push_back(DecodeLayer{in_norm.contiguous(), post_norm.contiguous(), qkv, o, gate_up, down});
   }
 
-  // x [B, hidden] embeddings; cos/sin [B, D]; caches[i] [2, blocks, block_size, KVH, D]; slots [B];
-  // tables [B, W]; ctx_lens [B] (including this token). Returns the final-normed hidden states.
+  // x [B, hidden] embeddings; cos/sin [B, D]; caches[i] [2, blocks, block_size, KVH, D] float32 or float16;
+  // slots [B]; tables [B, W]; ctx_lens [B] (including this token). Returns the final-normed hidden states.
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> caches,
                         torch::Tensor slots, torch::Tensor tables, torch::Tensor ctx_lens, double scale) {
     TORCH_CHECK(caches.size() == layers.size());
@@ -784,16 +817,19 @@ class DecodeModel {
     const int64_t* SL = slots.data_ptr<int64_t>();
     return run(x, cos, sin, [&](size_t i, float* QKV, int64_t B, int64_t ld, float* A) {
       torch::Tensor& cache = caches[i];
-      TORCH_CHECK(cache.dtype() == torch::kFloat32 && cache.is_contiguous() && cache.size(2) * cache.size(1) > 0);
+      TORCH_CHECK(cache.is_contiguous() && cache.size(2) * cache.size(1) > 0);
       const int64_t plane = cache.size(1) * cache.size(2) * kv_size;
-      float* KC = cache.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) {  // new K and V into their slots
-        std::copy_n(QKV + b * ld + H * D, kv_size, KC + SL[b] * kv_size);
-        std::copy_n(QKV + b * ld + H * D + kv_size, kv_size, KC + plane + SL[b] * kv_size);
-      }
-      const PagedKV kv{KC, KC + plane, tables.data_ptr<int64_t>(), ctx_lens.data_ptr<int64_t>(), tables.size(1),
-                       cache.size(2), KVH, D};
-      decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
+      with_cache_type(cache, [&](auto* type) {
+        using T = std::remove_pointer_t<decltype(type)>;
+        T* KC = (T*)cache.data_ptr();
+        for (int64_t b = 0; b < B; ++b) {  // new K and V into their slots
+          store_row(QKV + b * ld + H * D, KC + SL[b] * kv_size, kv_size);
+          store_row(QKV + b * ld + H * D + kv_size, KC + plane + SL[b] * kv_size, kv_size);
+        }
+        const PagedKV<T> kv{KC, KC + plane, tables.data_ptr<int64_t>(), ctx_lens.data_ptr<int64_t>(),
+                            tables.size(1), cache.size(2), KVH, D};
+        decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
+      });
     });
   }
 

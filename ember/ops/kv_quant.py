@@ -1,4 +1,4 @@
-"""KIVI KV-cache quantization: full blocks stored as packed 8/4/2-bit codes (keys per channel, values per
+"""KV-cache storage types, and KIVI quantization: full blocks stored as packed 8/4/2-bit codes (keys per channel, values per
 token, asymmetric), the newest tokens of each sequence kept in a float residual until their block fills."""
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-KV_CACHE_DTYPES = {"auto": None, "int8": 8, "int4": 4, "int2": 2}  # name -> bits (None: the model dtype)
+# name -> KIVI bits; None: a float cache, in the model's dtype ("auto") or float16 (half a float32 model's
+# bytes, llama.cpp's default cache type).
+KV_CACHE_DTYPES = {"auto": None, "float16": None, "int8": 8, "int4": 4, "int2": 2}
+
+
+def float_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """Element type of a float KV cache named `name` (see KV_CACHE_DTYPES) for a model in `model_dtype`."""
+    return torch.float16 if name == "float16" else model_dtype
 PARAM_DTYPE = torch.float16  # scales and minimums, as KIVI keeps them
 
 

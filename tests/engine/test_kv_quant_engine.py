@@ -41,9 +41,10 @@ def test_quantization_error_grows_as_bits_shrink(tiny_llama3: Path) -> None:
     ids = torch.tensor(loaded.tokenizer.encode(TEXT)[:96])
     dense = _window_nll(loaded, ids, 1)
     # The paged path with a float cache reproduces the dense forward: the harness itself is exact.
-    assert torch.allclose(_window_nll_cached(loaded, ids, 1, None, 16), dense, atol=1e-4)
-    err = {bits: float((_window_nll_cached(loaded, ids, 1, bits, 16) - dense).abs().mean()) for bits in (8, 4, 2)}
-    assert 0 < err[8] < err[4] < err[2]
+    assert torch.allclose(_window_nll_cached(loaded, ids, 1, "auto", 16), dense, atol=1e-4)
+    err = {kv: float((_window_nll_cached(loaded, ids, 1, kv, 16) - dense).abs().mean())
+           for kv in ("float16", "int8", "int4", "int2")}
+    assert 0 < err["float16"] < err["int8"] < err["int4"] < err["int2"], err
 
 
 def test_forks_share_the_quantized_prompt(tiny_llama3: Path) -> None:
@@ -81,12 +82,13 @@ def test_concurrent_requests_finish_and_free_everything(tiny_llama3: Path) -> No
 
 def test_more_tokens_fit_in_the_same_memory(tiny_llama3: Path) -> None:
     tokens = {kv: LLM(tiny_llama3, kv_cache_dtype=kv, kv_cache_memory=0.05, max_num_seqs=4).engine.num_cache_tokens
-              for kv in ("auto", "int8", "int4", "int2")}
+              for kv in ("auto", "float16", "int8", "int4", "int2")}
+    assert tokens["float16"] == pytest.approx(2 * tokens["auto"], rel=0.01)
     assert tokens["auto"] * 3 < tokens["int8"] < tokens["int4"] < tokens["int2"]
 
 
 def test_unknown_kv_dtype_is_a_clear_error(tiny_llama3: Path) -> None:
-    with pytest.raises(InvalidParameterError, match="kv_cache_dtype must be one of auto, int8, int4, int2"):
+    with pytest.raises(InvalidParameterError, match="kv_cache_dtype must be one of auto, float16, int8, int4, int2"):
         LLM(tiny_llama3, kv_cache_dtype="fp8")
 
 

@@ -66,14 +66,15 @@ def test_model_with_and_without_kernels_agree(tiny_qwen2, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("alone", [0, 67, 1500])
-def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, alone: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, alone: int, dtype: torch.dtype) -> None:
     """Several sequences run one (sequence, KV head) per task; one sequence alone (3 KV heads for 2
     threads) has its context split into pieces attended in parallel and merged (flash-decoding), at an
-    odd length too."""
+    odd length too. A float16 cache is read as float32."""
     import ember.ops.attention as A
 
     nb, bs, kvh, hd, heads = 200, 16, 3, 64, 9
-    cache = torch.randn(2, nb, bs, kvh, hd)
+    cache = torch.randn(2, nb, bs, kvh, hd).to(dtype)
     if alone:
         tables = torch.randperm(nb)[None, :100]
         lens = torch.tensor([alone])
@@ -115,10 +116,12 @@ def test_kivi_decode_attention_matches_the_gather_path(k, monkeypatch, bits: int
     torch.testing.assert_close(fast, A._quantized_decode(q, cache, meta, qm, 0.125), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits,kv", [(32, "auto"), (8, "auto"), (4, "auto"), (32, "int4"), (8, "int2")])
+@pytest.mark.parametrize("bits,kv", [(32, "auto"), (8, "auto"), (4, "auto"), (32, "float16"), (4, "float16"),
+                                     (32, "int4"), (8, "int2")])
 def test_fused_decode_stack_equals_the_module_path(tiny_qwen2, monkeypatch, bits: int, kv: str) -> None:
     """Greedy decoding of a batch through the C++ decoder stack and through the modules gives the same
-    tokens and logprobs (q/k/v biases, GQA, quantized projections, several context lengths)."""
+    tokens and logprobs (q/k/v biases, GQA, quantized projections, float16 and KIVI caches, several
+    context lengths)."""
     from ember import LLM, SamplingParams
     from ember.models.llama import LlamaModel
     from ember.ops.quant import QuantLinear
