@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -489,40 +490,161 @@ static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t
 template <typename T>
 static int64_t context_pieces(int64_t B, const PagedKV<T>& kv);
 
+// One row (one query token, `group` query heads) against KV head h of its context.
+template <typename T>
+static void row_attention(const float* Q, int64_t b, int64_t H, int64_t ldq, const PagedKV<T>& kv, int64_t h,
+                          float scale, float* O, std::vector<float>& scores) {
+  const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, group = H / KVH, row = KVH * D, len = kv.lens[b];
+  const int64_t* table = kv.tables + b * kv.W;
+  scores.resize(group * len);
+  const float* qb = Q + b * ldq + h * group * D;
+  for (int64_t t0 = 0; t0 < len; t0 += BS) {
+    const T* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
+    const int64_t t1 = std::min(len, t0 + BS);
+    for (int64_t t = t0; t < t1; ++t, k += row) {
+      _mm_prefetch((const char*)(k + 4 * row), _MM_HINT_T0);
+      for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot_f32(qb + g * D, k, D) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_inplace(scores.data() + g * len, len);
+  float* ob = O + (b * H + h * group) * D;
+  if (D == 64) {  // the common head size: the output row lives in registers across the context
+    for (int64_t g = 0; g < group; ++g) attend_v64(scores.data() + g * len, 0, len, kv, table, h, ob + g * D);
+    return;
+  }
+  std::fill(ob, ob + group * D, 0.f);
+  for (int64_t t0 = 0; t0 < len; t0 += BS) {
+    const T* v = kv.V + (table[t0 / BS] * BS * KVH + h) * D;
+    for (int64_t t = t0; t < std::min(len, t0 + BS); ++t, v += row)
+      for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * len + t], v, ob + g * D, D);
+  }
+}
+
+// Rows b0 .. b0 + R - 1 are consecutive tokens of one sequence (a prompt chunk run as one-query rows: row i
+// attends to lens[b0] + i tokens). Against KV head h each key and value is read once for all R x group
+// queries, and values go to four queries at a time; row by row the context was walked R times (SmolLM2, 8
+// decodes + a 16-token chunk at position 800: 84 ms a step, 46 at position 0). Keys go to four queries at a
+// time as well. D must be a multiple of 16.
+template <typename T>
+static void run_attention(const float* Q, int64_t b0, int64_t R, int64_t H, int64_t ldq, const PagedKV<T>& kv,
+                          int64_t h, float scale, float* O, std::vector<float>& S) {
+  const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, group = H / KVH, row = KVH * D, nq = R * group;
+  const int64_t L0 = kv.lens[b0], len = L0 + R - 1, padded = (nq + 3) / 4 * 4;
+  const int64_t* table = kv.tables + b0 * kv.W;
+  auto query = [&](int64_t j) { return (b0 + j / group) * H + h * group + j % group; };  // [B, H] head index
+  auto q_row = [&](int64_t j) { return Q + (b0 + j / group) * ldq + (h * group + j % group) * D; };
+  S.assign(padded * len, 0.f);  // scores, then probabilities; zero beyond each query's context
+  for (int64_t t0 = 0; t0 < len; t0 += BS) {
+    const T* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
+    for (int64_t t = t0; t < std::min(len, t0 + BS); ++t, k += row) {
+      _mm_prefetch((const char*)(k + 4 * row), _MM_HINT_T0);
+      int64_t j = std::max<int64_t>(0, t - L0 + 1) * group;  // the first query that sees t
+      for (; j + 4 <= nq; j += 4) {  // four queries against one key: k loaded once per eight lanes
+        const float* q[4];
+        for (int i = 0; i < 4; ++i) q[i] = q_row(j + i);
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int64_t c = 0; c < D; c += 8) {
+          const __m256 kc = load8_f32(k + c);
+          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + c), kc, s0);
+          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + c), kc, s1);
+          s2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + c), kc, s2);
+          s3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + c), kc, s3);
+        }
+        const __m256 h4 = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
+        alignas(16) float four[4];
+        _mm_store_ps(four, _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1)));
+        for (int i = 0; i < 4; ++i) S[(j + i) * len + t] = four[i] * scale;
+      }
+      for (; j < nq; ++j) S[j * len + t] = dot_f32(q_row(j), k, D) * scale;
+    }
+  }
+  for (int64_t j = 0; j < nq; ++j) softmax_inplace(&S[j * len], L0 + j / group);
+  for (int64_t j = 0; j < padded; j += 4) {
+    const int64_t upto = L0 + std::min(j + 3, nq - 1) / group;  // the longest context of the four
+    const float *p0 = &S[j * len], *p1 = p0 + len, *p2 = p1 + len, *p3 = p2 + len;
+    for (int64_t c = 0; c < D; c += 16) {
+      __m256 a0 = _mm256_setzero_ps(), b0v = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
+      for (int64_t t0 = 0; t0 < upto; t0 += BS) {
+        const T* v = kv.V + (table[t0 / BS] * BS * KVH + h) * D + c;
+        for (int64_t t = t0; t < std::min(upto, t0 + BS); ++t, v += row) {
+          const __m256 lo = load8_f32(v), hi = load8_f32(v + 8);
+          __m256 p = _mm256_broadcast_ss(p0 + t);
+          a0 = _mm256_fmadd_ps(p, lo, a0); b0v = _mm256_fmadd_ps(p, hi, b0v);
+          p = _mm256_broadcast_ss(p1 + t);
+          a1 = _mm256_fmadd_ps(p, lo, a1); b1 = _mm256_fmadd_ps(p, hi, b1);
+          p = _mm256_broadcast_ss(p2 + t);
+          a2 = _mm256_fmadd_ps(p, lo, a2); b2 = _mm256_fmadd_ps(p, hi, b2);
+          p = _mm256_broadcast_ss(p3 + t);
+          a3 = _mm256_fmadd_ps(p, lo, a3); b3 = _mm256_fmadd_ps(p, hi, b3);
+        }
+      }
+      const __m256 lo[4] = {a0, a1, a2, a3}, hi[4] = {b0v, b1, b2, b3};
+      for (int q = 0; q < 4 && j + q < nq; ++q) {
+        float* o = O + query(j + q) * D + c;
+        _mm256_storeu_ps(o, lo[q]);
+        _mm256_storeu_ps(o + 8, hi[q]);
+      }
+    }
+  }
+}
+
+// Runs of rows that are consecutive tokens of one sequence (same blocks, context one longer each), at most
+// RUN_ROWS long so a chunk still spreads over threads; a decode is a run of one.
+constexpr int64_t RUN_ROWS = 8;
+
+template <typename T>
+static std::vector<std::pair<int64_t, int64_t>> row_runs(int64_t B, const PagedKV<T>& kv) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t b = 0; b < B;) {
+    int64_t r = 1;
+    if (kv.D % 16 == 0)
+      while (b + r < B && r < RUN_ROWS && kv.lens[b + r] == kv.lens[b] + r &&
+             std::equal(kv.tables + b * kv.W, kv.tables + b * kv.W + (kv.lens[b + r] + kv.BS - 1) / kv.BS,
+                        kv.tables + (b + r) * kv.W))
+        ++r;
+    runs.emplace_back(b, r);
+    b += r;
+  }
+  return runs;
+}
+
 template <typename T>
 static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV<T>& kv,
                                  float scale, float* O) {
   const int64_t pieces = context_pieces(B, kv);
   if (pieces > 1) return decode_attention_split(Q, B, H, ldq, kv, scale, pieces, O);
-  const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, group = H / KVH, row = KVH * D;
-  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / KVH, h = i % KVH, len = kv.lens[b];
-      const int64_t* table = kv.tables + b * kv.W;
-      scores.resize(group * len);
-      const float* qb = Q + b * ldq + h * group * D;
-      for (int64_t t0 = 0; t0 < len; t0 += BS) {
-        const T* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
-        const int64_t t1 = std::min(len, t0 + BS);
-        for (int64_t t = t0; t < t1; ++t, k += row) {
-          _mm_prefetch((const char*)(k + 4 * row), _MM_HINT_T0);
-          for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot_f32(qb + g * D, k, D) * scale;
-        }
+  const int64_t KVH = kv.KVH;
+  const auto runs = row_runs(B, kv);
+  if ((int64_t)runs.size() == B) {  // decodes only: (row, KV head) items, heads fastest
+    at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores;
+      for (int64_t i = i0; i < i1; ++i) row_attention(Q, i / KVH, H, ldq, kv, i % KVH, scale, O, scores);
+    });
+    return;
+  }
+  // Items of very different sizes: each thread takes a share of about equal work (longest first onto the
+  // least loaded thread) instead of a contiguous slice of items.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<std::pair<int64_t, int64_t>> items;  // (work, item = run * KVH + head)
+  for (int64_t r = 0; r < (int64_t)runs.size(); ++r)
+    for (int64_t h = 0; h < KVH; ++h)
+      items.emplace_back(runs[r].second * kv.lens[runs[r].first + runs[r].second - 1], r * KVH + h);
+  std::sort(items.rbegin(), items.rend());
+  std::vector<std::vector<int64_t>> share(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (const auto& [work, item] : items) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    share[t].push_back(item);
+    load[t] += work;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch;
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t item : share[t]) {
+        const auto [b0, rows] = runs[item / KVH];
+        if (rows == 1) row_attention(Q, b0, H, ldq, kv, item % KVH, scale, O, scratch);
+        else run_attention(Q, b0, rows, H, ldq, kv, item % KVH, scale, O, scratch);
       }
-      for (int64_t g = 0; g < group; ++g) softmax_inplace(scores.data() + g * len, len);
-      float* ob = O + (b * H + h * group) * D;
-      if (D == 64) {  // the common head size: the output row lives in registers across the context
-        for (int64_t g = 0; g < group; ++g) attend_v64(scores.data() + g * len, 0, len, kv, table, h, ob + g * D);
-        continue;
-      }
-      std::fill(ob, ob + group * D, 0.f);
-      for (int64_t t0 = 0; t0 < len; t0 += BS) {
-        const T* v = kv.V + (table[t0 / BS] * BS * KVH + h) * D;
-        for (int64_t t = t0; t < std::min(len, t0 + BS); ++t, v += row)
-          for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * len + t], v, ob + g * D, D);
-      }
-    }
   });
 }
 

@@ -90,6 +90,29 @@ def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, alone: i
     torch.testing.assert_close(fast, A._decode(q, cache, meta, 0.125), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunk_rows_attention_matches_the_gather_path(k, monkeypatch, dtype: torch.dtype) -> None:
+    """A prompt chunk run as one-query rows (consecutive positions of one sequence, row i seeing one more
+    token than row i - 1) is attended as runs that read the context once, between decodes of others."""
+    import ember.ops.attention as A
+
+    nb, bs, kvh, hd, heads = 64, 16, 3, 64, 9
+    cache = torch.randn(2, nb, bs, kvh, hd).to(dtype)
+    chunk_table = torch.tensor([7, 3, 12, 9, 0, 0])
+    rows = [(torch.tensor([1, 2, 0, 0, 0, 0]), 20)]  # a decode
+    rows += [(chunk_table, 37 + i) for i in range(11)]  # an 11-token chunk: runs of 8 and 3
+    rows += [(torch.tensor([5, 6, 8, 0, 0, 0]), 40)]  # another decode
+    tables = torch.stack([t for t, _ in rows])
+    lens = torch.tensor([n for _, n in rows])
+    mask = (torch.arange(tables.shape[1] * bs)[None, :] < lens[:, None])[:, None, None, :]
+    meta = A.AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), decode_block_tables=tables,
+                               decode_mask=mask, decode_ctx_lens=lens)
+    q = torch.randn(len(rows), heads, hd)
+    fast = A._decode(q, cache, meta, 0.125)
+    monkeypatch.setattr(A, "cpu_kernels", lambda: None)
+    torch.testing.assert_close(fast, A._decode(q, cache, meta, 0.125), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_kivi_decode_attention_matches_the_gather_path(k, monkeypatch, bits: int) -> None:
     import ember.ops.attention as A
