@@ -71,9 +71,7 @@ def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, alone: i
     """Several sequences run one (sequence, KV head) per task; one sequence alone (3 KV heads for 2
     threads) has its context split into pieces attended in parallel and merged (flash-decoding), at an
     odd length too. A float16 cache is read as float32."""
-    import ember.ops.attention as A
-
-    nb, bs, kvh, hd, heads = 200, 16, 3, 64, 9
+    nb, bs, kvh, hd = 200, 16, 3, 64
     cache = torch.randn(2, nb, bs, kvh, hd).to(dtype)
     if alone:
         tables = torch.randperm(nb)[None, :100]
@@ -81,22 +79,14 @@ def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, alone: i
     else:
         tables = torch.tensor([[3, 5, 7, 0], [1, 2, 0, 0], [9, 10, 11, 12], [4, 0, 0, 0]])
         lens = torch.tensor([40, 20, 64, 1])
-    mask = (torch.arange(tables.shape[1] * bs)[None, :] < lens[:, None])[:, None, None, :]
-    meta = A.AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), decode_block_tables=tables,
-                               decode_mask=mask, decode_ctx_lens=lens)
-    q = torch.randn(len(lens), heads, hd)
-    fast = A._decode(q, cache, meta, 0.125)
-    monkeypatch.setattr(A, "cpu_kernels", lambda: None)
-    torch.testing.assert_close(fast, A._decode(q, cache, meta, 0.125), rtol=1e-5, atol=1e-5)
+    _check_decode_attention(monkeypatch, cache, tables, lens)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_chunk_rows_attention_matches_the_gather_path(k, monkeypatch, dtype: torch.dtype) -> None:
     """A prompt chunk run as one-query rows (consecutive positions of one sequence, row i seeing one more
     token than row i - 1) is attended as runs that read the context once, between decodes of others."""
-    import ember.ops.attention as A
-
-    nb, bs, kvh, hd, heads = 64, 16, 3, 64, 9
+    nb, bs, kvh, hd = 64, 16, 3, 64
     cache = torch.randn(2, nb, bs, kvh, hd).to(dtype)
     chunk_table = torch.tensor([7, 3, 12, 9, 0, 0])
     rows = [(torch.tensor([1, 2, 0, 0, 0, 0]), 20)]  # a decode
@@ -104,10 +94,18 @@ def test_chunk_rows_attention_matches_the_gather_path(k, monkeypatch, dtype: tor
     rows += [(torch.tensor([5, 6, 8, 0, 0, 0]), 40)]  # another decode
     tables = torch.stack([t for t, _ in rows])
     lens = torch.tensor([n for _, n in rows])
+    _check_decode_attention(monkeypatch, cache, tables, lens)
+
+
+def _check_decode_attention(monkeypatch, cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> None:
+    """The kernel's decode attention over `cache` equals the gather + SDPA path (9 query heads of 64)."""
+    import ember.ops.attention as A
+
+    bs = cache.shape[2]
     mask = (torch.arange(tables.shape[1] * bs)[None, :] < lens[:, None])[:, None, None, :]
     meta = A.AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), decode_block_tables=tables,
                                decode_mask=mask, decode_ctx_lens=lens)
-    q = torch.randn(len(rows), heads, hd)
+    q = torch.randn(len(lens), 9, cache.shape[-1])
     fast = A._decode(q, cache, meta, 0.125)
     monkeypatch.setattr(A, "cpu_kernels", lambda: None)
     torch.testing.assert_close(fast, A._decode(q, cache, meta, 0.125), rtol=1e-5, atol=1e-5)
