@@ -2,6 +2,8 @@
 kernels with on-the-fly int8 activations, or by PyTorch twins that compute the same thing."""
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ BITS = (4, 8)
 # matrix for MKL's float GEMM. Measured per matrix: the integer tiles win below ~128 rows (dequantizing
 # alone costs ~1 ms); at 512 rows int8 tiles only tie with dequantize + MKL and int4 tiles trail it 1.4x.
 KERNEL_MAX_ROWS = 256
+_SCRATCH = threading.local()  # per thread: QuantLinear._dequantized_scratch's buffer
 
 
 def check_group(k: int, group: int) -> None:
@@ -134,11 +137,25 @@ class QuantLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return dequantize(self.qweight, self.scales, self.mins, self.bits)
 
+    def _dequantized_scratch(self) -> torch.Tensor:
+        """dequantized(), written by the kernels into this thread's reused buffer (valid until the next
+        call): a fresh float32 matrix per call cost more in page faults than the conversion itself."""
+        k = cpu_kernels()
+        if k is None:
+            return self.dequantized()
+        size = self.out_features * self.in_features
+        buf = getattr(_SCRATCH, "buf", None)
+        if buf is None or buf.numel() < size:
+            buf = _SCRATCH.buf = torch.empty(size)
+        w = buf[:size].view(self.out_features, self.in_features)
+        k.dequantize_into(self.qweight, self.scales, torch.empty(0) if self.mins is None else self.mins, self.bits, w)
+        return w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         if x2.shape[0] > KERNEL_MAX_ROWS:
-            y = nn.functional.linear(x2, self.dequantized(), self.bias)
+            y = nn.functional.linear(x2, self._dequantized_scratch(), self.bias)
         else:
             y = self.matmul(x2)
             if self.bias is not None:

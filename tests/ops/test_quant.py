@@ -81,6 +81,18 @@ def _check_kernel(bits: int, group: int, params: str, rows: int, k_in: int) -> N
     assert torch.equal(layer.matmul(x), alone)
 
 
+@pytest.mark.skipif(not HAS_AVX2 or shutil.which("c++") is None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("bits,group,params", [(8, 320, "f32"), (8, 64, "f16"), (4, 32, "f16"), (4, 160, "f32")])
+def test_kernel_dequantize_equals_the_pytorch_one(bits: int, group: int, params: str) -> None:
+    # Long prompt chunks multiply by the dequantized matrix; the kernel writes it into a reused buffer.
+    w = torch.randn(67, 320, generator=torch.Generator().manual_seed(bits + group))
+    layer = Q.QuantLinear.from_float(w, bits=bits, group=group)
+    dtype = torch.float16 if params == "f16" else torch.float32
+    layer = Q.QuantLinear(layer.qweight, layer.scales.to(dtype),
+                          None if layer.mins is None else layer.mins.to(dtype), bits=bits)
+    assert torch.equal(layer._dequantized_scratch(), layer.dequantized())
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quant_linear_paths_agree_with_float(bits: int) -> None:
     w, b = torch.randn(96, 128), torch.randn(96)
