@@ -453,6 +453,13 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   rope_raw(x.data_ptr<float>(), x.size(0), H, D, H * D, cos.data_ptr<float>(), sin.data_ptr<float>());
 }
 
+// Every cache line of one head's row of D elements (a head's rows are KVH * D apart: the first line alone
+// left decode steps of 16 sequences ~5% slower; 8 rows ahead measured best of 2 to 16).
+template <typename T>
+static inline void prefetch_row(const T* p, int64_t D) {
+  for (int64_t c = 0; c < D * (int64_t)sizeof(T); c += 64) _mm_prefetch((const char*)p + c, _MM_HINT_T0);
+}
+
 // Paged KV cache geometry: K and V planes of [blocks, block_size, KVH, D] floats.
 template <typename T>  // float or at::Half
 struct PagedKV {
@@ -524,7 +531,7 @@ static void attend_v64(const float* p, int64_t begin, int64_t end, const PagedKV
     const T* v = kv.V + ((table[t0 / kv.BS] * kv.BS + t0 % kv.BS) * kv.KVH + h) * kv.D;
     const int64_t t1 = std::min(end, (t0 / kv.BS + 1) * kv.BS);
     for (int64_t t = t0; t < t1; ++t, v += row) {
-      _mm_prefetch((const char*)(v + 4 * row), _MM_HINT_T0);
+      prefetch_row(v + 8 * row, kv.D);
       const __m256 pt = _mm256_set1_ps(p[t - begin]);
       for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(pt, load8_f32(v + 8 * j), a[j]);
     }
@@ -553,7 +560,7 @@ static void row_attention(const float* Q, int64_t b, int64_t H, int64_t ldq, con
     const T* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
     const int64_t t1 = std::min(len, t0 + BS);
     for (int64_t t = t0; t < t1; ++t, k += row) {
-      _mm_prefetch((const char*)(k + 4 * row), _MM_HINT_T0);
+      prefetch_row(k + 8 * row, D);
       for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot_f32(qb + g * D, k, D) * scale;
     }
   }
@@ -585,14 +592,15 @@ static void run_attention(const float* Q, int64_t b0, int64_t R, int64_t H, int6
   auto query = [&](int64_t j) { return (b0 + j / group) * H + h * group + j % group; };  // [B, H] head index
   auto q_row = [&](int64_t j) { return Q + (b0 + j / group) * ldq + (h * group + j % group) * D; };
   S.assign(padded * len, 0.f);  // scores, then probabilities; zero beyond each query's context
+  const std::vector<float> zeros(D, 0.f);
   for (int64_t t0 = 0; t0 < len; t0 += BS) {
     const T* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
     for (int64_t t = t0; t < std::min(len, t0 + BS); ++t, k += row) {
       _mm_prefetch((const char*)(k + 4 * row), _MM_HINT_T0);
-      int64_t j = std::max<int64_t>(0, t - L0 + 1) * group;  // the first query that sees t
-      for (; j + 4 <= nq; j += 4) {  // four queries against one key: k loaded once per eight lanes
+      for (int64_t j = std::max<int64_t>(0, t - L0 + 1) * group; j < nq; j += 4) {  // queries that see t
+        // four queries against one key, k loaded once per eight lanes (missing ones read zeros)
         const float* q[4];
-        for (int i = 0; i < 4; ++i) q[i] = q_row(j + i);
+        for (int i = 0; i < 4; ++i) q[i] = j + i < nq ? q_row(j + i) : zeros.data();
         __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
         for (int64_t c = 0; c < D; c += 8) {
           const __m256 kc = load8_f32(k + c);
@@ -604,9 +612,8 @@ static void run_attention(const float* Q, int64_t b0, int64_t R, int64_t H, int6
         const __m256 h4 = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
         alignas(16) float four[4];
         _mm_store_ps(four, _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1)));
-        for (int i = 0; i < 4; ++i) S[(j + i) * len + t] = four[i] * scale;
+        for (int i = 0; i < 4 && j + i < nq; ++i) S[(j + i) * len + t] = four[i] * scale;
       }
-      for (; j < nq; ++j) S[j * len + t] = dot_f32(q_row(j), k, D) * scale;
     }
   }
   for (int64_t j = 0; j < nq; ++j) softmax_inplace(&S[j * len], L0 + j / group);
