@@ -1,5 +1,6 @@
-"""KV-cache storage types, and KIVI quantization: full blocks stored as packed 8/4/2-bit codes (keys per channel, values per
-token, asymmetric), the newest tokens of each sequence kept in a float residual until their block fills."""
+"""KV-cache storage types, and KIVI quantization: full blocks stored as packed 8/4/2-bit codes (keys per
+channel, values per token, asymmetric), the newest tokens of each sequence kept in a float residual until
+their block fills."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
