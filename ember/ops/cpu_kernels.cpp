@@ -578,6 +578,73 @@ static void row_attention(const float* Q, int64_t b, int64_t H, int64_t ldq, con
   }
 }
 
+// Scores of NQ <= 4 queries (rows of D floats, D a multiple of 8) against one key: each eight key lanes are
+// loaded once for all of them, and the four sums are reduced together (three hadds), not one by one.
+template <int NQ, typename T>
+static inline __m128 qk_scores(const float* const* q, const T* k, int64_t D) {
+  __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t c = 0; c < D; c += 8) {
+    const __m256 kc = load8_f32(k + c);
+    for (int i = 0; i < NQ; ++i) s[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + c), kc, s[i]);
+  }
+  const __m256 h4 = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1));
+}
+
+// Scores of `n` (1..4) query heads, q[i] D floats each, against one key, times `scale`, into s[i * len + t].
+template <typename T>
+static inline void score_heads(const float* const* q, int n, const T* k, int64_t D, float scale, float* s,
+                               int64_t len, int64_t t) {
+  alignas(16) float four[4];
+  const __m128 sum = n == 4 ? qk_scores<4>(q, k, D) : n == 3 ? qk_scores<3>(q, k, D)
+                   : n == 2 ? qk_scores<2>(q, k, D) : qk_scores<1>(q, k, D);
+  _mm_store_ps(four, _mm_mul_ps(sum, _mm_set1_ps(scale)));
+  for (int i = 0; i < n; ++i) s[i * len + t] = four[i];
+}
+
+// One decode row against its whole context, every KV head at once: each token's cache row (KVH x D
+// contiguous elements) is read once, in order, and the row `ahead` tokens on is prefetched through the
+// block table (the next block is rarely the next in memory). (Sequence, head) items each read a third of
+// every row, strided: 16 sequences of 314 tokens, 30 layers, one thread, 31 -> 21 ms (float16: 19 -> 13).
+// Values are accumulated into the output rows in L1 (all H x D of them do not fit in registers).
+// D must be a multiple of 64.
+template <typename T>
+static void seq_attention(const float* Q, int64_t b, int64_t H, int64_t ldq, const PagedKV<T>& kv, float scale,
+                          float* O, std::vector<float>& S) {
+  constexpr int64_t ahead = 4;
+  const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, group = H / KVH, row = KVH * D, len = kv.lens[b];
+  const int64_t* table = kv.tables + b * kv.W;
+  auto at = [&](const T* plane, int64_t t) { return plane + (table[t / BS] * BS + t % BS) * row; };
+  const float* qb = Q + b * ldq;
+  S.resize(H * len);
+  for (int64_t t = 0; t < len; ++t) {
+    if (t + ahead < len) prefetch_row(at(kv.K, t + ahead), row);
+    const T* k = at(kv.K, t);
+    for (int64_t h = 0; h < KVH; ++h)
+      for (int64_t j = h * group; j < (h + 1) * group; j += 4) {  // query heads j .. j + 3 of KV head h
+        const float* q[4] = {qb + j * D, qb + (j + 1) * D, qb + (j + 2) * D, qb + (j + 3) * D};
+        score_heads(q, (int)std::min<int64_t>(4, (h + 1) * group - j), k + h * D, D, scale, &S[j * len], len, t);
+      }
+  }
+  for (int64_t j = 0; j < H; ++j) softmax_inplace(&S[j * len], len);
+  float* ob = O + b * H * D;
+  std::fill(ob, ob + H * D, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    if (t + ahead < len) prefetch_row(at(kv.V, t + ahead), row);
+    const T* v = at(kv.V, t);
+    for (int64_t h = 0; h < KVH; ++h)
+      for (int64_t c = 0; c < D; c += 64) {
+        __m256 vv[8];
+        for (int i = 0; i < 8; ++i) vv[i] = load8_f32(v + h * D + c + 8 * i);
+        for (int64_t qh = h * group; qh < (h + 1) * group; ++qh) {
+          const __m256 p = _mm256_broadcast_ss(&S[qh * len + t]);
+          float* o = ob + qh * D + c;
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(p, vv[i], _mm256_loadu_ps(o + 8 * i)));
+        }
+      }
+  }
+}
+
 // Rows b0 .. b0 + R - 1 are consecutive tokens of one sequence (a prompt chunk run as one-query rows: row i
 // attends to lens[b0] + i tokens). Against KV head h each key and value is read once for all R x group
 // queries, and values go to four queries at a time; row by row the context was walked R times (SmolLM2, 8
@@ -673,7 +740,15 @@ static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t l
   if (pieces > 1) return decode_attention_split(Q, B, H, ldq, kv, scale, pieces, O);
   const int64_t KVH = kv.KVH;
   const auto runs = row_runs(B, kv);
-  if ((int64_t)runs.size() == B) {  // decodes only: (row, KV head) items, heads fastest
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if ((int64_t)runs.size() == B && B >= 4 * threads && kv.D % 64 == 0) {  // many decodes: whole rows
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> scores;
+      for (int64_t b = b0; b < b1; ++b) seq_attention(Q, b, H, ldq, kv, scale, O, scores);
+    });
+    return;
+  }
+  if ((int64_t)runs.size() == B) {  // a few decodes: (row, KV head) items, heads fastest
     at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores;
       for (int64_t i = i0; i < i1; ++i) row_attention(Q, i / KVH, H, ldq, kv, i % KVH, scale, O, scores);
@@ -682,7 +757,6 @@ static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t l
   }
   // Items of very different sizes: each thread takes a share of about equal work (longest first onto the
   // least loaded thread) instead of a contiguous slice of items.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<std::pair<int64_t, int64_t>> items;  // (work, item = run * KVH + head)
   for (int64_t r = 0; r < (int64_t)runs.size(); ++r)
     for (int64_t h = 0; h < KVH; ++h)

@@ -82,6 +82,21 @@ def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, alone: i
     _check_decode_attention(monkeypatch, cache, tables, lens)
 
 
+@pytest.mark.parametrize("kvh,hd,heads", [(3, 64, 9), (1, 64, 9), (2, 128, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_many_decodes_attention_matches_the_gather_path(k, monkeypatch, kvh: int, hd: int, heads: int,
+                                                        dtype: torch.dtype) -> None:
+    """With at least four decodes per thread, each runs all its KV heads over whole cache rows (query heads
+    scored four at a time, a group split across chunks of four too), prefetching through the block table."""
+    nb, bs = 300, 16
+    cache = torch.randn(2, nb, bs, kvh, hd).to(dtype)
+    b = 4 * torch.get_num_threads() + 3
+    tables = torch.randperm(nb)[: b * 6].reshape(b, 6)
+    lens = torch.randint(1, 6 * bs + 1, (b,))
+    lens[0], lens[1] = 1, 6 * bs
+    _check_decode_attention(monkeypatch, cache, tables, lens, heads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_chunk_rows_attention_matches_the_gather_path(k, monkeypatch, dtype: torch.dtype) -> None:
     """A prompt chunk run as one-query rows (consecutive positions of one sequence, row i seeing one more
@@ -97,15 +112,16 @@ def test_chunk_rows_attention_matches_the_gather_path(k, monkeypatch, dtype: tor
     _check_decode_attention(monkeypatch, cache, tables, lens)
 
 
-def _check_decode_attention(monkeypatch, cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> None:
-    """The kernel's decode attention over `cache` equals the gather + SDPA path (9 query heads of 64)."""
+def _check_decode_attention(monkeypatch, cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+                            heads: int = 9) -> None:
+    """The kernel's decode attention over `cache` equals the gather + SDPA path (`heads` query heads)."""
     import ember.ops.attention as A
 
     bs = cache.shape[2]
     mask = (torch.arange(tables.shape[1] * bs)[None, :] < lens[:, None])[:, None, None, :]
     meta = A.AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), decode_block_tables=tables,
                                decode_mask=mask, decode_ctx_lens=lens)
-    q = torch.randn(len(lens), 9, cache.shape[-1])
+    q = torch.randn(len(lens), heads, cache.shape[-1])
     fast = A._decode(q, cache, meta, 0.125)
     monkeypatch.setattr(A, "cpu_kernels", lambda: None)
     torch.testing.assert_close(fast, A._decode(q, cache, meta, 0.125), rtol=1e-5, atol=1e-5)
