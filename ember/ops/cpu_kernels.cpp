@@ -657,29 +657,20 @@ static void run_attention(const float* Q, int64_t b0, int64_t R, int64_t H, int6
   const int64_t L0 = kv.lens[b0], len = L0 + R - 1, padded = (nq + 3) / 4 * 4;
   const int64_t* table = kv.tables + b0 * kv.W;
   auto query = [&](int64_t j) { return (b0 + j / group) * H + h * group + j % group; };  // [B, H] head index
-  auto q_row = [&](int64_t j) { return Q + (b0 + j / group) * ldq + (h * group + j % group) * D; };
   S.assign(padded * len, 0.f);  // scores, then probabilities; zero beyond each query's context
   const std::vector<float> zeros(D, 0.f);
+  // Query rows, computed once (per key, the divisions cost more than the dots); the three past the last
+  // read zeros, for a group of four that starts at any query.
+  std::vector<const float*> qp(nq + 3, zeros.data());
+  for (int64_t j = 0; j < nq; ++j) qp[j] = Q + (b0 + j / group) * ldq + (h * group + j % group) * D;
   for (int64_t t0 = 0; t0 < len; t0 += BS) {
     const T* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
     for (int64_t t = t0; t < std::min(len, t0 + BS); ++t, k += row) {
       _mm_prefetch((const char*)(k + 4 * row), _MM_HINT_T0);
       for (int64_t j = std::max<int64_t>(0, t - L0 + 1) * group; j < nq; j += 4) {  // queries that see t
-        // four queries against one key, k loaded once per eight lanes (missing ones read zeros)
-        const float* q[4];
-        for (int i = 0; i < 4; ++i) q[i] = j + i < nq ? q_row(j + i) : zeros.data();
-        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-        for (int64_t c = 0; c < D; c += 8) {
-          const __m256 kc = load8_f32(k + c);
-          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + c), kc, s0);
-          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + c), kc, s1);
-          s2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + c), kc, s2);
-          s3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + c), kc, s3);
-        }
-        const __m256 h4 = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
         alignas(16) float four[4];
-        _mm_store_ps(four, _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1)));
-        for (int i = 0; i < 4 && j + i < nq; ++i) S[(j + i) * len + t] = four[i] * scale;
+        _mm_store_ps(four, _mm_mul_ps(qk_scores<4>(&qp[j], k, D), _mm_set1_ps(scale)));
+        for (int i = 0; i < 4 && j + i < nq; ++i) S[(j + i) * len + t] = four[i];
       }
     }
   }
