@@ -732,26 +732,29 @@ static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t l
   const int64_t KVH = kv.KVH;
   const auto runs = row_runs(B, kv);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  if ((int64_t)runs.size() == B && B >= 4 * threads && kv.D % 64 == 0) {  // many decodes: whole rows
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> scores;
-      for (int64_t b = b0; b < b1; ++b) seq_attention(Q, b, H, ldq, kv, scale, O, scores);
-    });
-    return;
-  }
-  if ((int64_t)runs.size() == B) {  // a few decodes: (row, KV head) items, heads fastest
+  const int64_t singles = std::count_if(runs.begin(), runs.end(), [](const auto& r) { return r.second == 1; });
+  // With at least four single rows per thread, each is one item over its whole cache rows (seq_attention);
+  // with fewer, (row, KV head) items keep the threads evenly loaded.
+  const bool whole = kv.D % 64 == 0 && singles >= 4 * threads;
+  if ((int64_t)runs.size() == B && !whole) {  // a few decodes: equal (row, KV head) items, heads fastest
     at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores;
       for (int64_t i = i0; i < i1; ++i) row_attention(Q, i / KVH, H, ldq, kv, i % KVH, scale, O, scores);
     });
     return;
   }
-  // Items of very different sizes: each thread takes a share of about equal work (longest first onto the
-  // least loaded thread) instead of a contiguous slice of items.
-  std::vector<std::pair<int64_t, int64_t>> items;  // (work, item = run * KVH + head)
-  for (int64_t r = 0; r < (int64_t)runs.size(); ++r)
-    for (int64_t h = 0; h < KVH; ++h)
-      items.emplace_back(runs[r].second * kv.lens[runs[r].first + runs[r].second - 1], r * KVH + h);
+  // Items of different sizes (whole rows of contexts of different lengths, runs of chunk rows): each thread
+  // takes a share of about equal work (longest first onto the least loaded thread) instead of a contiguous
+  // slice of items, which put 8 long contexts on one thread and 8 short ones on the other.
+  std::vector<std::pair<int64_t, int64_t>> items;  // (work, item = run * (KVH + 1) + head, KVH: all heads)
+  for (int64_t r = 0; r < (int64_t)runs.size(); ++r) {
+    const auto [b0, rows] = runs[r];
+    if (whole && rows == 1) {
+      items.emplace_back(KVH * kv.lens[b0], r * (KVH + 1) + KVH);
+      continue;
+    }
+    for (int64_t h = 0; h < KVH; ++h) items.emplace_back(rows * kv.lens[b0 + rows - 1], r * (KVH + 1) + h);
+  }
   std::sort(items.rbegin(), items.rend());
   std::vector<std::vector<int64_t>> share(threads);
   std::vector<int64_t> load(threads, 0);
@@ -764,9 +767,11 @@ static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t l
     std::vector<float> scratch;
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t item : share[t]) {
-        const auto [b0, rows] = runs[item / KVH];
-        if (rows == 1) row_attention(Q, b0, H, ldq, kv, item % KVH, scale, O, scratch);
-        else run_attention(Q, b0, rows, H, ldq, kv, item % KVH, scale, O, scratch);
+        const auto [b0, rows] = runs[item / (KVH + 1)];
+        const int64_t h = item % (KVH + 1);
+        if (h == KVH) seq_attention(Q, b0, H, ldq, kv, scale, O, scratch);
+        else if (rows == 1) row_attention(Q, b0, H, ldq, kv, h, scale, O, scratch);
+        else run_attention(Q, b0, rows, H, ldq, kv, h, scale, O, scratch);
       }
   });
 }

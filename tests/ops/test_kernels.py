@@ -97,16 +97,20 @@ def test_many_decodes_attention_matches_the_gather_path(k, monkeypatch, kvh: int
     _check_decode_attention(monkeypatch, cache, tables, lens, heads)
 
 
+@pytest.mark.parametrize("many", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_chunk_rows_attention_matches_the_gather_path(k, monkeypatch, dtype: torch.dtype) -> None:
+def test_chunk_rows_attention_matches_the_gather_path(k, monkeypatch, dtype: torch.dtype, many: bool) -> None:
     """A prompt chunk run as one-query rows (consecutive positions of one sequence, row i seeing one more
-    token than row i - 1) is attended as runs that read the context once, between decodes of others."""
+    token than row i - 1) is attended as runs that read the context once, between decodes of others
+    (with many decodes, those run over whole cache rows, shared out by work with the runs)."""
     nb, bs, kvh, hd = 64, 16, 3, 64
     cache = torch.randn(2, nb, bs, kvh, hd).to(dtype)
     chunk_table = torch.tensor([7, 3, 12, 9, 0, 0])
     rows = [(torch.tensor([1, 2, 0, 0, 0, 0]), 20)]  # a decode
     rows += [(chunk_table, 37 + i) for i in range(11)]  # an 11-token chunk: runs of 8 and 3
     rows += [(torch.tensor([5, 6, 8, 0, 0, 0]), 40)]  # another decode
+    if many:  # decodes of different lengths (up to the six blocks of their tables)
+        rows += [((torch.arange(6) + 13 + 3 * i) % nb, 5 + 9 * i % 90) for i in range(4 * torch.get_num_threads())]
     tables = torch.stack([t for t, _ in rows])
     lens = torch.tensor([n for _, n in rows])
     _check_decode_attention(monkeypatch, cache, tables, lens)
