@@ -540,44 +540,6 @@ static void attend_v64(const float* p, int64_t begin, int64_t end, const PagedKV
   for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, a[j]);
 }
 
-// One query token per sequence attending to its context straight from the paged cache (no gather).
-// Q rows are `ldq` floats apart (H heads x D each); O is [B, H, D]. Walks the block table block by block.
-template <typename T>
-static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV<T>& kv,
-                                   float scale, int64_t pieces, float* O);
-template <typename T>
-static int64_t context_pieces(int64_t B, const PagedKV<T>& kv);
-
-// One row (one query token, `group` query heads) against KV head h of its context.
-template <typename T>
-static void row_attention(const float* Q, int64_t b, int64_t H, int64_t ldq, const PagedKV<T>& kv, int64_t h,
-                          float scale, float* O, std::vector<float>& scores) {
-  const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, group = H / KVH, row = KVH * D, len = kv.lens[b];
-  const int64_t* table = kv.tables + b * kv.W;
-  scores.resize(group * len);
-  const float* qb = Q + b * ldq + h * group * D;
-  for (int64_t t0 = 0; t0 < len; t0 += BS) {
-    const T* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
-    const int64_t t1 = std::min(len, t0 + BS);
-    for (int64_t t = t0; t < t1; ++t, k += row) {
-      prefetch_row(k + 8 * row, D);
-      for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot_f32(qb + g * D, k, D) * scale;
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) softmax_inplace(scores.data() + g * len, len);
-  float* ob = O + (b * H + h * group) * D;
-  if (D == 64) {  // the common head size: the output row lives in registers across the context
-    for (int64_t g = 0; g < group; ++g) attend_v64(scores.data() + g * len, 0, len, kv, table, h, ob + g * D);
-    return;
-  }
-  std::fill(ob, ob + group * D, 0.f);
-  for (int64_t t0 = 0; t0 < len; t0 += BS) {
-    const T* v = kv.V + (table[t0 / BS] * BS * KVH + h) * D;
-    for (int64_t t = t0; t < std::min(len, t0 + BS); ++t, v += row)
-      for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * len + t], v, ob + g * D, D);
-  }
-}
-
 // Scores of NQ <= 4 queries (rows of D floats, D a multiple of 8) against one key: each eight key lanes are
 // loaded once for all of them, and the four sums are reduced together (three hadds), not one by one.
 template <int NQ, typename T>
@@ -602,6 +564,61 @@ static inline void score_heads(const float* const* q, int n, const T* k, int64_t
   for (int i = 0; i < n; ++i) s[i * len + t] = four[i];
 }
 
+// Scores of the `group` query heads of one KV head (rows of D floats from qb) against one key, times
+// `scale`, into s[g * len + t]; four heads per key load where D allows.
+template <typename T>
+static inline void score_group(const float* qb, int64_t group, const T* k, int64_t D, float scale, float* s,
+                               int64_t len, int64_t t) {
+  if (D % 8) {
+    for (int64_t g = 0; g < group; ++g) s[g * len + t] = dot_f32(qb + g * D, k, D) * scale;
+    return;
+  }
+  for (int64_t j = 0; j < group; j += 4) {
+    const int n = (int)std::min<int64_t>(4, group - j);
+    const float* q[4];
+    for (int i = 0; i < 4; ++i) q[i] = qb + (j + std::min(i, n - 1)) * D;
+    score_heads(q, n, k, D, scale, s + j * len, len, t);
+  }
+}
+
+// One query token per sequence attending to its context straight from the paged cache (no gather).
+// Q rows are `ldq` floats apart (H heads x D each); O is [B, H, D]. Walks the block table block by block.
+template <typename T>
+static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV<T>& kv,
+                                   float scale, int64_t pieces, float* O);
+template <typename T>
+static int64_t context_pieces(int64_t B, const PagedKV<T>& kv);
+
+// One row (one query token, `group` query heads) against KV head h of its context.
+template <typename T>
+static void row_attention(const float* Q, int64_t b, int64_t H, int64_t ldq, const PagedKV<T>& kv, int64_t h,
+                          float scale, float* O, std::vector<float>& scores) {
+  const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, group = H / KVH, row = KVH * D, len = kv.lens[b];
+  const int64_t* table = kv.tables + b * kv.W;
+  scores.resize(group * len);
+  const float* qb = Q + b * ldq + h * group * D;
+  for (int64_t t0 = 0; t0 < len; t0 += BS) {
+    const T* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
+    const int64_t t1 = std::min(len, t0 + BS);
+    for (int64_t t = t0; t < t1; ++t, k += row) {
+      prefetch_row(k + 8 * row, D);
+      score_group(qb, group, k, D, scale, scores.data(), len, t);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_inplace(scores.data() + g * len, len);
+  float* ob = O + (b * H + h * group) * D;
+  if (D == 64) {  // the common head size: the output row lives in registers across the context
+    for (int64_t g = 0; g < group; ++g) attend_v64(scores.data() + g * len, 0, len, kv, table, h, ob + g * D);
+    return;
+  }
+  std::fill(ob, ob + group * D, 0.f);
+  for (int64_t t0 = 0; t0 < len; t0 += BS) {
+    const T* v = kv.V + (table[t0 / BS] * BS * KVH + h) * D;
+    for (int64_t t = t0; t < std::min(len, t0 + BS); ++t, v += row)
+      for (int64_t g = 0; g < group; ++g) axpy_f32(scores[g * len + t], v, ob + g * D, D);
+  }
+}
+
 // One decode row against its whole context, every KV head at once: each token's cache row (KVH x D
 // contiguous elements) is read once, in order, and the row `ahead` tokens on is prefetched through the
 // block table (the next block is rarely the next in memory). (Sequence, head) items each read a third of
@@ -620,11 +637,8 @@ static void seq_attention(const float* Q, int64_t b, int64_t H, int64_t ldq, con
   for (int64_t t = 0; t < len; ++t) {
     if (t + ahead < len) prefetch_row(at(kv.K, t + ahead), row);
     const T* k = at(kv.K, t);
-    for (int64_t h = 0; h < KVH; ++h)
-      for (int64_t j = h * group; j < (h + 1) * group; j += 4) {  // query heads j .. j + 3 of KV head h
-        const float* q[4] = {qb + j * D, qb + (j + 1) * D, qb + (j + 2) * D, qb + (j + 3) * D};
-        score_heads(q, (int)std::min<int64_t>(4, (h + 1) * group - j), k + h * D, D, scale, &S[j * len], len, t);
-      }
+    for (int64_t h = 0; h < KVH; ++h)  // query heads h * group .. of KV head h
+      score_group(qb + h * group * D, group, k + h * D, D, scale, &S[h * group * len], len, t);
   }
   for (int64_t j = 0; j < H; ++j) softmax_inplace(&S[j * len], len);
   float* ob = O + b * H * D;
@@ -790,7 +804,7 @@ static void partial_attention(const float* qb, int64_t group, const PagedKV<T>& 
   const int64_t KVH = kv.KVH, D = kv.D, BS = kv.BS, n = t1 - t0;
   for (int64_t t = t0; t < t1; ++t) {
     const T* k = kv.K + ((table[t / BS] * BS + t % BS) * KVH + h) * D;
-    for (int64_t g = 0; g < group; ++g) scores[g * n + t - t0] = dot_f32(qb + g * D, k, D) * scale;
+    score_group(qb, group, k, D, scale, scores, n, t - t0);
   }
   for (int64_t g = 0; g < group; ++g) l[g] = exp_inplace(scores + g * n, n, m + g);
   if (D == 64) {
