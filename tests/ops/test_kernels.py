@@ -88,9 +88,9 @@ def test_many_decodes_attention_matches_the_gather_path(k, monkeypatch, kvh: int
                                                         dtype: torch.dtype) -> None:
     """With at least four decodes per thread, each runs all its KV heads over whole cache rows (query heads
     scored four at a time, a group split across chunks of four too), prefetching through the block table."""
-    nb, bs = 300, 16
+    b, bs = 4 * torch.get_num_threads() + 3, 16
+    nb = 6 * b + 10
     cache = torch.randn(2, nb, bs, kvh, hd).to(dtype)
-    b = 4 * torch.get_num_threads() + 3
     tables = torch.randperm(nb)[: b * 6].reshape(b, 6)
     lens = torch.randint(1, 6 * bs + 1, (b,))
     lens[0], lens[1] = 1, 6 * bs
