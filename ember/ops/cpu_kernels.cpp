@@ -452,9 +452,10 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   rope_raw(x.data_ptr<float>(), x.size(0), H, D, H * D, cos.data_ptr<float>(), sin.data_ptr<float>());
 }
 
-// Every cache line of one head's row of D elements, for the keys of single decode rows (a head's rows are
+// Every cache line of the D elements at p: one head's key row for single decode rows (a head's rows are
 // KVH * D apart: the first line alone left decode steps of 16 sequences ~5% slower; 8 rows ahead measured
-// best of 2 to 16; the same for values measured slower, for one sequence and for 16).
+// best of 2 to 16; the same for values measured slower, for one sequence and for 16), or a whole cache
+// row for seq_attention.
 template <typename T>
 static inline void prefetch_row(const T* p, int64_t D) {
   for (int64_t c = 0; c < D * (int64_t)sizeof(T); c += 64) _mm_prefetch((const char*)p + c, _MM_HINT_T0);
@@ -672,20 +673,15 @@ static void run_attention(const float* Q, int64_t b0, int64_t R, int64_t H, int6
   const int64_t* table = kv.tables + b0 * kv.W;
   auto query = [&](int64_t j) { return (b0 + j / group) * H + h * group + j % group; };  // [B, H] head index
   S.assign(padded * len, 0.f);  // scores, then probabilities; zero beyond each query's context
-  const std::vector<float> zeros(D, 0.f);
-  // Query rows, computed once (per key, the divisions cost more than the dots); the three past the last
-  // read zeros, for a group of four that starts at any query.
-  std::vector<const float*> qp(nq + 3, zeros.data());
+  // Query rows, computed once (per key, the divisions cost more than the dots).
+  std::vector<const float*> qp(nq);
   for (int64_t j = 0; j < nq; ++j) qp[j] = Q + (b0 + j / group) * ldq + (h * group + j % group) * D;
   for (int64_t t0 = 0; t0 < len; t0 += BS) {
     const T* k = kv.K + (table[t0 / BS] * BS * KVH + h) * D;
     for (int64_t t = t0; t < std::min(len, t0 + BS); ++t, k += row) {
       _mm_prefetch((const char*)(k + 4 * row), _MM_HINT_T0);
-      for (int64_t j = std::max<int64_t>(0, t - L0 + 1) * group; j < nq; j += 4) {  // queries that see t
-        alignas(16) float four[4];
-        _mm_store_ps(four, _mm_mul_ps(qk_scores<4>(&qp[j], k, D), _mm_set1_ps(scale)));
-        for (int i = 0; i < 4 && j + i < nq; ++i) S[(j + i) * len + t] = four[i];
-      }
+      for (int64_t j = std::max<int64_t>(0, t - L0 + 1) * group; j < nq; j += 4)  // queries that see t
+        score_heads(&qp[j], (int)std::min<int64_t>(4, nq - j), k, D, scale, &S[j * len], len, t);
     }
   }
   for (int64_t j = 0; j < nq; ++j) softmax_inplace(&S[j * len], L0 + j / group);

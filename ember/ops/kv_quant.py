@@ -15,6 +15,8 @@ KV_CACHE_DTYPES = {"auto": None, "float16": None, "int8": 8, "int4": 4, "int2": 
 def float_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """Element type of a float KV cache named `name` (see KV_CACHE_DTYPES) for a model in `model_dtype`."""
     return torch.float16 if name == "float16" else model_dtype
+
+
 PARAM_DTYPE = torch.float16  # scales and minimums, as KIVI keeps them
 
 
