@@ -158,6 +158,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
         kwargs = _engine_kwargs(a)
         if a.kind == "latency":  # one pass per prompt, as llama-bench; no prefix-cache help
+            from ember.bench.latency import check_latency_args
+
+            check_latency_args(a.pp, a.tg, a.depth, a.repetitions)  # before loading the model
             kwargs["max_num_batched_tokens"] = max(kwargs["max_num_batched_tokens"], a.pp)
             kwargs["enable_prefix_caching"] = False
         llm = LLM(a.model, **kwargs)
@@ -191,8 +194,8 @@ def _bench_parsers(sub: Any) -> None:
     _engine_flags(tp)
     lat = kinds.add_parser("latency", parents=[common], help="llama-bench style pp/tg tok/s and bandwidth")
     _engine_flags(lat)
-    lat.add_argument("--pp", type=int, default=512, help="prompt tokens per pp run")
-    lat.add_argument("--tg", type=int, default=128, help="tokens generated per tg run")
+    lat.add_argument("--pp", type=int, default=512, help="prompt tokens per pp run (0: skip pp)")
+    lat.add_argument("--tg", type=int, default=128, help="tokens generated per tg run (0: skip tg)")
     lat.add_argument("--depth", "-d", type=int, default=0,
                      help="context tokens before the tg run (llama-bench's -d): decode speed at that depth")
     lat.add_argument("--repetitions", "-r", type=int, default=3)

@@ -43,6 +43,15 @@ def test_bench_latency_at_depth_with_a_quantized_cache(tiny_llama3: Path) -> Non
     assert r["depth"] == 100 and r["kv_cache_dtype"] == "int4" and r["tg8_tok_s"] > 0
 
 
+def test_bench_latency_skips_a_zero_count_and_refuses_bad_ones(tiny_llama3: Path) -> None:
+    r = _bench("latency", "--model", str(tiny_llama3), "--pp", "16", "--tg", "0", "-r", "1", "--no-membw")
+    assert r["pp16_tok_s"] > 0 and not any(k.startswith("tg") for k in r)
+    for bad in (["--pp", "0", "--tg", "0"], ["--pp", "-4"], ["--repetitions", "0"]):
+        proc = subprocess.run([sys.executable, "-m", "ember.cli", "bench", "latency", "--model", str(tiny_llama3),
+                               *bad], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
 def test_bench_serve_against_a_real_server(tiny_llama3: Path, tmp_path: Path) -> None:
     srv = start_server(tiny_llama3, tmp_path)
     try:

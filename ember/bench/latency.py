@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ember.bench.common import machine
+from ember.errors import InvalidParameterError
 from ember.ops.quant import QuantLinear
 
 
@@ -36,12 +37,23 @@ def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return best
 
 
+def check_latency_args(pp: int, tg: int, depth: int, repetitions: int) -> None:
+    """Counts a latency run can use, or an error that says which is wrong."""
+    if pp < 0 or tg < 0 or not (pp or tg):
+        raise InvalidParameterError(f"--pp {pp} --tg {tg}: token counts must be >= 0 and not both 0 "
+                                    "(0 skips that measurement)")
+    if depth < 0 or repetitions < 1:
+        raise InvalidParameterError(f"--depth {depth} --repetitions {repetitions}: need depth >= 0 and "
+                                    "at least one repetition")
+
+
 def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
                 membw: bool = True, depth: int = 0) -> dict[str, Any]:
     """pp: prompt tok/s; tg: decode tok/s after a prompt of `depth` tokens (llama-bench's -d), timed from the
-    first generated token on."""
+    first generated token on. A count of 0 skips that measurement (llama-bench's -p 0 / -n 0)."""
     from ember import SamplingParams
 
+    check_latency_args(pp, tg, depth, repetitions)
     rng = random.Random(seed)
     vocab = llm.engine.config.vocab_size
     low = min(256, vocab // 2)
@@ -49,22 +61,27 @@ def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
     llm.generate({"prompt_token_ids": rand(8)}, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     pp_rates, tg_rates = [], []
     for _ in range(repetitions):
-        start = time.perf_counter()
-        llm.generate({"prompt_token_ids": rand(pp)}, SamplingParams(max_tokens=1))
-        pp_rates.append(pp / (time.perf_counter() - start))
-        stamps: list[float] = []  # when each token arrived (a long prompt also reports its chunks: skip them)
-        llm.generate({"prompt_token_ids": rand(max(1, depth))}, SamplingParams(max_tokens=tg + 1, ignore_eos=True),
-                     on_output=lambda out: out.outputs[0].token_ids and stamps.append(time.perf_counter()))
-        tg_rates.append(tg / (stamps[-1] - stamps[0]))  # from the first token on: decode only
-    tg_rate = statistics.mean(tg_rates)
+        if pp:
+            start = time.perf_counter()
+            llm.generate({"prompt_token_ids": rand(pp)}, SamplingParams(max_tokens=1))
+            pp_rates.append(pp / (time.perf_counter() - start))
+        if tg:
+            stamps: list[float] = []  # when each token arrived (a long prompt also reports its chunks: skip them)
+            llm.generate({"prompt_token_ids": rand(max(1, depth))}, SamplingParams(max_tokens=tg + 1, ignore_eos=True),
+                         on_output=lambda out: out.outputs[0].token_ids and stamps.append(time.perf_counter()))
+            tg_rates.append(tg / (stamps[-1] - stamps[0]))  # from the first token on: decode only
     weights = weight_bytes_per_token(llm.engine.loaded.model)
-    result = {"benchmark": "latency", "machine": machine(), "dtype": str(llm.engine.dtype).removeprefix("torch."),
-              f"pp{pp}_tok_s": statistics.mean(pp_rates), f"pp{pp}_tok_s_std": _std(pp_rates),
-              f"tg{tg}_tok_s": tg_rate, f"tg{tg}_tok_s_std": _std(tg_rates), "depth": depth,
-              "kv_cache_dtype": llm.engine.args.kv_cache_dtype,
-              "weight_bytes_per_token": weights, "achieved_bandwidth_gb_s": weights * tg_rate / 1e9}
+    result: dict[str, Any] = {"benchmark": "latency", "machine": machine(),
+                              "dtype": str(llm.engine.dtype).removeprefix("torch.")}
+    if pp:
+        result.update({f"pp{pp}_tok_s": statistics.mean(pp_rates), f"pp{pp}_tok_s_std": _std(pp_rates)})
+    if tg:
+        result.update({f"tg{tg}_tok_s": statistics.mean(tg_rates), f"tg{tg}_tok_s_std": _std(tg_rates)})
+    result.update({"depth": depth, "kv_cache_dtype": llm.engine.args.kv_cache_dtype, "weight_bytes_per_token": weights})
+    if tg:
+        result["achieved_bandwidth_gb_s"] = weights * statistics.mean(tg_rates) / 1e9
     result.update(memory_usage())
-    if membw:
+    if membw and tg:
         bw = measure_read_bandwidth()
         result["machine_read_bandwidth_gb_s"] = bw
         result["bandwidth_fraction"] = result["achieved_bandwidth_gb_s"] / bw
