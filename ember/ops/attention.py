@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,8 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) for each new token
     prefills: list[PrefillChunk] = field(default_factory=list)
-    decode_rows: torch.Tensor | None = None  # [B] rows attending one query each (decodes, small chunks)
+    decode_rows: torch.Tensor | None = None  # [B] rows attending one query each (decodes, prompt chunks)
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
     decode_ctx_lens: torch.Tensor | None = None  # [B] tokens each such row attends (its position + 1)
     kv_quant: KVQuantMeta | None = None  # set when the cache is quantized (QuantKVCache)
 
@@ -77,20 +77,27 @@ def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return o[0].transpose(0, 1)
 
 
+def paged_rows_kernel(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> Any | None:
+    """The C++ kernels when they attend one-query rows straight from this float cache, else None."""
+    return cpu_kernels() if q_dtype == torch.float32 and cache_dtype in (torch.float32, torch.float16) else None
+
+
 def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    kern = cpu_kernels() if q.dtype == torch.float32 and cache.dtype in (torch.float32, torch.float16) else None
+    kern = paged_rows_kernel(q.dtype, cache.dtype)
     if kern is not None:  # reads K/V in place from the blocks instead of gathering a padded copy
         return kern.paged_decode_attention(q, cache[0], cache[1], meta.decode_block_tables,
                                            meta.decode_ctx_lens, scale)
     b, h, hd = q.shape
     n_kv = cache.shape[-2]
     tables = meta.decode_block_tables
+    width = tables.shape[1] * cache.shape[2]
+    mask = (torch.arange(width)[None, :] < meta.decode_ctx_lens[:, None])[:, None, None, :]
     # [B, max_blocks, block_size, KVH, D] -> [B, KVH, L, D]
     k = cache[0][tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
     v = cache[1][tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
     # Grouped-query trick: the G query heads of one KV head become G query rows.
     qg = q.view(b, n_kv, h // n_kv, hd)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=scale)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return o.reshape(b, h, hd)
 
 

@@ -152,14 +152,18 @@ def test_stop_strings_and_max_tokens(tiny_llama3: Path) -> None:
     assert_no_leaks(llm.engine)
 
 
-def test_small_chunks_attend_as_decode_rows_exactly(tiny_llama3: Path) -> None:
-    # Chunks of <= 32 tokens run as one-query rows over the paged cache (the fused decode path); larger
-    # ones through SDPA. Both must score every prompt token the same.
+def test_prompt_chunks_attend_as_decode_rows_exactly(tiny_llama3: Path, monkeypatch) -> None:
+    # With the C++ kernels, prompt chunks of any size run as one-query rows over the paged cache (the fused
+    # decode path); without them only chunks of <= 32 tokens do, larger ones go through SDPA. Every way
+    # must score every prompt token the same.
     def scores(budget: int) -> torch.Tensor:
         llm = LLM(tiny_llama3, max_num_batched_tokens=budget, kv_cache_memory=0.01)
         ids = llm.get_tokenizer().encode(TEXT)[:150]
         out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
         return torch.tensor([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
 
+    small, whole = scores(7), scores(512)
+    torch.testing.assert_close(small, whole, rtol=0, atol=2e-4)
     assert RUNNER.CHUNK_AS_DECODE_ROWS < 150
-    torch.testing.assert_close(scores(7), scores(512), rtol=0, atol=2e-4)
+    monkeypatch.setattr(RUNNER, "paged_rows_kernel", lambda *_: None)  # the 150 tokens go to SDPA
+    torch.testing.assert_close(scores(512), whole, rtol=0, atol=2e-4)

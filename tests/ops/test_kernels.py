@@ -99,21 +99,25 @@ def test_many_decodes_attention_matches_the_gather_path(k, monkeypatch, kvh: int
 
 @pytest.mark.parametrize("many", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_chunk_rows_attention_matches_the_gather_path(k, monkeypatch, dtype: torch.dtype, many: bool) -> None:
+@pytest.mark.parametrize("kvh,hd,heads", [(3, 64, 9), (2, 128, 8), (1, 16, 2)])
+def test_chunk_rows_attention_matches_the_gather_path(k, monkeypatch, dtype: torch.dtype, many: bool, kvh: int,
+                                                      hd: int, heads: int) -> None:
     """A prompt chunk run as one-query rows (consecutive positions of one sequence, row i seeing one more
-    token than row i - 1) is attended as runs that read the context once, between decodes of others
-    (with many decodes, those run over whole cache rows, shared out by work with the runs)."""
-    nb, bs, kvh, hd = 64, 16, 3, 64
+    token than row i - 1) is attended as runs that read the context once (queries in vector lanes, values
+    in blocks of 64 tokens), between decodes of others (with many decodes, those run over whole cache rows,
+    shared out by work with the runs). Runs of 8, 8 and 3 rows: 24, 16 and 6 queries for these head
+    layouts, so whole, partial and padded vectors of eight; the contexts cross value blocks."""
+    nb, bs = 64, 16
     cache = torch.randn(2, nb, bs, kvh, hd).to(dtype)
-    chunk_table = torch.tensor([7, 3, 12, 9, 0, 0])
-    rows = [(torch.tensor([1, 2, 0, 0, 0, 0]), 20)]  # a decode
-    rows += [(chunk_table, 37 + i) for i in range(11)]  # an 11-token chunk: runs of 8 and 3
-    rows += [(torch.tensor([5, 6, 8, 0, 0, 0]), 40)]  # another decode
-    if many:  # decodes of different lengths (up to the six blocks of their tables)
-        rows += [((torch.arange(6) + 13 + 3 * i) % nb, 5 + 9 * i % 90) for i in range(4 * torch.get_num_threads())]
+    chunk_table = torch.tensor([7, 3, 12, 9, 20, 21, 30, 31, 40, 41, 0, 0])
+    rows = [(torch.tensor([1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 20)]  # a decode
+    rows += [(chunk_table, 128 + i) for i in range(19)]  # a 19-token chunk at position 127
+    rows += [(torch.tensor([5, 6, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 40)]  # another decode
+    if many:  # decodes of different lengths (up to the twelve blocks of their tables)
+        rows += [((torch.arange(12) + 13 + 3 * i) % nb, 5 + 19 * i % 190) for i in range(4 * torch.get_num_threads())]
     tables = torch.stack([t for t, _ in rows])
     lens = torch.tensor([n for _, n in rows])
-    _check_decode_attention(monkeypatch, cache, tables, lens)
+    _check_decode_attention(monkeypatch, cache, tables, lens, heads)
 
 
 def _check_decode_attention(monkeypatch, cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
@@ -121,10 +125,8 @@ def _check_decode_attention(monkeypatch, cache: torch.Tensor, tables: torch.Tens
     """The kernel's decode attention over `cache` equals the gather + SDPA path (`heads` query heads)."""
     import ember.ops.attention as A
 
-    bs = cache.shape[2]
-    mask = (torch.arange(tables.shape[1] * bs)[None, :] < lens[:, None])[:, None, None, :]
     meta = A.AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), decode_block_tables=tables,
-                               decode_mask=mask, decode_ctx_lens=lens)
+                               decode_ctx_lens=lens)
     q = torch.randn(len(lens), heads, cache.shape[-1])
     fast = A._decode(q, cache, meta, 0.125)
     monkeypatch.setattr(A, "cpu_kernels", lambda: None)
