@@ -36,11 +36,11 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
                    help="turn off sharing of identical prompt prefixes")
     g.add_argument("--scheduler", default="splitfuse", choices=["splitfuse", "prefill-first"],
                    help="step policy (default: splitfuse)")
-    g.add_argument("--itl-target", type=_itl_target, default=None, metavar="MS|auto|off",
+    g.add_argument("--itl-target", type=_itl_target, default=None, metavar="MS|Nx|auto|off",
                    help="splitfuse: milliseconds a step carrying decodes and prompt chunks may take, read off "
                         "the measured latency-vs-tokens curve (smaller prompt chunks while sequences decode); "
-                        "auto = twice a plain decode step; off = fill every step to --max-num-batched-tokens "
-                        "(default: off)")
+                        "Nx = N times a plain decode step of the same sequences (e.g. 1.25x); auto = 2x; "
+                        "off = fill every step to --max-num-batched-tokens (default: off)")
     g.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4"],
                    help="quantize weights at load for ember's AVX2 kernels: int8 (per channel, near-lossless) "
                         "or int4 (groups of 32, LM head int8; fastest decode) (default: none)")
@@ -49,13 +49,19 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
 
 
 def _itl_target(text: str) -> float | str | None:
-    """--itl-target: 'off' -> None, 'auto', else milliseconds -> seconds."""
+    """--itl-target: 'off' -> None, 'auto' or '<N>x' as they are, else milliseconds -> seconds."""
     if text in ("off", "auto"):
         return None if text == "off" else text
+    if text.endswith("x"):
+        from ember.engine.scheduler import valid_itl_target
+
+        if not valid_itl_target(text):
+            raise argparse.ArgumentTypeError(f"'<N>x' needs a number N >= 1 (plain decode steps), got {text!r}")
+        return text
     try:
         ms = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds, 'auto' or 'off', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected milliseconds, '<N>x', 'auto' or 'off', got {text!r}") from None
     if not ms > 0 or math.isinf(ms):
         raise argparse.ArgumentTypeError(f"milliseconds must be a positive number, got {text!r}")
     return ms / 1000

@@ -52,7 +52,8 @@ def test_bad_flags_give_a_message_not_a_traceback(tiny_llama3: Path) -> None:
 def test_itl_target_values() -> None:
     from ember.cli import _itl_target
     assert _itl_target("auto") == "auto" and _itl_target("off") is None and _itl_target("80") == 0.08
-    for bad in ("-5", "0", "nan", "inf"):
+    assert _itl_target("1.25x") == "1.25x"
+    for bad in ("-5", "0", "nan", "inf", "0.5x", "x", "fastx", "infx"):
         with pytest.raises(argparse.ArgumentTypeError):
             _itl_target(bad)
 

@@ -16,7 +16,7 @@ from ember.engine.outputs import CompletionOutput, Logprob, LogprobDict, Request
 from ember.engine.runner import ModelRunner, StepResult, kv_bytes_per_token
 from ember.engine.sampler import Sampler, SamplingRow, compute_logprobs, top_logprobs
 from ember.engine.sampling_params import SamplingParams
-from ember.engine.scheduler import POLICIES, Scheduler, SchedulerConfig
+from ember.engine.scheduler import POLICIES, Scheduler, SchedulerConfig, valid_itl_target
 from ember.engine.sequence import Sequence, Status
 from ember.errors import InvalidParameterError, PromptTooLongError
 from ember.loading.tokenizer import IncrementalDetokenizer
@@ -44,7 +44,8 @@ class EngineArgs:
     quantization: str = "none"  # "int8" / "int4": weights quantized at load (ember.compress.quantize)
     kv_cache_dtype: str = "auto"  # "float16", or "int8" / "int4" / "int2": KIVI (ember.ops.kv_quant)
     # SplitFuse: seconds a step carrying decodes and prompt chunks may take, read off the measured
-    # latency curve, or "auto" (twice a plain decode step); None: fill every step to max_num_batched_tokens.
+    # latency curve, "auto" (twice a plain decode step) or "<N>x" (N times one); None: fill every step to
+    # max_num_batched_tokens.
     itl_target: float | str | None = None
 
     def validate(self) -> None:
@@ -55,8 +56,8 @@ class EngineArgs:
              f"must be one of {', '.join(KV_CACHE_DTYPES)}"),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
-            (self.itl_target in (None, "auto") or isinstance(self.itl_target, (int, float))
-             and 0 < self.itl_target < float("inf"), "itl_target", 'must be seconds > 0, "auto" or None'),
+            (valid_itl_target(self.itl_target), "itl_target",
+             'must be seconds > 0, "auto", "<N>x" (N >= 1 plain decode steps) or None'),
             (self.block_size >= 1, "block_size", "must be >= 1"),
             (KV_CACHE_DTYPES.get(self.kv_cache_dtype) is None or self.block_size >= 2, "block_size",
              "must be >= 2 with a quantized KV cache (keys are quantized per channel over a block)"),

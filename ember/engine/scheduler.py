@@ -12,8 +12,31 @@ POLICIES = ("splitfuse", "prefill-first")
 
 
 # With an automatic latency target, a step that carries prompt chunks may take this many times as long
-# as a plain decode step of the same sequences.
+# as a plain decode step of the same sequences ("auto"; "<N>x" asks for N times instead).
 AUTO_ITL_FACTOR = 2.0
+
+
+def itl_factor(target: float | str | None) -> float | None:
+    """The multiple of a plain decode step a relative target allows ("auto", or "1.25x" for 1.25), or None
+    for a target in seconds, none, or text that is neither (see valid_itl_target)."""
+    if target == "auto":
+        return AUTO_ITL_FACTOR
+    if isinstance(target, str) and target.endswith("x"):
+        try:
+            return float(target[:-1])
+        except ValueError:
+            return None
+    return None
+
+
+def valid_itl_target(target: object) -> bool:
+    """None, seconds > 0, "auto", or "<N>x" with N >= 1 (below 1 no step with decodes could meet it)."""
+    if target is None:
+        return True
+    if isinstance(target, str):
+        factor = itl_factor(target)
+        return factor is not None and 1 <= factor < math.inf
+    return isinstance(target, (int, float)) and not isinstance(target, bool) and 0 < target < math.inf
 
 
 @dataclass
@@ -21,10 +44,13 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 256  # the token budget of one step
     policy: str = "splitfuse"
-    # SplitFuse's bound on a step that carries both decodes and prompt chunks: seconds, or "auto"
-    # (AUTO_ITL_FACTOR x a plain decode step); None = off (every step filled to the token budget).
+    # SplitFuse's bound on a step that carries both decodes and prompt chunks: seconds, "auto"
+    # (AUTO_ITL_FACTOR x a plain decode step) or "<N>x" (N x one); None = off (every step filled to the budget).
     itl_target: float | str | None = None
-    min_chunk: int = 16  # prompt tokens a step may always carry, however slow, so prompts progress
+    # Prompt tokens a step with decodes may always carry, however slow, so prompts progress. Small: on a
+    # CPU every token costs (SmolLM2 int8: 16 prompt tokens took longer than 8 decodes), so a larger floor
+    # would overrule any target near a plain decode step.
+    min_chunk: int = 4
 
 
 class _LineFit:
@@ -170,11 +196,12 @@ class Scheduler:
         target = self.config.itl_target
         if target is None:
             return self.config.max_num_batched_tokens
-        if target == "auto":
+        factor = itl_factor(target)
+        if factor is not None:
             plain = self.cost.decode_seconds(decodes)
             if plain is None:
                 return self.config.min_chunk
-            target = AUTO_ITL_FACTOR * plain
+            target = factor * plain
         most = self.cost.max_tokens(target)
         if most is None:  # no curve yet: a small chunk, which also measures a point on it
             return self.config.min_chunk

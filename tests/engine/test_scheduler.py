@@ -69,6 +69,8 @@ def _running(sched: Scheduler, decoders: int) -> list[Sequence]:
     (None, 512 - 4),  # off: fill the budget
     (0.030, 20 - 4),  # explicit: the curve's tokens for 30 ms, minus the decodes
     ("auto", round(AUTO_ITL_FACTOR * 20 - 10) - 4),  # auto: twice the measured plain decode step
+    ("1.5x", round(1.5 * 20 - 10) - 4),  # N times it
+    ("1x", round(1 * 20 - 10) - 4),  # as long as the plain step: what the curve says fits beside it
 ])
 def test_splitfuse_chunk_follows_the_latency_target(itl_target: float | str | None, expect: int) -> None:
     sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", itl_target), BlockManager(400, 16))
@@ -108,11 +110,11 @@ def test_prompts_alone_fill_the_whole_budget() -> None:
     assert sched.schedule()[long] == 512  # no decode to protect
 
 
-@pytest.mark.parametrize("bad", [-1.0, 0.0, float("inf"), "fast"])
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("inf"), "fast", "0.9x", "x", "nanx", True])
 def test_bad_itl_targets_are_refused(bad: object) -> None:
     with pytest.raises(InvalidParameterError, match="itl_target"):
         EngineArgs(itl_target=bad).validate()
-    for good in (None, "auto", 0.05):
+    for good in (None, "auto", 0.05, "1x", "1.25x"):
         EngineArgs(itl_target=good).validate()
 
 
