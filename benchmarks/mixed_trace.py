@@ -4,7 +4,7 @@
 an engine directly; every step is logged (tokens, decodes, prompt chunks with their start positions,
 seconds) and summed by kind: decode-only, prompt-only, and mixed steps.
 
-usage: python benchmarks/mixed_trace.py [--policy prefill-first|splitfuse] [--itl-target auto|MS|off]
+usage: python benchmarks/mixed_trace.py [--policy prefill-first|splitfuse] [--itl-target auto|Nx|MS|off]
        [--quantization int8] [--budget 2048] [--long-prompts 8] [--json FILE]
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def summary(log: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="splitfuse", choices=["splitfuse", "prefill-first"])
-    ap.add_argument("--itl-target", default="auto", help="auto, milliseconds, or off")
+    ap.add_argument("--itl-target", default="auto", help="auto, Nx (e.g. 1.25x), milliseconds, or off")
     ap.add_argument("--quantization", default="int8", choices=["none", "int8", "int4"])
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
     ap.add_argument("--streams", type=int, default=8)
@@ -77,7 +77,8 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=2.0)
     ap.add_argument("--json", default=None, metavar="FILE", help="also write every step here")
     a = ap.parse_args()
-    target = None if a.itl_target == "off" else a.itl_target if a.itl_target == "auto" else float(a.itl_target) / 1000
+    target = (None if a.itl_target == "off" else a.itl_target if a.itl_target == "auto" or a.itl_target.endswith("x")
+              else float(a.itl_target) / 1000)
     log = trace(a.policy, target, a.quantization, a.budget, a.streams, a.stream_output, a.long_prompts,
                 a.long_prompt_len, a.interval)
     if a.json:
