@@ -67,11 +67,14 @@ def test_model_with_and_without_kernels_agree(tiny_qwen2, monkeypatch) -> None:
 
 @pytest.mark.parametrize("alone", [0, 67, 1500])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, alone: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("hd", [64, 32])
+def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, alone: int, dtype: torch.dtype,
+                                                        hd: int) -> None:
     """Several sequences run one (sequence, KV head) per task; one sequence alone (3 KV heads for 2
     threads) has its context split into pieces attended in parallel and merged (flash-decoding), at an
-    odd length too. A float16 cache is read as float32."""
-    nb, bs, kvh, hd = 200, 16, 3, 64
+    odd length too: each piece over whole cache rows (every head in one pass) where the head size is a
+    multiple of 64, else one head per piece. A float16 cache is read as float32."""
+    nb, bs, kvh = 200, 16, 3
     cache = torch.randn(2, nb, bs, kvh, hd).to(dtype)
     if alone:
         tables = torch.randperm(nb)[None, :100]
