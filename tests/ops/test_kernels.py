@@ -85,6 +85,19 @@ def test_paged_decode_attention_matches_the_gather_path(k, monkeypatch, alone: i
     _check_decode_attention(monkeypatch, cache, tables, lens)
 
 
+@pytest.mark.parametrize("b", [2, 3, 5])
+@pytest.mark.parametrize("hd", [64, 32])
+def test_few_long_decodes_attention_matches_the_gather_path(k, monkeypatch, b: int, hd: int) -> None:
+    """A few decodes of long contexts: split into pieces over whole cache rows and merged where there are
+    fewer sequences than two per thread, else one item over whole rows each (head size a multiple of 64);
+    one (sequence, head) item each otherwise. Contexts of different lengths."""
+    nb, bs, kvh = 8 * b + 10, 16, 3
+    cache = torch.randn(2, nb, bs, kvh, hd)
+    tables = torch.randperm(nb)[: b * 8].reshape(b, 8)
+    lens = torch.tensor([128 - 23 * i for i in range(b)])
+    _check_decode_attention(monkeypatch, cache, tables, lens)
+
+
 @pytest.mark.parametrize("kvh,hd,heads", [(3, 64, 9), (1, 64, 9), (2, 128, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_many_decodes_attention_matches_the_gather_path(k, monkeypatch, kvh: int, hd: int, heads: int,
