@@ -983,12 +983,12 @@ static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t
   }
 }
 
-// Pieces per context for decode_attention_split (1: no split): when there are fewer (sequence, KV head)
-// items than two per thread, the fewest pieces that give every thread the same number of items, each
-// piece at least MIN_PIECE tokens of the shortest context.
+// Pieces per context for decode_attention_split (1: no split): when there are fewer items than two per
+// thread, the fewest pieces that give every thread the same number of items, each piece at least MIN_PIECE
+// tokens of the shortest context. Items are rows where pieces read whole cache rows (D a multiple of 64),
+// else (row, KV head) pairs.
 template <typename T>
 static int64_t context_pieces(int64_t B, const PagedKV<T>& kv) {
-  // Items: whole sequences where pieces read whole cache rows (decode_attention_split), else (sequence, head).
   const int64_t threads = at::get_num_threads(), items = kv.D % 64 == 0 ? B : B * kv.KVH;
   if (threads < 2 || items >= 2 * threads) return 1;
   int64_t shortest = kv.lens[0];
