@@ -829,6 +829,27 @@ static void run_attention(const float* Q, int64_t b0, int64_t R, int64_t H, int6
   }
 }
 
+// Items of different sizes, (work, id), shared out by work: longest first onto the least loaded thread, so each
+// thread gets about equal work (a contiguous slice of items put 8 long contexts on one thread and 8 short ones
+// on the other). Then f(id, scratch) runs for every item, each thread over its share.
+template <typename F>
+static void run_by_work(std::vector<std::pair<int64_t, int64_t>> items, F f) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::sort(items.rbegin(), items.rend());
+  std::vector<std::vector<int64_t>> share(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (const auto& [work, id] : items) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    share[t].push_back(id);
+    load[t] += work;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch;
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t id : share[t]) f(id, scratch);
+  });
+}
+
 // Runs of rows that are consecutive tokens of one sequence (same blocks, context one longer each), at most
 // RUN_ROWS long so a chunk still spreads over threads; a decode is a run of one.
 constexpr int64_t RUN_ROWS = 8;
@@ -870,9 +891,7 @@ static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t l
     });
     return;
   }
-  // Items of different sizes (whole rows of contexts of different lengths, runs of chunk rows): each thread
-  // takes a share of about equal work (longest first onto the least loaded thread) instead of a contiguous
-  // slice of items, which put 8 long contexts on one thread and 8 short ones on the other.
+  // Items of different sizes (whole rows of contexts of different lengths, runs of chunk rows), shared out by work.
   std::vector<std::pair<int64_t, int64_t>> items;  // (work, item = run * (KVH + 1) + head, KVH: all heads)
   for (int64_t r = 0; r < (int64_t)runs.size(); ++r) {
     const auto [b0, rows] = runs[r];
@@ -882,24 +901,12 @@ static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t l
     }
     for (int64_t h = 0; h < KVH; ++h) items.emplace_back(rows * kv.lens[b0 + rows - 1], r * (KVH + 1) + h);
   }
-  std::sort(items.rbegin(), items.rend());
-  std::vector<std::vector<int64_t>> share(threads);
-  std::vector<int64_t> load(threads, 0);
-  for (const auto& [work, item] : items) {
-    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
-    share[t].push_back(item);
-    load[t] += work;
-  }
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch;
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t item : share[t]) {
-        const auto [b0, rows] = runs[item / (KVH + 1)];
-        const int64_t h = item % (KVH + 1);
-        if (h == KVH) seq_attention(Q, b0, H, ldq, kv, scale, O, scratch);
-        else if (rows == 1) row_attention(Q, b0, H, ldq, kv, h, scale, O, scratch);
-        else run_attention(Q, b0, rows, H, ldq, kv, h, scale, O, scratch);
-      }
+  run_by_work(std::move(items), [&](int64_t item, std::vector<float>& scratch) {
+    const auto [b0, rows] = runs[item / (KVH + 1)];
+    const int64_t h = item % (KVH + 1);
+    if (h == KVH) seq_attention(Q, b0, H, ldq, kv, scale, O, scratch);
+    else if (rows == 1) row_attention(Q, b0, H, ldq, kv, h, scale, O, scratch);
+    else run_attention(Q, b0, rows, H, ldq, kv, h, scale, O, scratch);
   });
 }
 
@@ -944,13 +951,16 @@ static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t
     // ACC in the (b, piece, h, g) order the merge reads. A lone sequence at 1300 tokens, 30 layers' caches
     // (more than the L3 holds), float32: per-head items 4.12 ms (14.6 GB/s), whole rows 3.00 ms (20.0 GB/s);
     // at 2300 tokens 7.85 -> 4.92 ms.
-    at::parallel_for(0, B * pieces, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> scores;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / pieces, c = i % pieces, len = kv.lens[b];
-        seq_partial(Q + b * ldq, H, kv, kv.tables + b * kv.W, c * len / pieces, (c + 1) * len / pieces, scale,
-                    scores, &M[i * H], &L[i * H], &ACC[i * H * D]);
-      }
+    // Shared out by work: sequences of different lengths in a contiguous split left one thread with the long ones.
+    std::vector<std::pair<int64_t, int64_t>> work;
+    for (int64_t i = 0; i < B * pieces; ++i) {
+      const int64_t b = i / pieces, c = i % pieces, len = kv.lens[b];
+      work.emplace_back((c + 1) * len / pieces - c * len / pieces, i);
+    }
+    run_by_work(std::move(work), [&](int64_t i, std::vector<float>& scores) {
+      const int64_t b = i / pieces, c = i % pieces, len = kv.lens[b];
+      seq_partial(Q + b * ldq, H, kv, kv.tables + b * kv.W, c * len / pieces, (c + 1) * len / pieces, scale, scores,
+                  &M[i * H], &L[i * H], &ACC[i * H * D]);
     });
   } else {
     // i = (b, piece, h), heads fastest: a thread's items cover neighbouring parts of the same token rows;
@@ -986,7 +996,8 @@ static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t
 // Pieces per context for decode_attention_split (1: no split): when there are fewer items than two per
 // thread, the fewest pieces that give every thread the same number of items, each piece at least MIN_PIECE
 // tokens of the shortest context. Items are rows where pieces read whole cache rows (D a multiple of 64),
-// else (row, KV head) pairs.
+// else (row, KV head) pairs. (Splitting 5 or 7 whole-row items too, for 2 threads: 7% faster at equal
+// lengths, 4-8% slower at different ones, which the sharing by work already balances.)
 template <typename T>
 static int64_t context_pieces(int64_t B, const PagedKV<T>& kv) {
   const int64_t threads = at::get_num_threads(), items = kv.D % 64 == 0 ? B : B * kv.KVH;
