@@ -470,6 +470,10 @@ struct PagedKV {
   int64_t W, BS, KVH, D;
 };
 
+// Whether seq_partial can read this cache's rows whole (every KV head in one pass): head size a multiple of 64.
+template <typename T>
+static inline bool whole_rows(const PagedKV<T>& kv) { return kv.D % 64 == 0; }
+
 template <typename T>
 static inline void axpy_f32(float p, const T* x, float* y, int64_t n) {
   const __m256 pv = _mm256_set1_ps(p);
@@ -883,7 +887,7 @@ static void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t l
   // or chunk runs to balance them against; with fewer (short contexts: longer ones were split into pieces
   // above), (row, KV head) items keep the threads evenly loaded. Per-head items read a third of each row,
   // strided: 30 layers' caches of 1500 tokens, 7 sequences 41.2 ms, 8 as whole rows 31.6.
-  const bool whole = kv.D % 64 == 0 && (singles >= 2 * threads || (int64_t)runs.size() > singles);
+  const bool whole = whole_rows(kv) && (singles >= 2 * threads || (int64_t)runs.size() > singles);
   if ((int64_t)runs.size() == B && !whole) {  // a few decodes: equal (row, KV head) items, heads fastest
     at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores;
@@ -943,10 +947,7 @@ static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t
                                    float scale, int64_t pieces, float* O) {
   const int64_t KVH = kv.KVH, D = kv.D, group = H / KVH, items = B * KVH * pieces;
   std::vector<float> M(items * group), L(M.size()), ACC(M.size() * D);
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, kv.lens[b]);
-  const int64_t threads = at::get_num_threads();
-  if (D % 64 == 0 && B * pieces % threads == 0) {
+  if (whole_rows(kv)) {
     // Items (b, piece) over whole cache rows, every KV head in one pass (seq_partial); they fill M, L and
     // ACC in the (b, piece, h, g) order the merge reads. A lone sequence at 1300 tokens, 30 layers' caches
     // (more than the L3 holds), float32: per-head items 4.12 ms (14.6 GB/s), whole rows 3.00 ms (20.0 GB/s);
@@ -965,6 +966,8 @@ static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t
   } else {
     // i = (b, piece, h), heads fastest: a thread's items cover neighbouring parts of the same token rows;
     // head-major items read a third of each row and were twice as slow in the model.
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; ++b) longest = std::max(longest, kv.lens[b]);
     at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores(group * (longest / pieces + 1));
       for (int64_t i = i0; i < i1; ++i) {
@@ -995,12 +998,12 @@ static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t
 
 // Pieces per context for decode_attention_split (1: no split): when there are fewer items than two per
 // thread, the fewest pieces that give every thread the same number of items, each piece at least MIN_PIECE
-// tokens of the shortest context. Items are rows where pieces read whole cache rows (D a multiple of 64),
-// else (row, KV head) pairs. (Splitting 5 or 7 whole-row items too, for 2 threads: 7% faster at equal
+// tokens of the shortest context. Items are rows where pieces read whole cache rows (whole_rows), else
+// (row, KV head) pairs. (Splitting 5 or 7 whole-row items too, for 2 threads: 7% faster at equal
 // lengths, 4-8% slower at different ones, which the sharing by work already balances.)
 template <typename T>
 static int64_t context_pieces(int64_t B, const PagedKV<T>& kv) {
-  const int64_t threads = at::get_num_threads(), items = kv.D % 64 == 0 ? B : B * kv.KVH;
+  const int64_t threads = at::get_num_threads(), items = whole_rows(kv) ? B : B * kv.KVH;
   if (threads < 2 || items >= 2 * threads) return 1;
   int64_t shortest = kv.lens[0];
   for (int64_t b = 1; b < B; ++b) shortest = std::min(shortest, kv.lens[b]);
