@@ -48,7 +48,7 @@ def test_pack_layout_is_llama_cpp_q4(bits: int, group: int, k: int) -> None:
 @pytest.mark.skipif(not HAS_AVX2 or shutil.which("c++") is None, reason="needs AVX2 and a C++ compiler")
 @pytest.mark.parametrize("bits,group,params", [(8, 32, "f32"), (8, 320, "f32"), (8, 64, "f16"), (4, 32, "f16"),
                                                (4, 64, "f16"), (4, 160, "f16"), (4, 32, "f32")])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 32])  # 5-7: 1-3 rows after a tile
 def test_kernel_matches_the_pytorch_twin(bits: int, group: int, params: str, rows: int) -> None:
     _check_kernel(bits, group, params, rows, 320)
 
