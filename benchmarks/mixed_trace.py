@@ -36,8 +36,8 @@ def trace(policy: str, itl_target: float | str | None, quantization: str, budget
 
     def logged() -> dict:
         batch = schedule()
-        log.append({"tokens": sum(batch.values()), "decodes": sum(1 for n in batch.values() if n == 1),
-                    "chunks": [(s.num_computed, n) for s, n in batch.items() if n > 1]})
+        log.append({"tokens": sum(batch.values()), "decodes": sum(1 for s in batch if not s.in_prefill),
+                    "chunks": [(s.num_computed, n) for s, n in batch.items() if s.in_prefill]})
         return batch
 
     sched.schedule = logged

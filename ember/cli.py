@@ -37,8 +37,9 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     g.add_argument("--scheduler", default="splitfuse", choices=["splitfuse", "prefill-first"],
                    help="step policy (default: splitfuse)")
     g.add_argument("--itl-target", type=_itl_target, default=None, metavar="MS|Nx|auto|off",
-                   help="splitfuse: milliseconds a step carrying decodes and prompt chunks may take, read off "
-                        "the measured latency-vs-tokens curve (smaller prompt chunks while sequences decode); "
+                   help="splitfuse: milliseconds a step carrying decodes and prompt chunks may take, predicted "
+                        "from the step costs measured as the engine runs (smaller prompt chunks while sequences "
+                        "decode); "
                         "Nx = N times a plain decode step of the same sequences (e.g. 1.25x); auto = 2x; "
                         "off = fill every step to --max-num-batched-tokens (default: off)")
     g.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4"],

@@ -43,8 +43,8 @@ class EngineArgs:
     block_size: int = 16
     quantization: str = "none"  # "int8" / "int4": weights quantized at load (ember.compress.quantize)
     kv_cache_dtype: str = "auto"  # "float16", or "int8" / "int4" / "int2": KIVI (ember.ops.kv_quant)
-    # SplitFuse: seconds a step carrying decodes and prompt chunks may take, read off the measured
-    # latency curve, "auto" (twice a plain decode step) or "<N>x" (N times one); None: fill every step to
+    # SplitFuse: seconds a step carrying decodes and prompt chunks may take, predicted from the measured
+    # step costs, "auto" (twice a plain decode step) or "<N>x" (N times one); None: fill every step to
     # max_num_batched_tokens.
     itl_target: float | str | None = None
 

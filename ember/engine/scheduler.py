@@ -47,83 +47,75 @@ class SchedulerConfig:
     # SplitFuse's bound on a step that carries both decodes and prompt chunks: seconds, "auto"
     # (AUTO_ITL_FACTOR x a plain decode step) or "<N>x" (N x one); None = off (every step filled to the budget).
     itl_target: float | str | None = None
-    # Prompt tokens a step with decodes may always carry, however slow, so prompts progress. Small: on a
-    # CPU every token costs (SmolLM2 int8: 16 prompt tokens took longer than 8 decodes), so a larger floor
-    # would overrule any target near a plain decode step.
-    min_chunk: int = 4
+    # Prompt tokens a step with decodes may always carry, however slow, so prompts progress. One: on a CPU
+    # every token costs (SmolLM2 int8, beside 8 decodes: 2-4 ms each, a plain step ~19 ms), so a larger
+    # floor would overrule a target near a plain decode step.
+    min_chunk: int = 1
 
 
-class _LineFit:
-    """Exponentially weighted least squares for y ~ a + b * x."""
+class _SlopeFit:
+    """Exponentially weighted least squares through the origin: y ~ b * x."""
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
-        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._xx = self._xy = 0.0
 
     def add(self, x: float, y: float) -> None:
-        d = self.decay
-        self._w = d * self._w + 1.0
-        self._x = d * self._x + x
-        self._y = d * self._y + y
-        self._xx = d * self._xx + x * x
-        self._xy = d * self._xy + x * y
+        self._xx = self.decay * self._xx + x * x
+        self._xy = self.decay * self._xy + x * y
 
-    def line(self) -> tuple[float, float] | None:
-        """(a, b), or None until points of clearly different x were seen."""
-        if self._w < 2:
-            return None
-        mx, my = self._x / self._w, self._y / self._w
-        var = self._xx / self._w - mx * mx
-        if var < 16.0:  # x too alike (spread < 4) to tell the slope
-            return None
-        b = (self._xy / self._w - mx * my) / var
-        if b <= 0:
-            return None
-        return max(0.0, my - b * mx), b
+    def slope(self) -> float | None:
+        """b, or None before any point (or while the points say nothing costs: noise, not a price)."""
+        return self._xy / self._xx if self._xx > 0 and self._xy > 0 else None
 
 
 class StepCost:
-    """The measured latency-vs-tokens curve: step seconds ~ a + b * tokens.
+    """What a step costs, measured online from the engine's own steps: a decode-only step of n sequences,
+    plus seconds for each prompt token the step carries beside them.
 
     On a GPU a forward pass costs about the same up to hundreds of tokens, so DeepSpeed-FastGen fills
-    every pass to one budget. On a CPU the cost grows with every token from the first, so the budget that
-    keeps decodes flowing has to come from this curve. Fitted online to the engine's steps that carry
-    prompt tokens, preferring those that also carry decodes (the steps it must predict; prompt-only steps
-    run other code paths, long chunks through SDPA and a float GEMM); decode-only steps are tracked on
-    their own, keyed by their batch size."""
+    every pass to one budget. On a CPU every token costs, but not along one line: a few decode rows cost
+    the weight read (SmolLM2 int8: one decode at 1500 tokens of context 9 ms) and each further row its
+    arithmetic and its own KV cache read (two such decodes 14 ms, four 24). So a step with decodes is
+    predicted as the plain decode step of that many sequences, measured recently, plus the marginal cost of
+    its prompt tokens, fitted from the steps that carried both (prompt-only steps, another code path,
+    stand in until one was seen)."""
 
-    def __init__(self, decay: float = 0.9) -> None:
-        self._mixed = _LineFit(decay)
-        self._prompt = _LineFit(decay)
-        self._decode: dict[int, float] = {}
+    def __init__(self, decay: float = 0.9, fresh_steps: int = 64) -> None:
+        self.fresh_steps = fresh_steps  # a decode step measured longer ago than this is re-measured
+        self._mixed = _SlopeFit(decay)
+        self._prompt = _SlopeFit(decay)
+        self._decode: dict[int, tuple[float, int]] = {}  # batch size -> (seconds, step it was last seen)
+        self._steps = 0
 
     def observe(self, tokens: int, decodes: int, seconds: float) -> None:
-        if tokens == decodes:
-            old = self._decode.get(tokens)
-            self._decode[tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
-            return
-        self._prompt.add(tokens, seconds)
-        if decodes:
-            self._mixed.add(tokens, seconds)
-
-    def line(self) -> tuple[float, float] | None:
-        """(a, b) of the fit, or None until steps of clearly different sizes were seen."""
-        return self._mixed.line() or self._prompt.line()
+        self._steps += 1
+        chunk = tokens - decodes
+        if chunk == 0:
+            old = self.decode_seconds(decodes)
+            self._decode[decodes] = (seconds if old is None else 0.8 * old + 0.2 * seconds, self._steps)
+        elif decodes == 0:
+            self._prompt.add(chunk, seconds)
+        elif (plain := self.decode_seconds(decodes)) is not None:
+            self._mixed.add(chunk, seconds - plain)
 
     def decode_seconds(self, batch: int) -> float | None:
-        """A decode-only step of `batch` sequences, from the nearest batch size seen."""
-        if not self._decode:
-            return None
-        near = min(self._decode, key=lambda n: (abs(n - batch), n))
-        return self._decode[near] * max(1.0, batch / near)  # scaled up from a smaller batch, never down
+        """A decode-only step of `batch` sequences, or None if not measured in the last fresh_steps steps
+        (contexts grow, and with them the step; an older measurement is replaced, not averaged in)."""
+        seen = self._decode.get(batch)
+        return seen[0] if seen is not None and self._steps - seen[1] <= self.fresh_steps else None
 
-    def max_tokens(self, seconds: float) -> int | None:
-        """Most tokens a step may carry to take at most `seconds`, or None while the curve is unknown."""
-        fit = self.line()
-        if fit is None:
+    def token_seconds(self) -> float | None:
+        """Marginal seconds of one prompt token in a step, or None until a step with prompt tokens was seen."""
+        return self._mixed.slope() or self._prompt.slope()
+
+    def max_chunk(self, decodes: int, seconds: float) -> int | None:
+        """Most prompt tokens a step with `decodes` decoding sequences may carry to take at most `seconds`,
+        or None while either part of the cost is unknown."""
+        plain, per = self.decode_seconds(decodes), self.token_seconds()
+        if plain is None or per is None:
             return None
-        a, b = fit
-        return max(0, math.floor((seconds - a) / b + 1e-6))  # (the epsilon: float noise at exact fits)
+        return max(0, math.floor((seconds - plain) / per + 1e-6))  # (the epsilon: float noise at exact fits)
 
 
 class Scheduler:
@@ -136,10 +128,11 @@ class Scheduler:
         self.running: list[Sequence] = []  # oldest first
         self.num_preemptions = 0
         self.cost = StepCost()
+        self._decodes = 0  # decoding sequences in the last batch scheduled
 
     def observe(self, batch: dict[Sequence, int], seconds: float) -> None:
-        """The wall time of a step the engine ran from `batch` (feeds the latency curve)."""
-        self.cost.observe(sum(batch.values()), sum(1 for n in batch.values() if n == 1), seconds)
+        """The wall time of the step the engine ran from the last batch scheduled (feeds the step cost)."""
+        self.cost.observe(sum(batch.values()), self._decodes, seconds)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -149,8 +142,12 @@ class Scheduler:
 
     def schedule(self) -> dict[Sequence, int]:
         if self.config.policy == "prefill-first":
-            return self._schedule_prefill_first()
-        return self._schedule_splitfuse()
+            batch = self._schedule_prefill_first()
+        else:
+            batch = self._schedule_splitfuse()
+        # Counted now: once it has run, a one-token prompt chunk looks like a decode.
+        self._decodes = sum(1 for s in batch if not s.in_prefill)
+        return batch
 
     # -- policies -------------------------------------------------------------------------
 
@@ -196,16 +193,14 @@ class Scheduler:
         target = self.config.itl_target
         if target is None:
             return self.config.max_num_batched_tokens
+        plain = self.cost.decode_seconds(decodes)
+        if plain is None:  # measure this batch's plain step first: it is what the target is relative to
+            return 0
         factor = itl_factor(target)
-        if factor is not None:
-            plain = self.cost.decode_seconds(decodes)
-            if plain is None:
-                return self.config.min_chunk
-            target = factor * plain
-        most = self.cost.max_tokens(target)
-        if most is None:  # no curve yet: a small chunk, which also measures a point on it
+        most = self.cost.max_chunk(decodes, plain * factor if factor is not None else target)
+        if most is None:  # the price of a prompt token is unknown: a small chunk, which measures it
             return self.config.min_chunk
-        return max(self.config.min_chunk, most - decodes)
+        return max(self.config.min_chunk, most)
 
     def _schedule_decodes(self, budget: int | None) -> dict[Sequence, int]:
         """One token for every decoding sequence, preempting the newest when blocks run out."""

@@ -19,38 +19,43 @@ def _seq(n: int, rid: str = "r") -> Sequence:
     return Sequence(rid, 0, list(range(1, n + 1)), SamplingParams(max_tokens=8), 0.0)
 
 
-def test_step_cost_recovers_a_line_and_inverts_it() -> None:
+def test_step_cost_prices_prompt_tokens_beside_the_plain_decode_step() -> None:
     cost = StepCost()
-    assert cost.line() is None and cost.max_tokens(1.0) is None
-    for n in (40, 200, 72, 150, 18, 256):
-        cost.observe(n, 0, 0.010 + 0.002 * n)
-    a, b = cost.line()
-    assert a == pytest.approx(0.010, rel=1e-6) and b == pytest.approx(0.002, rel=1e-6)
-    assert cost.max_tokens(0.050) == 20
-    assert cost.max_tokens(0.005) == 0
+    assert cost.token_seconds() is None and cost.max_chunk(8, 1.0) is None
+    cost.observe(8, 8, 0.020)
+    assert cost.max_chunk(8, 1.0) is None  # the price of a prompt token is not known yet
+    for c in (2, 5, 1, 3):
+        cost.observe(8 + c, 8, 0.020 + 0.003 * c)
+    assert cost.token_seconds() == pytest.approx(0.003)
+    assert cost.max_chunk(8, 0.029) == 3
+    assert cost.max_chunk(8, 0.019) == 0  # not even the decodes fit
+    assert cost.max_chunk(4, 1.0) is None  # four decodes were never measured
 
 
-def test_step_cost_needs_spread_and_keeps_decode_steps_apart() -> None:
+def test_prompt_only_steps_stand_in_until_steps_with_decodes_are_seen() -> None:
     cost = StepCost()
-    for _ in range(10):
-        cost.observe(64, 0, 0.1)
-    assert cost.line() is None  # one size only: the slope is unknown
+    for n in (300, 2000):
+        cost.observe(n, 0, 0.003 * n)
+    assert cost.token_seconds() == pytest.approx(0.003)
+    cost.observe(1, 1, 0.009)
+    cost.observe(5, 1, 0.013)  # one decode and four prompt tokens: 1 ms each beside it
+    cost.observe(3, 2, 0.030)  # two decodes never ran alone: no price can be read off this step
+    assert cost.token_seconds() == pytest.approx(0.001)
+
+
+def test_decode_steps_are_kept_per_batch_size_and_go_stale() -> None:
+    cost = StepCost(fresh_steps=3)
     cost.observe(8, 8, 0.030)
     cost.observe(8, 8, 0.040)
     assert cost.decode_seconds(8) == pytest.approx(0.032)
-    assert cost.decode_seconds(4) == pytest.approx(0.032)  # nearest size seen, not scaled down
-    assert cost.decode_seconds(16) == pytest.approx(0.064)  # larger: scaled by batch size
-    assert cost.line() is None  # decode steps do not enter the fit
-
-
-def test_step_cost_prefers_steps_that_carry_decodes() -> None:
-    cost = StepCost()
-    for n in (300, 900, 2000):  # prompt-only steps: another code path, another line
-        cost.observe(n, 0, 0.100 + 0.003 * n)
-    assert cost.line() == pytest.approx((0.100, 0.003))
-    for n in (20, 40, 30):
-        cost.observe(n, 8, 0.020 + 0.001 * n)
-    assert cost.line() == pytest.approx((0.020, 0.001))
+    assert cost.decode_seconds(4) is None  # not guessed from another batch size
+    for _ in range(3):
+        cost.observe(100, 0, 0.3)
+    assert cost.decode_seconds(8) == pytest.approx(0.032)
+    cost.observe(100, 0, 0.3)
+    assert cost.decode_seconds(8) is None  # contexts have grown since: measure it again
+    cost.observe(8, 8, 0.050)
+    assert cost.decode_seconds(8) == pytest.approx(0.050)  # the new measurement, not averaged with the old
 
 
 def _running(sched: Scheduler, decoders: int) -> list[Sequence]:
@@ -67,17 +72,17 @@ def _running(sched: Scheduler, decoders: int) -> list[Sequence]:
 
 @pytest.mark.parametrize("itl_target, expect", [
     (None, 512 - 4),  # off: fill the budget
-    (0.030, 20 - 4),  # explicit: the curve's tokens for 30 ms, minus the decodes
-    ("auto", round(AUTO_ITL_FACTOR * 20 - 10) - 4),  # auto: twice the measured plain decode step
-    ("1.5x", round(1.5 * 20 - 10) - 4),  # N times it
-    ("1x", round(1 * 20 - 10) - 4),  # as long as the plain step: what the curve says fits beside it
+    (0.030, 10),  # explicit: (30 ms - the 20 ms plain step) / 1 ms a prompt token
+    ("auto", round((AUTO_ITL_FACTOR - 1) * 20)),  # auto: twice the measured plain decode step
+    ("1.5x", 10),  # N times it
+    ("1x", 1),  # as long as the plain step: nothing fits, so the minimum
 ])
 def test_splitfuse_chunk_follows_the_latency_target(itl_target: float | str | None, expect: int) -> None:
     sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", itl_target), BlockManager(400, 16))
     decoders = _running(sched, 4)
-    for n in (30, 300, 120, 500):
-        sched.cost.observe(n, 0, 0.010 + 0.001 * n)
     sched.cost.observe(4, 4, 0.020)
+    for c in (3, 30, 12):
+        sched.cost.observe(4 + c, 4, 0.020 + 0.001 * c)
     long = _seq(3000, "long")
     sched.add(long)
     batch = sched.schedule()
@@ -85,22 +90,45 @@ def test_splitfuse_chunk_follows_the_latency_target(itl_target: float | str | No
     assert batch[long] == expect
 
 
-def test_without_a_curve_a_small_chunk_goes_with_the_decodes() -> None:
+def test_the_plain_decode_step_is_measured_before_prompts_join_it() -> None:
     sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", "auto"), BlockManager(400, 16))
-    _running(sched, 2)
+    decoders = _running(sched, 2)
     long = _seq(3000, "long")
     sched.add(long)
-    assert sched.schedule()[long] == sched.config.min_chunk
+    batch = sched.schedule()
+    assert batch == {s: 1 for s in decoders}  # decodes alone: the step the target is relative to
+    for s in decoders:
+        s.num_computed += 1
+        s.output_ids.append(7)
+    sched.observe(batch, 0.020)
+    assert sched.cost.decode_seconds(2) == pytest.approx(0.020)
+    batch = sched.schedule()
+    assert batch[long] == sched.config.min_chunk  # no price per prompt token yet: a small chunk measures it
 
 
 def test_a_slow_machine_still_moves_prompts_forward() -> None:
     sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", 0.001), BlockManager(400, 16))
     _running(sched, 2)
-    for n in (30, 300):
-        sched.cost.observe(n, 0, 0.010 + 0.001 * n)
+    sched.cost.observe(2, 2, 0.010)
+    sched.cost.observe(12, 2, 0.020)
     long = _seq(3000, "long")
     sched.add(long)
     assert sched.schedule()[long] == sched.config.min_chunk  # target unreachable: the minimum, not zero
+
+
+def test_a_one_token_prompt_chunk_is_not_counted_as_a_decode() -> None:
+    sched = Scheduler(SchedulerConfig(8, 512, "splitfuse", 1e-6), BlockManager(400, 16))
+    decoders = _running(sched, 2)
+    sched.cost.observe(2, 2, 0.010)
+    sched.cost.observe(12, 2, 0.020)
+    long = _seq(3000, "long")
+    sched.add(long)
+    batch = sched.schedule()
+    assert batch[long] == 1 and len(batch) == 3
+    sched.observe(batch, 0.013)
+    assert sched.cost.decode_seconds(3) is None  # two decodes and a prompt token, not three decodes
+    # ...it priced one prompt token at 3 ms, after the 10-token step at 1 ms (sums decayed by 0.9)
+    assert sched.cost.token_seconds() == pytest.approx((0.9 * 10 * 0.010 + 1 * 0.003) / (0.9 * 100 + 1))
 
 
 def test_prompts_alone_fill_the_whole_budget() -> None:
@@ -132,8 +160,8 @@ def test_a_latency_capped_engine_gives_the_same_tokens(tiny_llama3: Path) -> Non
 
         def spy() -> dict:
             batch = schedule()
-            if target and any(n == 1 for n in batch.values()):
-                mixed.append(sum(n for n in batch.values() if n > 1))
+            if target and any(not s.in_prefill for s in batch):
+                mixed.append(sum(n for s, n in batch.items() if s.in_prefill))
             return batch
 
         sched.schedule = spy
