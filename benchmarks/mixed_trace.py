@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from ember import LLM, SamplingParams
+from ember.cli import parse_itl_target
 
 
 def trace(policy: str, itl_target: float | str | None, quantization: str, budget: int, streams: int,
@@ -67,7 +68,8 @@ def summary(log: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="splitfuse", choices=["splitfuse", "prefill-first"])
-    ap.add_argument("--itl-target", default="auto", help="auto, Nx (e.g. 1.25x), milliseconds, or off")
+    ap.add_argument("--itl-target", type=parse_itl_target, default="auto",
+                    help="auto, Nx (e.g. 1.25x), milliseconds, or off (as ember's --itl-target)")
     ap.add_argument("--quantization", default="int8", choices=["none", "int8", "int4"])
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
     ap.add_argument("--streams", type=int, default=8)
@@ -77,9 +79,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=2.0)
     ap.add_argument("--json", default=None, metavar="FILE", help="also write every step here")
     a = ap.parse_args()
-    target = (None if a.itl_target == "off" else a.itl_target if a.itl_target == "auto" or a.itl_target.endswith("x")
-              else float(a.itl_target) / 1000)
-    log = trace(a.policy, target, a.quantization, a.budget, a.streams, a.stream_output, a.long_prompts,
+    log = trace(a.policy, a.itl_target, a.quantization, a.budget, a.streams, a.stream_output, a.long_prompts,
                 a.long_prompt_len, a.interval)
     if a.json:
         with open(a.json, "w") as f:

@@ -36,7 +36,7 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
                    help="turn off sharing of identical prompt prefixes")
     g.add_argument("--scheduler", default="splitfuse", choices=["splitfuse", "prefill-first"],
                    help="step policy (default: splitfuse)")
-    g.add_argument("--itl-target", type=_itl_target, default=None, metavar="MS|Nx|auto|off",
+    g.add_argument("--itl-target", type=parse_itl_target, default=None, metavar="MS|Nx|auto|off",
                    help="splitfuse: milliseconds a step carrying decodes and prompt chunks may take, predicted "
                         "from the step costs measured as the engine runs (smaller prompt chunks while sequences "
                         "decode); "
@@ -49,7 +49,7 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
                    help=KV_HELP)
 
 
-def _itl_target(text: str) -> float | str | None:
+def parse_itl_target(text: str) -> float | str | None:
     """--itl-target: 'off' -> None, 'auto' or '<N>x' as they are, else milliseconds -> seconds."""
     if text in ("off", "auto"):
         return None if text == "off" else text

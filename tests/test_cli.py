@@ -49,13 +49,13 @@ def test_bad_flags_give_a_message_not_a_traceback(tiny_llama3: Path) -> None:
     assert proc.returncode == 2 and "--itl-target" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_itl_target_values() -> None:
-    from ember.cli import _itl_target
-    assert _itl_target("auto") == "auto" and _itl_target("off") is None and _itl_target("80") == 0.08
-    assert _itl_target("1.25x") == "1.25x"
+def testparse_itl_target_values() -> None:
+    from ember.cli import parse_itl_target
+    assert parse_itl_target("auto") == "auto" and parse_itl_target("off") is None and parse_itl_target("80") == 0.08
+    assert parse_itl_target("1.25x") == "1.25x"
     for bad in ("-5", "0", "nan", "inf", "0.5x", "x", "fastx", "infx"):
         with pytest.raises(argparse.ArgumentTypeError):
-            _itl_target(bad)
+            parse_itl_target(bad)
 
 
 def test_pull_uses_the_cache(default_gguf: Path) -> None:

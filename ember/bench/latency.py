@@ -75,12 +75,11 @@ def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
                               "dtype": str(llm.engine.dtype).removeprefix("torch.")}
     if pp:
         result.update({f"pp{pp}_tok_s": statistics.mean(pp_rates), f"pp{pp}_tok_s_std": _std(pp_rates)})
-    tg_rate = statistics.mean(tg_rates) if tg else 0.0
     if tg:
-        result.update({f"tg{tg}_tok_s": tg_rate, f"tg{tg}_tok_s_std": _std(tg_rates)})
+        result.update({f"tg{tg}_tok_s": statistics.mean(tg_rates), f"tg{tg}_tok_s_std": _std(tg_rates)})
     result.update({"depth": depth, "kv_cache_dtype": llm.engine.args.kv_cache_dtype, "weight_bytes_per_token": weights})
     if tg:
-        result["achieved_bandwidth_gb_s"] = weights * tg_rate / 1e9
+        result["achieved_bandwidth_gb_s"] = weights * result[f"tg{tg}_tok_s"] / 1e9
     result.update(memory_usage())
     if membw and tg:
         bw = measure_read_bandwidth()
