@@ -6,28 +6,89 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, TypeVar
 
-from ember.engine.engine import LLMEngine, Prompt
+from ember.engine.engine import LLMEngine, Prompt, Request
 from ember.engine.outputs import RequestOutput
 from ember.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("ember")
+T = TypeVar("T")
+# Consecutive failures of the loop itself (outside the per-request isolation of LLMEngine.step) after which
+# every request in flight is failed, so the engine starts again from a clean state instead of spinning.
+LOOP_FAILURES_BEFORE_RESET = 3
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (the others ran on), or stopped before it finished."""
 
 
 @dataclass
 class _Stream:
+    """Where the engine thread leaves a request's newest output for its asyncio consumer."""
+
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: RequestOutput | BaseException | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     last_token: float | None = None
     tokens: int = 0
+    ended: bool = False  # an error was put: later outputs (an abort racing a step) are dropped
+
+    def put(self, item: RequestOutput | BaseException) -> None:  # on the consumer's loop
+        if self.ended:
+            return
+        self.ended = isinstance(item, BaseException)
+        self.latest = item
+        self.ready.set()
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread hit an unexpected error while running a request."""
+class RequestStream:
+    """A request's outputs, as an async iterator ending with the finished one.
+
+    Each RequestOutput holds everything generated so far, so a consumer that falls behind gets the newest
+    one and skips the rest: nothing is lost and nothing piles up. Closing the stream early aborts the
+    request and frees its blocks.
+    """
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, stream: _Stream) -> None:
+        self.request_id = request_id
+        self._engine, self._stream, self._done = engine, stream, False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        await self._stream.ready.wait()
+        self._stream.ready.clear()
+        item, self._stream.latest = self._stream.latest, None
+        if isinstance(item, BaseException):
+            self._close()
+            raise item
+        assert item is not None
+        if item.finished:
+            self._close()
+        return item
+
+    async def aclose(self) -> None:
+        """Abort the request if it has not finished (safe to call any number of times)."""
+        self.abort()
+
+    def abort(self, error: BaseException | None = None) -> None:
+        """Abort the request if it has not finished; the stream's consumer then raises `error`, or, without
+        one, the stream ends."""
+        if not self._done:
+            self._engine.abort(self.request_id, error)
+            self._done = error is None
+
+    def _close(self) -> None:
+        self._done = True
+        self._engine._streams.pop(self.request_id, None)
 
 
 class AsyncEngine:
@@ -44,6 +105,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # Tokenizing and templating run here, off the event loop: a long prompt must not stall other clients.
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ember-prepare")
         self.num_running = 0
         self.num_waiting = 0
 
@@ -84,34 +147,59 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for stream in list(self._streams.values()):
+            self._put(stream, RequestFailedError("the engine stopped before this request finished"))
 
     @property
     def num_requests(self) -> int:
         return len(self._streams)
 
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the preparation threads (tokenizing, chat templates), not on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def prepare(self, items: list[tuple[str, Prompt, SamplingParams]]) -> list[Request]:
+        """Validate and tokenize requests off the event loop; raises the first request's error, if any."""
+        return await self.run_blocking(lambda: [self.engine.prepare(*item) for item in items])
+
+    def submit(self, reqs: list[Request]) -> list[RequestStream]:
+        """Queue prepared requests, all in the same engine step."""
+        loop = asyncio.get_running_loop()
+        streams = []
+        for req in reqs:
+            self._streams[req.request_id] = stream = _Stream(loop)
+            streams.append(RequestStream(self, req.request_id, stream))
+        self._send("add", reqs)
+        return streams
+
+    async def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> RequestStream:
+        """Validate (raising before anything is queued) and queue one request."""
+        return self.submit(await self.prepare([(request_id, prompt, params)]))[0]
+
+    def abort(self, request_id: str, error: BaseException | None = None) -> None:
+        """Abort a request in flight; its consumer, if waiting, raises `error`."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        self._send("abort", request_id)
+        if error is not None:
+            self._put(stream, error)
+
+    def abort_all(self, error: BaseException) -> None:
+        """Abort every request in flight, each consumer raising `error` (a server shutting down)."""
+        for request_id in list(self._streams):
+            self.abort(request_id, error)
+
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output after every step that advanced it; the last one is finished.
-
-        Validation errors raise before anything is queued. Leaving the iteration early (a client
-        disconnecting cancels it) aborts the request and frees its blocks.
-        """
-        req = self.engine.prepare(request_id, prompt, params)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request_id] = stream
-        self._send("add", req)
-        finished = False
+        """Yield the request's output as it advances; the last one is finished. Leaving early aborts it."""
+        stream = await self.add_request(request_id, prompt, params)
         try:
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+            async for out in stream:
+                yield out
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._send("abort", request_id)
+            await stream.aclose()
 
     def _send(self, kind: str, payload: Any) -> None:
         self._inbox.put((kind, payload))
@@ -120,22 +208,27 @@ class AsyncEngine:
     # -- engine thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        engine = self.engine
+        failures = 0
         while not self._stop.is_set():
-            self._drain()
-            if not engine.has_unfinished_requests():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
             try:
-                outputs = engine.step()
-            except Exception as e:  # never leave callers hanging: fail what was running
-                log.exception("engine step failed")
-                self._fail_all(EngineDeadError(f"internal engine error: {type(e).__name__}: {e}"))
-                continue
-            for out in outputs:
-                self._deliver(out)
-            self._refresh_counts()
+                self._tick()
+                failures = 0
+            except Exception as e:  # outside LLMEngine.step's per-request isolation: a bug in the loop itself
+                failures += 1
+                log.exception("engine loop error (%d in a row)", failures)
+                if failures >= LOOP_FAILURES_BEFORE_RESET:
+                    self._fail_all(RequestFailedError(f"internal engine error: {type(e).__name__}: {e}"))
+                    failures = 0
+
+    def _tick(self) -> None:
+        self._drain()
+        if not self.engine.has_unfinished_requests():
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            return
+        for out in self.engine.step():
+            self._deliver(out)
+        self._refresh_counts()
 
     def _drain(self) -> None:
         while True:
@@ -144,13 +237,21 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if kind == "add":
-                if payload.request_id in self._streams:
-                    self.engine.admit(payload)
+                for req in payload:
+                    self._admit(req)
             else:
                 self.engine.abort_request(payload)
-                if self.observer:
-                    self.observer.on_abort()
+                self._observe("on_abort")
         self._refresh_counts()  # an abort can be the last event before going idle
+
+    def _admit(self, req: Request) -> None:
+        stream = self._streams.get(req.request_id)
+        if stream is None:  # the caller left before its request got here
+            return
+        try:
+            self.engine.admit(req)
+        except Exception as e:  # e.g. a request id already in use: this request's error alone
+            self._put(stream, e)
 
     def _refresh_counts(self) -> None:
         self.num_running = len(self.engine.scheduler.running)
@@ -164,20 +265,36 @@ class AsyncEngine:
             return
         now = time.monotonic()
         tokens = sum(len(c.token_ids) for c in out.outputs)
-        if self.observer and tokens > stream.tokens:
+        if tokens > stream.tokens:
             if stream.last_token is None:
                 stream.first_token = now
-                self.observer.on_first_token(now - stream.arrival)
+                self._observe("on_first_token", now - stream.arrival)
             else:
-                self.observer.on_token(now - stream.last_token)
+                self._observe("on_token", now - stream.last_token)
             stream.last_token, stream.tokens = now, tokens
-        if out.finished and self.observer:
-            self.observer.on_finish(out, now - stream.arrival,
-                                    None if stream.first_token is None else stream.first_token - stream.arrival)
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        if out.finished:
+            ttft = None if stream.first_token is None else stream.first_token - stream.arrival
+            self._observe("on_finish", out, now - stream.arrival, ttft)
+        self._put(stream, RequestFailedError(f"the engine failed this request ({out.error}); other requests "
+                                             "were not affected") if out.error else out)
+
+    def _observe(self, event: str, *args: Any) -> None:
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, event)(*args)
+        except Exception:  # metrics must never take the engine down
+            log.exception("metrics observer failed on %s", event)
+
+    @staticmethod
+    def _put(stream: _Stream, item: RequestOutput | BaseException) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.put, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            pass
 
     def _fail_all(self, error: Exception) -> None:
         for rid in list(self.engine.requests):
             self.engine.abort_request(rid)
         for stream in list(self._streams.values()):
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            self._put(stream, error)

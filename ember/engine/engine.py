@@ -5,7 +5,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -13,9 +13,9 @@ from ember.compress.quantize import METHODS as QUANT_METHODS
 from ember.compress.quantize import apply as apply_quantization
 from ember.engine.kv_cache import BlockManager
 from ember.engine.outputs import CompletionOutput, Logprob, LogprobDict, RequestOutput
-from ember.engine.runner import ModelRunner, StepResult, kv_bytes_per_token
+from ember.engine.runner import ModelRunner, PromptLogprobRows, StepResult, kv_bytes_per_token
 from ember.engine.sampler import Sampler, SamplingRow, compute_logprobs, top_logprobs
-from ember.engine.sampling_params import SamplingParams
+from ember.engine.sampling_params import SamplingParams, check_utf8, is_int
 from ember.engine.scheduler import POLICIES, Scheduler, SchedulerConfig, valid_itl_target
 from ember.engine.sequence import Sequence, Status
 from ember.errors import InvalidParameterError, PromptTooLongError
@@ -26,6 +26,7 @@ from ember.ops.kv_quant import KV_CACHE_DTYPES, float_cache_dtype
 log = logging.getLogger("ember")
 GiB = 1 << 30
 Prompt = str | list[int] | dict[str, Any]
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Request:
     arrival: float
     detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
     stop_ids: frozenset[int] = frozenset()
+    error: str | None = None  # set when the engine failed this request
 
     @property
     def finished(self) -> bool:
@@ -94,6 +96,10 @@ class LLMEngine:
         self.dtype = parse_dtype(args.dtype)
         self.loaded = loaded or load_model(args.model, self.dtype, progress=True)
         self.tokenizer = self.loaded.tokenizer
+        # No token covers more characters than the longest vocabulary entry; 4x spare for normalizers that
+        # compose characters (NFC joins three Hangul jamo into one syllable).
+        self.max_text_chars_per_token = 4 * max(
+            (len(self.tokenizer.id_to_piece(i)) for i in range(self.tokenizer.vocab_size)), default=1)
         self.config = self.loaded.config
         model = apply_quantization(self.loaded.model, args.quantization)
         kv_bits = KV_CACHE_DTYPES[args.kv_cache_dtype]
@@ -130,6 +136,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.blocks, kv_dtype, kv_bits)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
+        self._failed: list[Request] = []  # failed in this step; their outputs go out with the step's
         # step_s / forward_s: wall time of whole steps and of the model inside them (engine overhead).
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                                         "step_s": 0.0, "forward_s": 0.0}
@@ -147,17 +154,31 @@ class LLMEngine:
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(is_int(t) for t in ids):
+                    raise InvalidParameterError("prompt_token_ids must be a list of integers", "prompt")
+                return prompt.get("prompt"), list(ids)
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
                 raise InvalidParameterError("a prompt dict needs 'prompt' or 'prompt_token_ids'", "prompt")
         if isinstance(prompt, str):
+            self.check_text(prompt, "prompt")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and all(is_int(t) for t in prompt):
             return None, list(prompt)
         raise InvalidParameterError(f"prompt must be a string, a list of token ids or a dict, "
                                     f"got {type(prompt).__name__}", "prompt")
+
+    def check_text(self, text: str, param: str = "prompt") -> None:
+        """Refuse text that cannot be tokenized (lone surrogates) or is so long that its tokens cannot fit in
+        the context, before spending time tokenizing it: a token covers at most the longest vocabulary entry."""
+        check_utf8(text, param)
+        most = self.max_model_len * self.max_text_chars_per_token
+        if len(text) > most:
+            raise PromptTooLongError(
+                f"the {param} has {len(text)} characters, more than {self.max_model_len} tokens (this model's "
+                f"context) can hold; shorten it", param)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Validate a request and queue it; raises an EmberError (and queues nothing) if it is bad."""
@@ -171,6 +192,7 @@ class LLMEngine:
         now = time.monotonic()
         seqs = [Sequence(request_id, i, ids, params, now, generator=self._generator(params, i))
                 for i in range(params.n)]
+        self._check_token_ids(params)
         stop = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop |= self.tokenizer.stop_token_ids
@@ -208,11 +230,22 @@ class LLMEngine:
         if (params.prompt_logprobs or params.logprobs or 0) > vocab:
             raise InvalidParameterError("logprobs exceeds the vocabulary size", "logprobs")
 
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids in the parameters must index the model's logits (checked here: the vocabulary is the
+        engine's, not the parameters')."""
+        vocab = self.config.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids or ()),
+                          ("logit_bias", (params.logit_bias or {}).keys())):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidParameterError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})", name)
+
     @staticmethod
     def _generator(params: SamplingParams, index: int) -> torch.Generator | None:
         if params.seed is None:
             return None
-        return torch.Generator().manual_seed(params.seed + index)
+        seed = params.seed + index  # SamplingParams keeps seed in torch's range; wrap past its top
+        return torch.Generator().manual_seed(seed - (1 << 64) if seed >= 1 << 64 else seed)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request wherever it is; every block it held is freed."""
@@ -228,70 +261,156 @@ class LLMEngine:
         return bool(self.requests)
 
     # -- the step ----------------------------------------------------------------------------
+    # A step serves many requests; an exception caused by one of them must fail that request alone. The
+    # parts of a step that belong to one request (its commit, prompt logprobs, fork, append, output) run
+    # under _guard; the batched parts (scheduling, the forward, sampling) are retried per request when they
+    # fail, so a request that breaks them is found and failed while the others run on as they would have.
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        batch = self.scheduler.schedule()
-        if not batch:
-            if self.scheduler.has_work():  # a scheduler bug: fail loudly rather than spin
+        batch = self._schedule()
+        if batch:
+            runs = self._forward(batch)
+            for sub, result in runs:
+                self._advance(sub, result)
+            seconds = time.perf_counter() - start
+            self.stats["step_s"] += seconds
+            if len(runs) == 1 and runs[0][0] is batch:  # replayed steps would skew the step-cost model
+                self.scheduler.observe(batch, seconds)
+        return self._outputs({seq.request_id for seq in batch})
+
+    def _schedule(self) -> dict[Sequence, int]:
+        """The scheduler's batch; if it fails, the newest request is failed (the likeliest cause) and the
+        step is empty, so a request that confuses the scheduler cannot stall the others."""
+        try:
+            batch = self.scheduler.schedule()
+            if not batch and self.scheduler.has_work():
                 raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.running)} running, "
                                    f"{len(self.scheduler.waiting)} waiting, "
                                    f"{self.blocks.num_free_blocks}/{self.blocks.num_blocks} blocks free")
-            return []
-        outputs = self._step(batch)
-        seconds = time.perf_counter() - start
-        self.stats["step_s"] += seconds
-        self.scheduler.observe(batch, seconds)
-        return outputs
+            return batch
+        except Exception as e:
+            if not self.requests:
+                raise
+            log.exception("scheduling failed; failing the newest request")
+            self._fail(next(reversed(self.requests)), e)
+            return {}
 
-    def _step(self, batch: dict[Sequence, int]) -> list[RequestOutput]:
-        result = self.runner.run(batch)
+    def _forward(self, batch: dict[Sequence, int]) -> list[tuple[dict[Sequence, int], StepResult]]:
+        """Run the batch; if the model fails, run each request's part alone and fail those that still do."""
+        try:
+            return [(batch, self.runner.run(batch))]
+        except Exception:
+            log.exception("the model failed on a step of %d sequences; running each request alone", len(batch))
+        parts: dict[str, dict[Sequence, int]] = {}
         for seq, n in batch.items():
-            seq.num_computed += n
-            self.blocks.commit(seq)
+            parts.setdefault(seq.request_id, {})[seq] = n
+        runs = []
+        for rid, part in parts.items():
+            result = self._guard(rid, self.runner.run, part)
+            if result is not None:
+                runs.append((part, result))
+        return runs
+
+    def _advance(self, batch: dict[Sequence, int], result: StepResult) -> None:
+        for seq, n in batch.items():
+            self._guard(seq.request_id, self._commit, seq, n)
         self.stats["steps"] += 1
         self.stats["forward_s"] += result.forward_s
-        touched = {seq.request_id for seq in batch}
-        self._prompt_logprobs(result)
+        for part in result.prompt_rows:
+            self._guard(part.seq.request_id, self._prompt_logprobs, result, part)
         self._sample(result)
+
+    def _commit(self, seq: Sequence, n: int) -> None:
+        seq.num_computed += n
+        self.blocks.commit(seq)
+
+    def _guard(self, request_id: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """fn(*args) for one request's part of a step: an exception fails that request alone (None back);
+        a request that has already failed is skipped."""
+        if request_id not in self.requests:
+            return None
+        try:
+            return fn(*args)
+        except Exception as e:
+            self._fail(request_id, e)
+            return None
+
+    def _fail(self, request_id: str, error: Exception) -> None:
+        """Finish a request with finish_reason "error" and free its blocks; its output says why."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        log.error("request %s failed, the others run on: %s: %s", request_id, type(error).__name__, error,
+                  exc_info=error)
+        req.error = f"{type(error).__name__}: {error}"
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+        self._failed.append(req)
+
+    def _outputs(self, touched: set[str]) -> list[RequestOutput]:
+        """Outputs of the requests this step advanced, and of those it failed."""
         outputs = []
         for rid in touched:
             req = self.requests.get(rid)
-            if req is None:
-                continue
-            outputs.append(self._output(req))
-            if req.finished:
-                del self.requests[rid]
-        return outputs
+            out = req and self._guard(rid, self._output, req)
+            if out is not None:
+                outputs.append(out)
+                if req.finished:
+                    del self.requests[rid]
+        failed, self._failed = self._failed, []
+        return outputs + [self._error_output(req) for req in failed]
 
-    def _prompt_logprobs(self, result: StepResult) -> None:
-        for part in result.prompt_rows:
-            seq, k = part.seq, part.seq.params.prompt_logprobs or 0
-            # A preempted sequence recomputes its prompt: overwrite rather than append twice.
-            del seq.prompt_logprobs[part.first_token:]
-            if not seq.prompt_logprobs:
-                seq.prompt_logprobs.append(None)
-            lps = compute_logprobs(result.logits[part.row: part.row + part.count])
-            for i in range(part.count):
-                token = seq.prompt_ids[part.first_token + i]
-                seq.prompt_logprobs.append(top_logprobs(lps[i], k, token))
+    def _error_output(self, req: Request) -> RequestOutput:
+        try:
+            out = self._output(req)
+        except Exception:  # the request's own state is what broke: report it bare
+            out = RequestOutput(req.request_id, req.prompt, req.prompt_ids, [], True)
+        out.finished, out.error = True, req.error
+        return out
+
+    def _prompt_logprobs(self, result: StepResult, part: PromptLogprobRows) -> None:
+        seq, k = part.seq, part.seq.params.prompt_logprobs or 0
+        # A preempted sequence recomputes its prompt: overwrite rather than append twice.
+        del seq.prompt_logprobs[part.first_token:]
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        lps = compute_logprobs(result.logits[part.row: part.row + part.count])
+        for i in range(part.count):
+            token = seq.prompt_ids[part.first_token + i]
+            seq.prompt_logprobs.append(top_logprobs(lps[i], k, token))
 
     def _sample(self, result: StepResult) -> None:
-        seqs: list[Sequence] = []
-        rows: list[int] = []
+        pairs: list[tuple[Sequence, int]] = []
         for seq, row in result.sample_rows.items():
-            for s in [seq] + self._fork(seq):
-                seqs.append(s)
-                rows.append(row)
-        if not seqs:
+            forked = self._guard(seq.request_id, self._fork, seq)
+            if forked is not None:
+                pairs += [(s, row) for s in [seq] + forked]
+        if not pairs:
             return
-        logits = result.logits[torch.tensor(rows)]
+        try:
+            self._sample_rows(result.logits, pairs)
+        except Exception:
+            log.exception("sampling %d rows failed; sampling each row alone", len(pairs))
+            for seq, row in pairs:
+                self._guard(seq.request_id, self._sample_rows, result.logits, [(seq, row)])
+
+    def _sample_rows(self, all_logits: torch.Tensor, pairs: list[tuple[Sequence, int]]) -> None:
+        """Sample the next token of each (sequence, logits row) and append it (rows of failed requests
+        are skipped: a failure in the batched part retries row by row)."""
+        pairs = [(s, r) for s, r in pairs if s.request_id in self.requests]
+        if not pairs:
+            return
+        seqs = [s for s, _ in pairs]
+        logits = all_logits[torch.tensor([r for _, r in pairs])]
         self._block_early_stops(logits, seqs)
         sample = self.sampler.sample(logits, [SamplingRow(s.params, s.generator, s.prompt_ids, s.output_ids)
                                               for s in seqs])
         now = time.monotonic()
         for i, seq in enumerate(seqs):
-            self._append(seq, sample.token_ids[i], sample.logprobs[i], logits[i], now)
+            self._guard(seq.request_id, self._append, seq, sample.token_ids[i], sample.logprobs[i], logits[i], now)
 
     def _block_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """As vLLM: below min_tokens, stop tokens cannot be sampled at all."""

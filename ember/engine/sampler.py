@@ -1,4 +1,4 @@
-"""Vectorised batch sampling: penalties, greedy, temperature, top-k/top-p/min-p, per-request seeds, raw logprobs."""
+"""Vectorised batch sampling: logit bias, penalties, greedy, temperature, top-k/top-p/min-p, per-request seeds, raw logprobs."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -56,7 +56,7 @@ class Sampler:
         if not rows:
             return SampleResult([], [])
         raw = logits.float()
-        ids = _choose(apply_penalties(raw, rows), rows).tolist()
+        ids = _choose(apply_penalties(apply_logit_bias(raw, rows), rows), rows).tolist()
         return SampleResult(ids, _row_logprobs(raw, rows, ids))
 
 
@@ -154,6 +154,17 @@ def _min_p(probs: torch.Tensor, mins: list[float]) -> torch.Tensor:
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Each row's logit_bias (token id -> value) added to its logits, as OpenAI's; `logits` itself if none."""
+    entries = [(i, t, v) for i, r in enumerate(rows) if r.params.logit_bias for t, v in r.params.logit_bias.items()]
+    if not entries:
+        return logits
+    row, token, value = zip(*entries)
+    logits = logits.clone()
+    index = (torch.tensor(row, device=logits.device), torch.tensor(token, device=logits.device))
+    return logits.index_put_(index, torch.tensor(value, dtype=logits.dtype, device=logits.device), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -3,23 +3,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
-from ember.engine.async_engine import AsyncEngine, EngineDeadError
+from ember.engine.async_engine import AsyncEngine, RequestFailedError, RequestStream
+from ember.engine.engine import Prompt, Request as EngineRequest
 from ember.engine.outputs import RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.errors import EmberError, InvalidParameterError
 from ember.server import protocol as P
 from ember.server.metrics import Metrics
-from ember.server.render import ChoiceState, chat_chunk, chat_final, completion_chunk, completion_final
-
-log = logging.getLogger("ember")
+from ember.server.middleware import ServerGuard
+from ember.server.render import ChoiceState, chat_chunk, chat_final, completion_final
 
 
 class APIError(Exception):
@@ -29,10 +29,144 @@ class APIError(Exception):
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
 
 
-def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: str | None = None) -> FastAPI:
+class ClientDisconnected(Exception):
+    """The client left before its response was ready (its requests were aborted)."""
+
+
+class ServerShuttingDown(Exception):
+    """The server stopped waiting for requests in flight (shutdown grace period over, or a second signal)."""
+
+
+@dataclass
+class ServerLimits:
+    """What one request may ask for; beyond it, a 400 (413 for the body) that names the limit."""
+
+    max_request_bytes: int = 4 << 20
+    max_n: int = 128  # OpenAI's cap on n (and best_of)
+    max_prompts: int = 256  # prompts in one /v1/completions request
+    max_choices: int = 256  # n x prompts: sequences one request starts
+    max_request_tokens: int = 1 << 18  # over its choices: max_tokens, or what is left of the context
+
+    def check_shape(self, prompts: int, n: int) -> None:
+        if n > self.max_n:
+            raise APIError(400, f"n may be at most {self.max_n}, got {n}", "n")
+        if prompts > self.max_prompts:
+            raise APIError(400, f"a request may hold at most {self.max_prompts} prompts, got {prompts}; "
+                           "send them in several requests", "prompt")
+        if prompts * n > self.max_choices:
+            raise APIError(400, f"{prompts} prompts x n={n} asks for {prompts * n} completions, over this "
+                           f"server's limit of {self.max_choices} per request; send fewer", "n")
+
+    def check_work(self, reqs: list[EngineRequest], max_model_len: int) -> None:
+        total = sum(len(r.seqs) * (r.params.max_tokens or max_model_len - len(r.prompt_ids)) for r in reqs)
+        if total > self.max_request_tokens:
+            raise APIError(400, f"this request could generate up to {total} tokens (completions x max_tokens, "
+                           "or the rest of the context where max_tokens is not set), over this server's limit "
+                           f"of {self.max_request_tokens} (--max-request-tokens); set max_tokens or ask for "
+                           "fewer completions", "max_tokens")
+
+
+def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: str | None = None,
+              limits: ServerLimits | None = None) -> FastAPI:
+    limits = limits or ServerLimits()
     app = FastAPI(title="ember", description="OpenAI-compatible LLM server")
-    tok = engine.engine.tokenizer
-    max_len = engine.engine.max_model_len
+    app.add_middleware(ServerGuard, api_key=api_key, max_request_bytes=limits.max_request_bytes)
+    _error_handlers(app)
+    core = engine.engine
+    tok, max_len = core.tokenizer, core.max_model_len
+
+    def check_model(name: str | None) -> None:
+        if name not in (None, served_name):
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {served_name!r}",
+                           "model", "NotFoundError", "model_not_found")
+
+    async def chat_ids(messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
+        plain = _messages(messages)
+        core.check_text("".join(m["content"] for m in plain), "messages")
+        return await engine.run_blocking(
+            lambda: tok.apply_chat_template(plain, add_generation_prompt, tokenize=True))
+
+    async def submit(items: list[tuple[str, Prompt, SamplingParams]]) -> list[RequestStream]:
+        limits.check_shape(len(items), items[0][2].n)
+        reqs = await engine.prepare(items)
+        limits.check_work(reqs, max_len)
+        return engine.submit(reqs)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [P.ModelCard(id=served_name, max_model_len=max_len).model_dump()]}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(core, engine.num_running, engine.num_waiting),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(req: P.TokenizeRequest) -> dict[str, Any]:
+        check_model(req.model)
+        if req.messages is not None:
+            ids = await chat_ids(req.messages, req.add_generation_prompt)
+        elif req.prompt is not None:
+            ids = await engine.run_blocking(tok.encode, req.prompt, req.add_special_tokens)
+        else:
+            raise APIError(400, "give 'prompt' or 'messages'", "prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: P.DetokenizeRequest) -> dict[str, Any]:
+        check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {tok.vocab_size})", "tokens")
+        return {"prompt": await engine.run_blocking(lambda: tok.decode(req.tokens, skip_special_tokens=False))}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: P.ChatCompletionRequest, raw: Request) -> Any:
+        check_model(req.model)
+        if not req.messages:
+            raise APIError(400, "messages must be a non-empty list", "messages")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        top = req.top_logprobs if req.logprobs else None
+        params = _params(req, req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None,
+                         "top_logprobs")
+        ids = await chat_ids(req.messages, req.add_generation_prompt)
+        rid = P.new_id("chatcmpl")
+        streams = await submit([(rid, {"prompt_token_ids": ids}, params)])
+        state = ChoiceState(tok, params.n, top_logprobs=top or 0)
+        if req.stream:
+            return _sse(_chat_stream(rid, served_name, streams[0], state, req))
+        out = (await _collect(streams, raw))[0]
+        return chat_final(rid, served_name, out, state, bool(req.logprobs))
+
+    @app.post("/v1/completions")
+    async def completions(req: P.CompletionRequest, raw: Request) -> Any:
+        check_model(req.model)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported by this server", "suffix")
+        if req.best_of not in (None, req.n):
+            raise APIError(400, "best_of other than n is not supported", "best_of")
+        prompts = _completion_prompts(req.prompt)
+        params = _params(req, req.max_tokens, req.logprobs)
+        if req.echo and req.logprobs is not None:
+            params.prompt_logprobs = req.logprobs
+        rid = P.new_id("cmpl")
+        streams = await submit([(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)])
+        states = [ChoiceState(tok, params.n, offset=i * params.n) for i in range(len(prompts))]
+        if req.stream:
+            return _sse(_completion_stream(rid, served_name, streams, states, req))
+        outs = await _collect(streams, raw)
+        return completion_final(rid, served_name, outs, states, req.echo, req.logprobs)
+
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's {"error": {message, type, param, code}}."""
 
     def error(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
               code: str | None = None) -> JSONResponse:
@@ -51,115 +185,48 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
         param = ".".join(loc) or None
         return error(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param)
 
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, e: HTTPException) -> JSONResponse:
+        cause, message = e.__cause__, str(e.detail)
+        if isinstance(cause, UnicodeDecodeError):
+            message = "the body is not valid UTF-8; send UTF-8 encoded JSON"
+        elif isinstance(cause, RecursionError):
+            message = "the JSON body is nested too deeply"
+        elif e.status_code == 404:
+            message = "no such route; see /docs for the API (e.g. POST /v1/chat/completions)"
+        elif e.status_code == 405:
+            message = f"method not allowed here ({message})"
+        return error(e.status_code, message, type_="invalid_request_error" if e.status_code < 500 else
+                     "internal_server_error", code=str(e.status_code))
+
     @app.exception_handler(EmberError)
     async def _ember_error(_: Request, e: EmberError) -> JSONResponse:
         return error(400, str(e), getattr(e, "param", None))
 
-    @app.exception_handler(EngineDeadError)
-    async def _engine_error(_: Request, e: EngineDeadError) -> JSONResponse:
+    @app.exception_handler(RequestFailedError)
+    async def _failed(_: Request, e: RequestFailedError) -> JSONResponse:
         return error(500, str(e), type_="internal_server_error")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_key}":
-                return error(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                             code="invalid_api_key")
-        return await call_next(request)
+    @app.exception_handler(ServerShuttingDown)
+    async def _shutdown(_: Request, e: ServerShuttingDown) -> JSONResponse:
+        return error(503, str(e), type_="service_unavailable", code="shutting_down")
 
-    def check_model(name: str | None) -> None:
-        if name not in (None, served_name):
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {served_name!r}",
-                           "model", "NotFoundError", "model_not_found")
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [P.ModelCard(id=served_name, max_model_len=max_len).model_dump()]}
-
-    @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(engine.engine, engine.num_running, engine.num_waiting),
-                                 media_type="text/plain; version=0.0.4")
-
-    @app.post("/tokenize")
-    async def tokenize(req: P.TokenizeRequest) -> dict[str, Any]:
-        check_model(req.model)
-        if req.messages is not None:
-            ids = tok.apply_chat_template(_messages(req.messages), req.add_generation_prompt, tokenize=True)
-        elif req.prompt is not None:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        else:
-            raise APIError(400, "give 'prompt' or 'messages'", "prompt")
-        return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
-
-    @app.post("/detokenize")
-    async def detokenize(req: P.DetokenizeRequest) -> dict[str, Any]:
-        check_model(req.model)
-        bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
-        if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {tok.vocab_size})", "tokens")
-        return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: P.ChatCompletionRequest, raw: Request) -> Any:
-        check_model(req.model)
-        if not req.messages:
-            raise APIError(400, "messages must be a non-empty list", "messages")
-        ids = tok.apply_chat_template(_messages(req.messages), req.add_generation_prompt, tokenize=True)
-        top = req.top_logprobs if req.logprobs else None
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        params = _params(req, req.max_completion_tokens or req.max_tokens,
-                         (top or 0) if req.logprobs else None)
-        rid = P.new_id("chatcmpl")
-        gen = engine.generate(rid, {"prompt_token_ids": ids}, params)
-        first = await _first(gen)  # validation errors surface here, before any byte is sent
-        state = ChoiceState(tok, params.n, top_logprobs=top or 0)
-        if req.stream:
-            return _sse(_chat_stream(rid, served_name, first, gen, state, req), rid)
-        out = await _last(first, gen, raw)
-        return chat_final(rid, served_name, out, state, bool(req.logprobs))
-
-    @app.post("/v1/completions")
-    async def completions(req: P.CompletionRequest, raw: Request) -> Any:
-        check_model(req.model)
-        if req.suffix:
-            raise APIError(400, "suffix is not supported by this server", "suffix")
-        if req.best_of not in (None, req.n):
-            raise APIError(400, "best_of other than n is not supported", "best_of")
-        prompts = _completion_prompts(req.prompt)
-        params = _params(req, req.max_tokens, req.logprobs)
-        if req.echo and req.logprobs is not None:
-            params.prompt_logprobs = req.logprobs
-        rid = P.new_id("cmpl")
-        gens = [engine.generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
-        firsts = []
-        try:
-            for g in gens:
-                firsts.append(await _first(g))
-        except BaseException:
-            for g in gens[len(firsts):] + gens[:len(firsts)]:
-                await g.aclose()
-            raise
-        states = [ChoiceState(tok, params.n, offset=i * params.n) for i in range(len(prompts))]
-        if req.stream:
-            return _sse(_completion_stream(rid, served_name, firsts, gens, states, req), rid)
-        outs = [await _last(f, g, raw) for f, g in zip(firsts, gens)]
-        return completion_final(rid, served_name, outs, states, req.echo, req.logprobs)
-
-    return app
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, e: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
 
 
 def _messages(messages: list[P.ChatMessage]) -> list[dict[str, str]]:
+    for i, m in enumerate(messages):
+        other = sorted({p.type for p in m.content if p.type != "text"}) if isinstance(m.content, list) else []
+        if other:
+            raise APIError(400, f"content parts of type {', '.join(other)} are not supported (text only)",
+                           f"messages.{i}.content")
     return [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in messages]
 
 
-def _params(req: P._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _params(req: P._Sampling, max_tokens: int | None, logprobs: int | None,
+            logprobs_field: str = "logprobs") -> SamplingParams:
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
@@ -168,9 +235,21 @@ def _params(req: P._Sampling, max_tokens: int | None, logprobs: int | None) -> S
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output)
+            include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias))
     except InvalidParameterError as e:
+        if e.param == "logprobs" and logprobs_field != "logprobs":  # chat's count is top_logprobs
+            raise APIError(400, str(e).replace("logprobs", logprobs_field, 1), logprobs_field) from None
         raise APIError(400, str(e), e.param) from None
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias has token ids as JSON object keys, so strings."""
+    if not bias:
+        return None
+    try:
+        return {int(k): v for k, v in bias.items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids (integers)", "logit_bias") from None
 
 
 def _completion_prompts(prompt: Any) -> list[Any]:
@@ -183,76 +262,82 @@ def _completion_prompts(prompt: Any) -> list[Any]:
     return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
 
 
-async def _first(gen: AsyncIterator[RequestOutput]) -> RequestOutput:
-    return await gen.__anext__()
+async def _collect(streams: list[RequestStream], raw: Request) -> list[RequestOutput]:
+    """Run non-streaming requests to the end; if the client leaves first, all of them are aborted."""
 
+    async def until_disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+        for s in streams:
+            s.abort(ClientDisconnected())
 
-async def _last(first: RequestOutput, gen: Any, raw: Request) -> RequestOutput:
-    """Run a non-streaming request to the end, aborting it if the client goes away."""
-    out = first
+    watcher = asyncio.create_task(until_disconnected())
     try:
-        while not out.finished:
-            if await raw.is_disconnected():
-                raise asyncio.CancelledError
-            out = await gen.__anext__()
+        return [await _last(s) for s in streams]
     finally:
-        await gen.aclose()
+        watcher.cancel()
+        for s in streams:
+            s.abort()
+
+
+async def _last(stream: RequestStream) -> RequestOutput:
+    out = None
+    async for out in stream:
+        pass
+    assert out is not None and out.finished
     return out
 
 
-def _sse(events: AsyncIterator[dict[str, Any]], rid: str) -> StreamingResponse:
+def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for event in events:
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
         except EmberError as e:
-            yield f"data: {json.dumps(P.error_body(str(e)))}\n\n"
-        except EngineDeadError as e:
+            yield f"data: {json.dumps(P.error_body(str(e), param=getattr(e, 'param', None)))}\n\n"
+        except RequestFailedError as e:
             yield f"data: {json.dumps(P.error_body(str(e), 'internal_server_error'))}\n\n"
+        except ServerShuttingDown as e:
+            yield f"data: {json.dumps(P.error_body(str(e), 'service_unavailable', code='shutting_down'))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _chat_stream(rid: str, model: str, first: RequestOutput, gen: Any, state: ChoiceState,
+async def _chat_stream(rid: str, model: str, stream: RequestStream, state: ChoiceState,
                        req: P.ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     try:
-        out = first
         for i in range(state.n):
             yield chat_chunk(rid, model, i, {"role": "assistant", "content": ""}, None, None, include_usage)
-        while True:
+        out = None
+        async for out in stream:
             for event in state.chat_deltas(rid, model, out, bool(req.logprobs), include_usage):
                 yield event
-            if out.finished:
-                break
-            out = await gen.__anext__()
-        if include_usage:
+        if include_usage and out is not None:
             yield P.envelope("chat.completion.chunk", rid, model, [],
                              usage=P.usage(len(out.prompt_token_ids), state.completion_tokens(out)))
-    finally:
-        await gen.aclose()
+    finally:  # no await here: a cancelled task (the client left) raises again at every await
+        stream.abort()
 
 
-async def _completion_stream(rid: str, model: str, firsts: list[RequestOutput], gens: list[Any],
-                             states: list[ChoiceState], req: P.CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+async def _completion_stream(rid: str, model: str, streams: list[RequestStream], states: list[ChoiceState],
+                             req: P.CompletionRequest) -> AsyncIterator[dict[str, Any]]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    queue: asyncio.Queue = asyncio.Queue()
+    # Bounded: a slow client makes the pumps wait, and then each stream keeps only its newest output.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
 
     async def pump(i: int) -> None:
         try:
-            out = firsts[i]
-            await queue.put((i, out))
-            while not out.finished:
-                out = await gens[i].__anext__()
+            async for out in streams[i]:
                 await queue.put((i, out))
-        except BaseException as e:  # hand errors to the consumer
+        except Exception as e:  # hand errors to the consumer
             await queue.put((i, e))
 
-    tasks = [asyncio.create_task(pump(i)) for i in range(len(gens))]
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
     last: dict[int, RequestOutput] = {}
     try:
-        while len(last) < len(gens):
+        while len(last) < len(streams):
             i, item = await queue.get()
             if isinstance(item, BaseException):
                 raise item
@@ -264,82 +349,8 @@ async def _completion_stream(rid: str, model: str, firsts: list[RequestOutput], 
             prompt = sum(len(o.prompt_token_ids) for o in last.values())
             completion = sum(states[i].completion_tokens(o) for i, o in last.items())
             yield P.envelope("text_completion", rid, model, [], usage=P.usage(prompt, completion))
-    finally:
+    finally:  # no await here: a cancelled task (the client left) raises again at every await
+        for s in streams:
+            s.abort()
         for t in tasks:
             t.cancel()
-        # Let the pumps unwind first: a generator still running inside one cannot be closed.
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for g in gens:
-            await g.aclose()
-
-
-def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int, api_key: str | None,
-          served_name: str | None = None) -> None:
-    """Load the model, start the engine thread and run uvicorn until SIGINT/SIGTERM."""
-    import uvicorn
-
-    from ember.engine.engine import EngineArgs, LLMEngine
-    from ember.loading.registry import DEFAULT_MODEL
-
-    name = served_name or _default_name(model or DEFAULT_MODEL)
-    metrics = Metrics()
-    engine = AsyncEngine.load(lambda: LLMEngine(EngineArgs(model=model, **engine_kwargs)),
-                              observer=_RequestLog(metrics))
-    app = build_app(engine, name, metrics, api_key)
-    log.info("serving %s on http://%s:%d/v1 (OpenAI-compatible)%s", name, host, port,
-             " with an API key" if api_key else "")
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=60)
-    try:
-        # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight responses finish
-        # (up to the grace period), then returns.
-        _Server(config).run()
-    finally:
-        engine.stop()
-    log.info("server stopped")
-
-
-class _Server:
-    """uvicorn's Server, except that a clean shutdown on SIGTERM/SIGINT exits 0.
-
-    (uvicorn re-raises the signal after draining, which makes the exit status 143.)
-    """
-
-    def __new__(cls, config: Any) -> Any:
-        import contextlib
-
-        import uvicorn
-
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Any:
-                with super().capture_signals():
-                    yield
-                    getattr(self, "_captured_signals", []).clear()
-
-        return Server(config)
-
-
-def _default_name(model: str) -> str:
-    from pathlib import Path
-
-    path = Path(model)
-    return path.stem if path.suffix == ".gguf" else path.name
-
-
-class _RequestLog:
-    """Metrics observer that also writes one INFO line per finished request."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self.on_first_token = metrics.on_first_token
-        self.on_token = metrics.on_token
-        self.on_abort = metrics.on_abort
-
-    def on_finish(self, out: RequestOutput, seconds: float, ttft: float | None) -> None:
-        self.metrics.on_finish(out, seconds, ttft)
-        gen = sum(len(c.token_ids) for c in out.outputs)
-        log.info("%s: %d prompt tokens (%d cached), %d generated, TTFT %s, total %.2f s, finish %s",
-                 out.request_id, len(out.prompt_token_ids), out.num_cached_tokens, gen,
-                 "-" if ttft is None else f"{ttft * 1000:.0f} ms", seconds,
-                 ",".join(sorted({c.finish_reason or "?" for c in out.outputs})))

@@ -1,12 +1,22 @@
 """Prometheus text-format metrics: request/token counters, cache gauges, latency histograms."""
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 E2E_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (Linux /proc), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Histogram:
@@ -53,7 +63,7 @@ class Metrics:
     def on_finish(self, out: Any, seconds: float, ttft: float | None) -> None:
         with self._lock:
             self.e2e.observe(seconds)
-            reason = out.outputs[0].finish_reason or "unknown"
+            reason = "error" if out.error else out.outputs[0].finish_reason or "unknown"
             self.finished[reason] = self.finished.get(reason, 0) + 1
 
     def on_abort(self) -> None:
@@ -70,6 +80,9 @@ class Metrics:
             ("ember_kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (0-1).", round(used, 6)),
             ("ember_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / looked up.", round(hit, 6)),
         ]
+        rss = resident_bytes()
+        if rss is not None:
+            gauges.append(("process_resident_memory_bytes", "Resident memory size in bytes.", rss))
         lines: list[str] = []
         for name, help_, value in gauges:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}"]
