@@ -68,6 +68,26 @@ def parse_itl_target(text: str) -> float | str | None:
     return ms / 1000
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     keys = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
             "enable_prefix_caching", "scheduler", "itl_target", "quantization", "kv_cache_dtype")
@@ -109,9 +129,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from ember.server.app import serve
+    from ember.server.app import ServerLimits
+    from ember.server.serve import serve
 
-    serve(_engine_kwargs(a), a.model, a.host, a.port, a.api_key, a.served_model_name)
+    limits = ServerLimits(max_request_bytes=a.max_request_bytes, max_request_tokens=a.max_request_tokens)
+    serve(_engine_kwargs(a), a.model, a.host, a.port, a.api_key, a.served_model_name, limits, a.shutdown_grace)
     return 0
 
 
@@ -345,8 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(sv, model_flag=False)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every route but /health (which stays open for "
+                         "probes): /v1/*, /tokenize, /detokenize, /metrics, /docs and /openapi.json")
     sv.add_argument("--served-model-name", default=None, help="model id clients use (default: from MODEL)")
+    sv.add_argument("--max-request-bytes", type=_positive_int, default=4 << 20, metavar="BYTES",
+                    help="refuse request bodies larger than this with 413 (default 4 MiB)")
+    sv.add_argument("--max-request-tokens", type=_positive_int, default=1 << 18, metavar="TOKENS",
+                    help="most tokens one request may ask to generate, over all its completions (n x max_tokens, "
+                         "or the rest of the context without max_tokens; default 262144); n is capped at 128, "
+                         "prompts per request at 256")
+    sv.add_argument("--shutdown-grace", type=_seconds, default=60.0, metavar="SECONDS",
+                    help="on SIGTERM/SIGINT, how long requests in flight may run before they end with an error "
+                         "(default 60); a second signal ends them at once")
     sv.set_defaults(func=cmd_serve)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit)",
