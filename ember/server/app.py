@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -178,12 +179,15 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
+        errors = e.errors()
+        # Of a union's alternatives (a string or a list of parts), the error our own check raised says most.
+        first = next((x for x in errors if x.get("type") == "value_error"), errors[0] if errors else {})
         if first.get("type") == "json_invalid":
             return error(400, f"malformed JSON body: {first.get('ctx', {}).get('error', 'cannot parse')}")
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and re.fullmatch(r"\w+", str(x))]
         param = ".".join(loc) or None
-        return error(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param)
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        return error(400, f"{param or 'body'}: {msg}", param)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, e: HTTPException) -> JSONResponse:
