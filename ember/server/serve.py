@@ -69,7 +69,7 @@ def _server(config: Any, engine: AsyncEngine, grace: float) -> Any:
                 super().handle_exit(sig, frame)
                 return
             log.info("second signal: ending requests in flight now")
-            self._cut("the server was stopped before this request finished")
+            self._cut("the server was shut down (a second signal) before this request finished")
             loop.call_later(0.2, setattr, self, "force_exit", True)  # time for the error events to go out
 
         def _cut(self, why: str) -> None:
