@@ -43,8 +43,8 @@ class ServerLimits:
     """What one request may ask for; beyond it, a 400 (413 for the body) that names the limit."""
 
     max_request_bytes: int = 4 << 20
-    max_n: int = 128  # OpenAI's cap on n (and best_of)
-    max_prompts: int = 256  # prompts in one /v1/completions request
+    max_n: int = P.MAX_N  # OpenAI's cap on n (and best_of)
+    max_prompts: int = P.MAX_PROMPTS  # prompts in one /v1/completions request
     max_choices: int = 256  # n x prompts: sequences one request starts
     max_request_tokens: int = 1 << 18  # over its choices: max_tokens, or what is left of the context
 
@@ -70,9 +70,10 @@ class ServerLimits:
 def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: str | None = None,
               limits: ServerLimits | None = None) -> FastAPI:
     limits = limits or ServerLimits()
-    app = FastAPI(title="ember", description="OpenAI-compatible LLM server")
+    app = FastAPI(title="ember", description="OpenAI-compatible LLM server", responses=ERROR_RESPONSES)
     app.add_middleware(ServerGuard, api_key=api_key, max_request_bytes=limits.max_request_bytes)
     _error_handlers(app)
+    _openapi_without_422(app)
     core = engine.engine
     tok, max_len = core.tokenizer, core.max_model_len
 
@@ -101,7 +102,7 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [P.ModelCard(id=served_name, max_model_len=max_len).model_dump()]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(core, engine.num_running, engine.num_waiting),
                                  media_type="text/plain; version=0.0.4")
@@ -109,12 +110,10 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     @app.post("/tokenize")
     async def tokenize(req: P.TokenizeRequest) -> dict[str, Any]:
         check_model(req.model)
-        if req.messages is not None:
+        if isinstance(req, P.TokenizeChatRequest):
             ids = await chat_ids(req.messages, req.add_generation_prompt)
-        elif req.prompt is not None:
-            ids = await engine.run_blocking(tok.encode, req.prompt, req.add_special_tokens)
         else:
-            raise APIError(400, "give 'prompt' or 'messages'", "prompt")
+            ids = await engine.run_blocking(tok.encode, req.prompt, req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
 
     @app.post("/detokenize")
@@ -125,7 +124,7 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {tok.vocab_size})", "tokens")
         return {"prompt": await engine.run_blocking(lambda: tok.decode(req.tokens, skip_special_tokens=False))}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat(req: P.ChatCompletionRequest, raw: Request) -> Any:
         check_model(req.model)
         if not req.messages:
@@ -144,7 +143,7 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
         out = (await _collect(streams, raw))[0]
         return chat_final(rid, served_name, out, state, bool(req.logprobs))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(req: P.CompletionRequest, raw: Request) -> Any:
         check_model(req.model)
         if req.suffix:
@@ -166,6 +165,41 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     return app
 
 
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "model": P.ErrorResponse}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("Invalid request: the message names the field (`param`) and the accepted values"),
+    401: _error("Missing or wrong API key (servers started with --api-key; /health stays open)"),
+    404: _error("Unknown model or route"),
+    413: _error("Request body over --max-request-bytes"),
+    500: _error("The engine failed this request; other requests were not affected"),
+}
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A JSON response, or with `stream: true` server-sent events ending in `data: [DONE]`",
+          "content": {"text/event-stream": {}}},
+    503: _error("The server is shutting down and ended this request"),
+}
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    """FastAPI documents 422 for validation errors; ember answers them with 400 (as OpenAI does)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _error_handlers(app: FastAPI) -> None:
     """Every error leaves as OpenAI's {"error": {message, type, param, code}}."""
 
@@ -180,8 +214,10 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
-        # Of a union's alternatives (a string or a list of parts), the error our own check raised says most.
-        first = next((x for x in errors if x.get("type") == "value_error"), errors[0] if errors else {})
+        # Of a union's alternatives (a string, or a list of parts), the error our own check raised says most,
+        # then one that broke a limit, rather than the alternatives' "should be a valid string".
+        ranked = sorted(errors, key=lambda x: (x.get("type") != "value_error", str(x.get("type")).endswith("_type")))
+        first = ranked[0] if ranked else {}
         if first.get("type") == "json_invalid":
             return error(400, f"malformed JSON body: {first.get('ctx', {}).get('error', 'cannot parse')}")
         loc = [str(x) for x in first.get("loc", ()) if x != "body" and re.fullmatch(r"\w+", str(x))]
@@ -200,8 +236,10 @@ def _error_handlers(app: FastAPI) -> None:
             message = "no such route; see /docs for the API (e.g. POST /v1/chat/completions)"
         elif e.status_code == 405:
             message = f"method not allowed here ({message})"
-        return error(e.status_code, message, type_="invalid_request_error" if e.status_code < 500 else
-                     "internal_server_error", code=str(e.status_code))
+        response = error(e.status_code, message, type_="invalid_request_error" if e.status_code < 500 else
+                         "internal_server_error", code=str(e.status_code))
+        response.headers.update(e.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(EmberError)
     async def _ember_error(_: Request, e: EmberError) -> JSONResponse:

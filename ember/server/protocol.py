@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from ember.engine import sampling_params as S
 from ember.engine.sampling_params import check_utf8
 
 
@@ -17,6 +18,15 @@ def _utf8(text: str) -> str:
 
 # Every string a client sends: JSON can carry lone surrogates, which nothing downstream can encode.
 Text = Annotated[str, AfterValidator(_utf8)]
+# The schema says the ranges the engine accepts (SamplingParams checks them again, for the Python API too).
+MAX_N = 128  # OpenAI's cap on n
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+TokenId = Annotated[int, Field(ge=0)]
+StopText = Annotated[Text, Field(min_length=1, max_length=S.MAX_STOP_STRING_CHARS)]
+Bias = Annotated[float, Field(ge=-S.LOGIT_BIAS_RANGE, le=S.LOGIT_BIAS_RANGE, allow_inf_nan=False)]
+NonEmptyText = Annotated[Text, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 def new_id(prefix: str) -> str:
@@ -24,8 +34,9 @@ def new_id(prefix: str) -> str:
 
 
 class _Request(BaseModel):
-    # Unknown fields are ignored, as OpenAI-compatible servers do (clients send extras freely).
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored, as OpenAI-compatible servers do (clients send extras freely); known ones
+    # must have their documented JSON type (strict: "5" is not a number, 0 is not a boolean; 1 is a float).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
@@ -34,24 +45,24 @@ class StreamOptions(_Request):
 
 class _Sampling(_Request):
     model: Text | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stop: Text | list[Text] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: Annotated[Finite, Field(ge=0)] | None = None
+    top_p: Annotated[Finite, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: StopText | Annotated[list[StopText], Field(max_length=S.MAX_STOP_STRINGS)] | None = None
+    seed: Annotated[int, Field(ge=S.SEED_RANGE[0], le=S.SEED_RANGE[1])] | None = None
+    presence_penalty: Annotated[Finite, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[Finite, Field(ge=-2, le=2)] = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    logit_bias: dict[Text, float] | None = None
+    logit_bias: dict[Annotated[Text, Field(pattern=r"^[0-9]+$")], Bias] | None = None
     # vLLM's extras, which its users' code sends
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[Finite, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[Finite, Field(gt=0)] | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    min_tokens: int = 0
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=S.MAX_STOP_TOKEN_IDS)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -73,34 +84,57 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
 
 
 class CompletionRequest(_Sampling):
-    prompt: Text | list[Text] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: Text | None = None
-    best_of: int | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
 
 
-class TokenizeRequest(_Request):
+class TokenizeCompletionRequest(_Request):
+    """vLLM's /tokenize shapes: a prompt, or chat messages rendered through the template."""
+
     model: Text | None = None
-    prompt: Text | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: Text
     add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(_Request):
+    model: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool = True
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
 
 
 class DetokenizeRequest(_Request):
     model: Text | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, as OpenAI's API answers it."""
+
+    error: ErrorInfo
 
 
 class Usage(BaseModel):
