@@ -6,10 +6,31 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import ModelLoadError, UnsupportedArchitectureError
+from ember.loading.values import FIX, Fields, check_range, read_json_object, show
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 # Hugging Face `architectures` entries -> ember's family flags.
 _HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+# Bounds about 8x beyond the largest released Llama-family models (Llama 3.1 405B: 126 layers, hidden 16384,
+# FFN 53248, 128 heads; vocabularies to 262k; contexts to 4M tokens): past them a header is corrupt, and these
+# numbers size what is allocated before any weight is read (the memory check in the loader does the rest).
+_INT_RANGES = {
+    "vocab_size": (1, 1 << 22), "hidden_size": (1, 1 << 17), "intermediate_size": (1, 1 << 20),
+    "num_layers": (1, 1024), "num_heads": (1, 1024), "num_kv_heads": (1, 1024), "head_dim": (2, 1024),
+    "max_position_embeddings": (1, 1 << 24),
+}
+# Finite and positive, with room around what models use (rope base 1e4..1e8, norm epsilon 1e-6..1e-5).
+_FLOAT_RANGES = {"rope_theta": (1.0, 1e12), "rms_norm_eps": (1e-12, 0.1)}
+_FACTOR_RANGE = (1e-3, 1e3)  # rope scaling factors (Llama 3: 8; linear: 2..32)
+ROPE_SCALINGS = ("llama3", "linear")
+# GGUF keys (after "{arch}.") of the fields, for messages.
+_GGUF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "embedding_length",
+              "intermediate_size": "feed_forward_length", "num_layers": "block_count",
+              "num_heads": "attention.head_count", "num_kv_heads": "attention.head_count_kv",
+              "rms_norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base",
+              "max_position_embeddings": "context_length", "sliding_window": "attention.sliding_window"}
+_HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads"}
 
 
 @dataclass
@@ -34,89 +55,83 @@ class ModelConfig:
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self, source: str) -> "ModelConfig":
+    def validate(self, source: str, keys: dict[str, str] | None = None) -> "ModelConfig":
+        """Ranges and consistency; keys maps field names to the file's key names for messages."""
+        keys = keys or {}
         if self.arch not in SUPPORTED_ARCHS:
             raise UnsupportedArchitectureError(
                 f"{source}: architecture {self.arch!r} is not supported; "
                 f"ember runs {', '.join(SUPPORTED_ARCHS)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ModelLoadError(f"{source}: {name} must be positive, found {getattr(self, name)}")
+        for name, (lo, hi) in {**_INT_RANGES, **_FLOAT_RANGES}.items():
+            check_range(source, keys.get(name, name), getattr(self, name), lo, hi)
+        if self.sliding_window is not None:
+            check_range(source, keys.get("sliding_window", "sliding_window"), self.sliding_window, 1, 1 << 24)
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(f"{source}: {self.num_heads} attention heads are not a multiple of "
                                  f"{self.num_kv_heads} KV heads")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("llama3", "linear", "default", None):
-                raise ModelLoadError(f"{source}: rope_scaling type {kind!r} is not supported; "
-                                     "supported: llama3, linear")
+        if self.head_dim % 2:
+            raise ModelLoadError(f"{source}: head dimension {self.head_dim} is odd; rotary embeddings turn pairs of "
+                                 f"dimensions, so it must be even; {FIX}")
+        _check_scaling(source, self.rope_scaling)
         return self
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], source: str) -> "ModelConfig":
-        arch = meta.get("general.architecture")
+        top = Fields(meta, source)
+        arch = top.str("general.architecture", None)
         if arch is None:
             raise ModelLoadError(f"{source}: GGUF metadata has no general.architecture key")
         if arch not in SUPPORTED_ARCHS:
             raise UnsupportedArchitectureError(
                 f"{source}: architecture {arch!r} is not supported; ember runs {', '.join(SUPPORTED_ARCHS)}")
-
-        def get(key: str, default: Any = None) -> Any:
-            value = meta.get(f"{arch}.{key}", default)
-            if value is None:
-                raise ModelLoadError(f"{source}: GGUF metadata lacks {arch}.{key}")
-            return value
-
-        hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-        head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
-                       or hidden // heads)
-        scaling = None
-        if meta.get(f"{arch}.rope.scaling.type") == "linear":
-            scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        g = Fields(meta, source, f"{arch}.")
+        hidden, heads = g.int("embedding_length"), g.int("attention.head_count")
+        head_dim = g.int("attention.key_length", None)
+        head_dim = g.int("rope.dimension_count", None) if head_dim is None else head_dim
+        if head_dim is None:
+            head_dim = _derived_head_dim(source, hidden, heads, g.name("embedding_length"),
+                                         g.name("attention.head_count"))
+        vocab = g.int("vocab_size", None)
         return cls(
-            arch=arch, vocab_size=int(vocab), hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")),
-            num_heads=heads, num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
-            max_position_embeddings=int(get("context_length", 4096)),
+            arch=arch, vocab_size=len(top.list("tokenizer.ggml.tokens", "strings", [])) if vocab is None else vocab,
+            hidden_size=hidden, intermediate_size=g.int("feed_forward_length"), num_layers=g.int("block_count"),
+            num_heads=heads, num_kv_heads=g.int("attention.head_count_kv", heads), head_dim=head_dim,
+            rms_norm_eps=g.float("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=g.float("rope.freq_base", 10000.0), rope_scaling=_gguf_rope_scaling(g),
+            max_position_embeddings=g.int("context_length", 4096),
             tie_word_embeddings=False,  # decided by the presence of output.weight at load time
             attention_bias=arch == "qwen2",
-            sliding_window=meta.get(f"{arch}.attention.sliding_window"),
+            sliding_window=g.int("attention.sliding_window", None),
             name=str(meta.get("general.name", "")),
-        ).validate(source)
+        ).validate(source, {k: g.name(v) for k, v in _GGUF_KEYS.items()})
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str) -> "ModelConfig":
-        archs = cfg.get("architectures") or []
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"{source}: config.json must be a JSON object, found {type(cfg).__name__}; {FIX}")
+        f = Fields(cfg, source)
+        archs = f.list("architectures", "strings", [])
         arch = next((_HF_ARCHS[a] for a in archs if a in _HF_ARCHS), None)
         if arch is None:
             found = archs or cfg.get("model_type")
             raise UnsupportedArchitectureError(
                 f"{source}: architecture {found!r} is not supported; ember runs "
                 f"{', '.join(_HF_ARCHS)}")
-        try:
-            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-            return cls(
-                arch=arch, vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
-                num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-                rope_scaling=_hf_rope_scaling(cfg),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-                sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None,
-                name=str(cfg.get("_name_or_path", "")),
-            ).validate(source)
-        except KeyError as e:
-            raise ModelLoadError(f"{source}: config.json lacks the key {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ModelLoadError(f"{source}: config.json has a malformed value ({e})") from None
+        hidden, heads = f.int("hidden_size"), f.int("num_attention_heads")
+        head_dim = f.int("head_dim", None)
+        if head_dim is None:
+            head_dim = _derived_head_dim(source, hidden, heads, "hidden_size", "num_attention_heads")
+        window = f.int("sliding_window", None) if f.bool("use_sliding_window", arch == "mistral") else None
+        return cls(
+            arch=arch, vocab_size=f.int("vocab_size"), hidden_size=hidden,
+            intermediate_size=f.int("intermediate_size"), num_layers=f.int("num_hidden_layers"),
+            num_heads=heads, num_kv_heads=f.int("num_key_value_heads", heads), head_dim=head_dim,
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6), rope_theta=_hf_rope_theta(f),
+            rope_scaling=_hf_rope_scaling(f), max_position_embeddings=f.int("max_position_embeddings", 4096),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False),
+            attention_bias=arch == "qwen2" or f.bool("attention_bias", False),
+            sliding_window=window, name=str(cfg.get("_name_or_path", "")),
+        ).validate(source, _HF_KEYS)
 
     def to_hf(self) -> dict[str, Any]:
         """config.json contents that from_hf reads back into this config (for GGUF-sourced models)."""
@@ -133,23 +148,78 @@ class ModelConfig:
         }
 
 
-def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+def _derived_head_dim(source: str, hidden: int, heads: int, hidden_key: str, heads_key: str) -> int:
+    """hidden // heads, for files that give no head dimension (heads checked first: it divides)."""
+    check_range(source, heads_key, heads, *_INT_RANGES["num_heads"])
+    if hidden % heads:
+        raise ModelLoadError(f"{source}: {hidden_key} {hidden} is not a multiple of {heads_key} {heads}, and the "
+                             f"file gives no head dimension; {FIX}")
+    return hidden // heads
+
+
+def _gguf_rope_scaling(g: Fields) -> dict[str, Any] | None:
+    kind = g.str("rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise ModelLoadError(f"{g.source}: {g.name('rope.scaling.type')} is {kind!r}; rope scaling type {kind!r} "
+                             "is not supported (ember reads none and linear from GGUF files)")
+    factor = g.float("rope.scaling.factor")
+    check_range(g.source, g.name("rope.scaling.factor"), factor, *_FACTOR_RANGE)
+    return {"rope_type": "linear", "factor": factor}
+
+
+def _hf_rope_theta(f: Fields) -> float:
+    """rope_theta, or rope_parameters.rope_theta (where transformers 5 writes it)."""
+    theta = f.float("rope_theta", None)
+    if theta is None:
+        params = Fields(_object(f, "rope_parameters") or {}, f.source, parent="rope_parameters.")
+        theta = params.float("rope_theta", 10000.0)
+    return theta
+
+
+def _hf_rope_scaling(f: Fields) -> dict[str, Any] | None:
+    scaling = _object(f, "rope_scaling")
+    scaling = _object(f, "rope_parameters") if scaling is None else scaling
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type"))
     return None if kind in (None, "default") else dict(scaling)
 
 
-def load_hf_config(folder: Path) -> ModelConfig:
-    import json
+def _object(f: Fields, key: str) -> dict[str, Any] | None:
+    value = f.get(key, None)
+    if value is not None and not isinstance(value, dict):
+        raise f.error(key, f"must be an object, found {show(value)}")
+    return value
 
+
+def _check_scaling(source: str, scaling: dict[str, Any] | None) -> None:
+    """A supported rope scaling with finite, positive factors (Llama 3's high above low: it divides by the gap)."""
+    if scaling is None:
+        return
+    f = Fields(scaling, source, parent="rope_scaling.")
+    kind = f.str("rope_type", None)
+    kind = f.str("type", None) if kind is None else kind
+    if kind in (None, "default"):
+        return
+    if kind not in ROPE_SCALINGS:
+        raise ModelLoadError(f"{source}: rope_scaling type {kind!r} is not supported; "
+                             f"supported: {', '.join(ROPE_SCALINGS)}")
+    for key in ("factor", "low_freq_factor", "high_freq_factor") if kind == "llama3" else ("factor",):
+        check_range(source, f.name(key), f.float(key), *_FACTOR_RANGE)
+    if kind == "llama3":
+        check_range(source, f.name("original_max_position_embeddings"), f.int("original_max_position_embeddings"),
+                    *_INT_RANGES["max_position_embeddings"])
+        low, high = f.float("low_freq_factor"), f.float("high_freq_factor")
+        if high <= low:
+            raise ModelLoadError(f"{source}: rope_scaling.high_freq_factor {high} must be greater than "
+                                 f"low_freq_factor {low} (Llama 3 scaling divides by their difference); {FIX}")
+
+
+def load_hf_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{folder}: no config.json (a Hugging Face model folder needs config.json, "
                              "*.safetensors and tokenizer.json)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf(cfg, str(path))
+    return ModelConfig.from_hf(read_json_object(path), str(path))

@@ -9,25 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import InvalidParameterError, ModelLoadError
+from ember.loading import gguf_vocab
+from ember.loading.values import FIX, Fields, foreign_errors, read_json_object, show
 
-# Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre`, as llama.cpp and transformers use them.
-_GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_LLAMA3 = (r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
-           r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
-_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
-_TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
-           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral")
-_PRE_REGEX = {**dict.fromkeys(_LLAMA3_PRES + ("dbrx", "smaug-bpe"), _LLAMA3),
-              **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2), "tekken": _TEKKEN}
-_IGNORE_MERGES = _LLAMA3_PRES + ("tekken",)  # whole words in the vocabulary skip BPE (and BOS is on by default)
-_DIGIT_SPLIT = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 # Tokens that end a turn in common chat formats; present (special) ones become stop ids.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>",
                 "<end_of_turn>", "<|eom_id|>")
-SUPPORTED_GGUF_TOKENIZERS = ("gpt2", "llama")
-CONTROL, USER_DEFINED = 3, 4  # GGUF token types matched whole in text
 
 
 @lru_cache(maxsize=1)
@@ -48,7 +35,7 @@ class Tokenizer:
 
     def __init__(self, tok: Any, byte_level: bool, bos_token_id: int | None, eos_token_id: int | None,
                  add_bos: bool, chat_template: str | None, extra_stop_ids: set[int] = frozenset(),
-                 strip_leading_space: bool = False, add_eos: bool = False) -> None:
+                 strip_leading_space: bool = False, add_eos: bool = False, vocab_size: int | None = None) -> None:
         self._tok = tok
         self.byte_level = byte_level
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
@@ -56,7 +43,8 @@ class Tokenizer:
         self.add_eos = add_eos and eos_token_id is not None
         self.chat_template = chat_template
         self.strip_leading_space = strip_leading_space  # decode drops the SentencePiece prefix space
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # A GGUF vocabulary gives its size: with duplicated pieces, tokenizers counts fewer ids than the model has.
+        self.vocab_size = vocab_size or tok.get_vocab_size(with_added_tokens=True)
         self._pieces = [tok.id_to_token(i) or "" for i in range(self.vocab_size)]
         self._bytes: dict[int, bytes] = {}
         self._special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
@@ -65,7 +53,8 @@ class Tokenizer:
         self.stop_token_ids |= {vocab[t] for t in _END_OF_TURN if vocab.get(t) in self._special}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode does not): a long prompt must not stall the server's event loop.
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens:
             ids = [self.bos_token_id] * self.add_bos + ids + [self.eos_token_id] * self.add_eos
         return ids
@@ -115,26 +104,14 @@ class Tokenizer:
         from ember.loading.gguf import read_metadata
 
         meta = metadata if metadata is not None else read_metadata(path)
-        kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
-        if kind not in SUPPORTED_GGUF_TOKENIZERS:
-            raise ModelLoadError(f"{path}: tokenizer model {kind!r} is not supported; "
-                                 f"supported: {', '.join(SUPPORTED_GGUF_TOKENIZERS)}")
-        if not tokens:
-            raise ModelLoadError(f"{path}: GGUF has no tokenizer.ggml.tokens vocabulary (re-convert the model "
-                                 "with its tokenizer, or load the Hugging Face folder instead)")
-        types = _per_token(path, meta, "token_type", 1)
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        space_prefix = kind == "llama" and bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        if kind == "gpt2":
-            tok = _gguf_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], pre)
-        else:
-            tok = _gguf_spm(tokens, _per_token(path, meta, "scores", 0.0), types, space_prefix)
-        _add_special(tok, tokens, types)
-        bos, eos = (_token_id(path, meta, k, len(tokens)) for k in ("bos", "eos"))
-        extra = {_token_id(path, meta, k, len(tokens)) for k in ("eot", "eom")} - {None}
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama" or pre in _IGNORE_MERGES))
-        return cls(tok, kind == "gpt2", bos, eos, add_bos, meta.get("tokenizer.chat_template"), extra,
-                   space_prefix, bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+        v, f = gguf_vocab.build(path, meta), Fields(meta, str(path), "tokenizer.ggml.")
+        bos, eos = (gguf_vocab.token_id(f, k, v.size) for k in ("bos", "eos"))
+        extra = {gguf_vocab.token_id(f, k, v.size) for k in ("eot", "eom")} - {None}
+        add_bos = f.bool("add_bos_token", v.kind == "llama" or v.pre in gguf_vocab.IGNORE_MERGES)
+        template = _checked_template(str(path), "tokenizer.chat_template",
+                                     Fields(meta, str(path)).str("tokenizer.chat_template", None))
+        return cls(v.tok, v.kind == "gpt2", bos, eos, add_bos, template, extra, v.space_prefix,
+                   f.bool("add_eos_token", False), v.size)
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path) -> "Tokenizer":
@@ -145,22 +122,22 @@ class Tokenizer:
         if not path.is_file():
             raise ModelLoadError(f"{folder}: no tokenizer.json (ember needs the fast-tokenizer file; load the "
                                  "tokenizer with transformers and save_pretrained it into this folder)")
-        try:
+        with foreign_errors(path, "unreadable tokenizer"):
             tok = HFTokenizer.from_file(str(path))
             decoder = json.dumps(json.loads(path.read_text(encoding="utf-8")).get("decoder"))
-        except Exception as e:
-            raise ModelLoadError(f"{path}: unreadable tokenizer ({type(e).__name__}: {e})") from None
-        cfg = _read_json(folder / "tokenizer_config.json")
+            probe = tok.encode("a", add_special_tokens=True).ids  # what tokenizer.json's post-processor adds
+        cfg = Fields(read_json_object(folder / "tokenizer_config.json", missing_ok=True),
+                     str(folder / "tokenizer_config.json"))
         vocab = tok.get_vocab(with_added_tokens=True)
-        bos, eos = (vocab.get(_token_content(cfg.get(k)) or "") for k in ("bos_token", "eos_token"))
-        gen = _read_json(folder / "generation_config.json").get("eos_token_id")
-        extra = set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
-        probe = tok.encode("a", add_special_tokens=True).ids  # what tokenizer.json's post-processor adds
-        add_bos = bool(cfg.get("add_bos_token", bos is not None and probe[:1] == [bos]))
-        add_eos = bool(cfg.get("add_eos_token", eos is not None and probe[-1:] == [eos]))
+        bos, eos = (vocab.get(_token_content(cfg, k) or "") for k in ("bos_token", "eos_token"))
+        gen = Fields(read_json_object(folder / "generation_config.json", missing_ok=True),
+                     str(folder / "generation_config.json"))
+        add_bos = cfg.bool("add_bos_token", bos is not None and probe[:1] == [bos])
+        add_eos = cfg.bool("add_eos_token", eos is not None and probe[-1:] == [eos])
         byte_level = "ByteLevel" in decoder
         strip = not byte_level and ("Strip" in decoder or ("Metaspace" in decoder and '"never"' not in decoder))
-        return cls(tok, byte_level, bos, eos, add_bos, _hf_template(folder, cfg), extra, strip, add_eos)
+        return cls(tok, byte_level, bos, eos, add_bos, _hf_template(folder, cfg), _id_set(gen, "eos_token_id"), strip,
+                   add_eos)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and generation_config.json (stop ids) so that
@@ -176,94 +153,54 @@ class Tokenizer:
         (folder / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
 
 
-def _per_token(path: str | Path, meta: dict[str, Any], key: str, default: Any) -> list[Any]:
-    """A per-token GGUF array (scores, token types), checked against the vocabulary's length."""
-    n = len(meta["tokenizer.ggml.tokens"])
-    values = meta.get(f"tokenizer.ggml.{key}") or [default] * n
-    if len(values) != n:
-        raise ModelLoadError(f"{path}: tokenizer.ggml.{key} has {len(values)} entries but the vocabulary has {n}; "
-                             "the file is corrupt (re-convert it)")
-    return values
+def _id_set(f: Fields, key: str) -> set[int]:
+    """A token id or a list of them (generation_config.json's eos_token_id)."""
+    value = f.get(key, [])
+    ids = [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise f.error(key, f"must be a token id or a list of token ids, found {show(value)}")
+    return set(ids)
 
 
-def _token_id(path: str | Path, meta: dict[str, Any], name: str, n: int) -> int | None:
-    value = meta.get(f"tokenizer.ggml.{name}_token_id")
-    if value is not None and not 0 <= value < n:
-        raise ModelLoadError(f"{path}: tokenizer.ggml.{name}_token_id is {value}, outside the vocabulary "
-                             f"(0..{n - 1}); the file is corrupt (re-convert it)")
-    return value
+def _token_content(f: Fields, key: str) -> str | None:
+    """A special token given as its text or as an AddedToken object ({"content": text, ...})."""
+    value = f.get(key, None)
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is not None and not isinstance(content, str):
+        raise f.error(key, f"must be a token string or an object with a string content, found {show(value)}")
+    return content
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-
-
-def _token_content(tok: Any) -> str | None:
-    return tok.get("content") if isinstance(tok, dict) else tok
-
-
-def _hf_template(folder: Path, cfg: dict[str, Any]) -> str | None:
+def _hf_template(folder: Path, cfg: Fields) -> str | None:
     """tokenizer_config.json's chat_template (a string, or named templates: "default"), else chat_template.jinja."""
-    template = cfg.get("chat_template")
-    if isinstance(template, list):
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if template is None and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = cfg.get("chat_template", None)
+    named = isinstance(template, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in template)
+    if not (template is None or isinstance(template, str) or named):
+        raise cfg.error("chat_template", f"must be a string or a list of {{name, template}} objects, found "
+                                         f"{show(template)}")
+    if named:
+        template = next((t["template"] for t in template if t["name"] == "default"), None)
+    jinja = folder / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        try:
+            return _checked_template(str(jinja), "chat_template", jinja.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ModelLoadError(f"{jinja}: not valid UTF-8 ({e}); {FIX}") from None
+    return _checked_template(cfg.source, "chat_template", template)
+
+
+def _checked_template(source: str, key: str, template: str | None) -> str | None:
+    """The chat template, compiled once at load so a broken one fails here rather than on the first request."""
+    from jinja2 import TemplateError
+
+    if template is not None:
+        try:
+            _compile(template)
+        except (TemplateError, RecursionError) as e:
+            raise ModelLoadError(f"{source}: {key} does not compile ({type(e).__name__}: {str(e)[:200]}); fix or "
+                                 "remove it (without one, ember uses a plain 'role: content' format)") from None
     return template
-
-
-def _gguf_bpe(tokens: list[str], merges: list[str], pre: str) -> Any:
-    """Byte-level BPE (llama.cpp's "gpt2" model), split as `tokenizer.ggml.pre` says (GPT-2's regex if unknown)."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
-    steps = [pre_tokenizers.Split(Regex(_PRE_REGEX.get(pre, _GPT2)), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    if pre in _DIGIT_SPLIT:
-        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-def _gguf_spm(tokens: list[str], scores: list[float], types: list[int], space_prefix: bool) -> Any:
-    """SentencePiece-style BPE (llama.cpp's "llama" model): ▁ for spaces, <0xXX> byte fallback."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
-
-    vocab = {t: i for i, t in enumerate(tokens)}
-    # SentencePiece merges whichever adjacent pair forms the best-scoring normal piece; as BPE ranks,
-    # that is every split of a normal piece into two known pieces, best score first (ties as transformers).
-    merges = []
-    for i, piece in enumerate(tokens):
-        if types[i] == 1:
-            splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-            merges += [(-scores[i], -len(a), -len(b), vocab[a], vocab[b], a, b) for a, b in splits]
-    merges.sort()
-    unk = next((tokens[i] for i, t in enumerate(types) if t == 2), None)
-    tok = HFTokenizer(models.BPE(vocab, [m[-2:] for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True))
-    # llama.cpp prefixes a space to the text and after every special token, as legacy SentencePiece does.
-    norm = [normalizers.Prepend("\u2581")] * space_prefix + [normalizers.Replace(" ", "\u2581")]
-    tok.normalizer = normalizers.Sequence(norm)
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * space_prefix)
-    return tok
-
-
-def _add_special(tok: Any, tokens: list[str], types: list[int]) -> None:
-    """Control tokens are special and user-defined ones plain added tokens; both are matched whole in text."""
-    from tokenizers import AddedToken
-
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                            for i, t in enumerate(types) if t == CONTROL])
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                    for i, t in enumerate(types) if t == USER_DEFINED])
 
 
 def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, bos: str, eos: str) -> str:

@@ -2,7 +2,6 @@
 buffers under fused module names, written from and read back into a LlamaModel bit for bit."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -10,12 +9,14 @@ import torch
 
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
+from ember.loading.values import FIX, foreign_errors, read_json_object, show
 from ember.models.llama import Linear, LlamaModel
 from ember.ops.quant import QuantLinear
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 QUANT_BUFFERS = ("qweight", "scales", "mins")
+FORMAT, FORMAT_VERSIONS = "ember-compressed", (1,)
 
 
 def is_compressed(path: Path) -> bool:
@@ -23,10 +24,16 @@ def is_compressed(path: Path) -> bool:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{folder / MANIFEST}: unreadable manifest ({e})") from None
+    """manifest.json: a JSON object in a format version this ember reads."""
+    path = folder / MANIFEST
+    manifest = read_json_object(path)
+    if manifest.get("format") != FORMAT:
+        raise ModelLoadError(f"{path}: format must be {FORMAT!r}, found {show(manifest.get('format'))}; {FIX}")
+    if manifest.get("format_version") not in FORMAT_VERSIONS:
+        raise ModelLoadError(f"{path}: format_version {show(manifest.get('format_version'))} is not supported "
+                             f"(this ember reads {', '.join(map(str, FORMAT_VERSIONS))}); update ember or re-run "
+                             "`ember compress`")
+    return manifest
 
 
 def _hf_name(name: str) -> str:
@@ -78,10 +85,8 @@ def load_compressed(folder: Path, config: ModelConfig, dtype: torch.dtype,
     from safetensors.torch import load_file
 
     path = folder / WEIGHTS
-    try:
+    with foreign_errors(path, "unreadable compressed weights"):
         tensors = load_file(str(path))
-    except Exception as e:
-        raise ModelLoadError(f"{path}: unreadable compressed weights ({type(e).__name__}: {e})") from None
     net = LlamaModel(config, max_positions).to(dtype)
     for prefix in sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")):
         _swap_in(net, prefix.removeprefix("model."), {b: tensors.pop(f"{prefix}.{b}", None) for b in QUANT_BUFFERS},
@@ -103,13 +108,34 @@ def _swap_in(net: LlamaModel, name: str, bufs: dict[str, torch.Tensor | None], s
         shape, bias = tuple(old.weight.shape), None if old.bias is None else torch.empty(old.weight.shape[0])
     else:
         raise ModelLoadError(f"{source}: packed tensors for {name!r}, which is not a linear layer")
+    setattr(parent, attr, _packed_layer(name, bufs, shape, bias, source))
+
+
+def _packed_layer(name: str, bufs: dict[str, torch.Tensor | None], shape: tuple[int, int],
+                  bias: torch.Tensor | None, source: str) -> QuantLinear:
+    """A QuantLinear from stored buffers, each checked against the layer's [out, in] shape first: the kernels
+    read them unchecked, so a wrong size or dtype must never get that far."""
+    def bad(problem: str) -> ModelLoadError:
+        return ModelLoadError(f"{source}: packed layer {name!r} {problem}; {FIX}")
+
     qweight, scales, mins = bufs["qweight"], bufs["scales"], bufs["mins"]
-    bits = 4 if qweight.dtype == torch.uint8 else 8
+    if qweight is None or qweight.dtype not in (torch.int8, torch.uint8):
+        raise bad(f"has qweight of type {getattr(qweight, 'dtype', None)}, expected torch.int8 (8-bit) or "
+                  "torch.uint8 (4-bit)")
+    bits, (n, k) = 4 if qweight.dtype == torch.uint8 else 8, shape
+    if tuple(qweight.shape) != (n, k // 2 if bits == 4 else k):
+        raise bad(f"has qweight of shape {tuple(qweight.shape)}, expected {(n, k // 2 if bits == 4 else k)}")
+    if scales is None:
+        raise bad("lacks scales")
+    if scales.dim() != 2 or scales.shape[0] != n or not scales.shape[1] or k % scales.shape[1] \
+            or scales.dtype not in (torch.float16, torch.float32):
+        raise bad(f"has scales of shape {tuple(scales.shape)} and type {scales.dtype}, expected float16 or "
+                  f"float32 of shape ({n}, groups) with groups dividing {k}")
+    if (mins is None) != (bits == 8):
+        raise bad("lacks mins (4-bit layers are asymmetric)" if bits == 4 else "has mins, which 8-bit layers lack")
+    if mins is not None and (mins.shape != scales.shape or mins.dtype not in (torch.float16, torch.float32)):
+        raise bad(f"has mins of shape {tuple(mins.shape)} and type {mins.dtype}, expected those of its scales")
     try:
-        layer = QuantLinear(qweight, scales, mins, bias, bits)
+        return QuantLinear(qweight, scales, mins, bias, bits)
     except ValueError as e:
-        raise ModelLoadError(f"{source}: packed layer {name!r} is malformed ({e})") from None
-    if (layer.out_features, layer.in_features) != shape:
-        raise ModelLoadError(f"{source}: packed layer {name!r} is {layer.out_features}x{layer.in_features}, "
-                             f"the model expects {shape[0]}x{shape[1]}")
-    setattr(parent, attr, layer)
+        raise bad(f"is malformed ({e})") from None

@@ -198,8 +198,11 @@ class LlamaModel(nn.Module):
         loaded: set[str] = set()
         for name, w in weights:
             name = name.removeprefix("model.")
+            if name in loaded:
+                raise ModelLoadError(f"{source}: tensor {name} appears twice")
             if name == "rope_freqs.weight":
-                self.set_rope(w)
+                self._load_rope_freqs(w, source)
+                loaded.add(name)
                 continue
             target, rows = self._fused_target(name)
             if target not in params:
@@ -212,8 +215,18 @@ class LlamaModel(nn.Module):
                 raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(w.shape)}, "
                                      f"expected {tuple(dst.shape)}")
             dst.copy_(w)
-            loaded.add(name if rows is not None else target)
+            loaded.add(name)
         self._check_complete(loaded, source)
+
+    def _load_rope_freqs(self, w: torch.Tensor, source: str) -> None:
+        """llama.cpp's per-pair rope frequency divisors: [head_dim / 2], finite and positive."""
+        want = (self.config.head_dim // 2,)
+        if tuple(w.shape) != want:
+            raise ModelLoadError(f"{source}: tensor rope_freqs.weight has shape {tuple(w.shape)}, expected {want}")
+        if not w.is_meta and not bool((torch.isfinite(w) & (w > 0)).all()):
+            raise ModelLoadError(f"{source}: tensor rope_freqs.weight holds values that are not finite and positive; "
+                                 "the file is corrupt: re-download or re-convert it")
+        self.set_rope(w)
 
     def _fused_target(self, name: str) -> tuple[str, slice | None]:
         attn = self.layers[0].self_attn if len(self.layers) else None

@@ -40,17 +40,77 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _open(path: Path) -> tuple[ModelConfig, Tokenizer, gguf.GGUFFile | None]:
-    """Config, tokenizer and (for a GGUF file) the open reader of a model; weights are not read."""
+    """Config, tokenizer and (for a GGUF file) the open reader of a model, every tensor's name and shape
+    checked against the config; weights are not read."""
     if path.is_dir():
-        return load_hf_config(path), Tokenizer.from_hf_folder(path), None
+        config, tokenizer = load_hf_config(path), Tokenizer.from_hf_folder(path)
+        if compressed.is_compressed(path):  # packed layers: checked as they load
+            compressed.read_manifest(path)
+        else:
+            _check_shapes(path, config, safetensors.tensor_shapes(path))
+        return config, tokenizer, None
     if path.suffix == ".gguf" or path.is_file():
         reader = gguf.open_reader(path)
         gguf.check_tensor_types(reader)
-        meta = gguf.read_metadata(path, reader)
-        config = ModelConfig.from_gguf(meta, str(path))
+        config = ModelConfig.from_gguf(reader.metadata, str(path))
         config.tie_word_embeddings = "output.weight" not in gguf.tensor_names(reader)
-        return config, Tokenizer.from_gguf(path, meta), reader
+        tokenizer = Tokenizer.from_gguf(path, reader.metadata)
+        _check_shapes(path, config, gguf.hf_shapes(reader, config.arch))
+        n_tokens = len(reader.metadata["tokenizer.ggml.tokens"])
+        if n_tokens != config.vocab_size:
+            raise ModelLoadError(f"{path}: tokenizer.ggml.tokens has {n_tokens} entries but the model's vocabulary is "
+                                 f"{config.vocab_size} (token_embd.weight rows); the file is corrupt: re-convert it")
+        return config, tokenizer, reader
     raise ModelLoadError(f"{path}: not a .gguf file or a model folder")
+
+
+def _meta_model(config: ModelConfig, max_positions: int | None = None) -> LlamaModel:
+    """The model built on the meta device: every shape and byte count, nothing allocated."""
+    with torch.device("meta"):
+        return LlamaModel(config, max_positions)
+
+
+def _check_shapes(path: Path, config: ModelConfig, shapes: list[tuple[str, tuple[int, ...]]]) -> None:
+    """load_weights run on the meta device over the file's tensor table: unknown, duplicated, missing and
+    misshapen tensors (so a wrong block_count or dimension) fail before anything is allocated."""
+    net = _meta_model(config)
+    with torch.device("meta"):
+        net.load_weights(((name, torch.empty(shape)) for name, shape in shapes), str(path))
+
+
+def available_memory() -> int | None:
+    """Bytes that can be allocated without swapping: MemAvailable, capped by a cgroup v2 limit; None if unknown."""
+    found = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _check_memory(path: Path, config: ModelConfig, max_positions: int | None) -> None:
+    """Refuse before building the model when it cannot fit: float32 weights (the model is built in float32, then
+    cast), rotary tables, and one tensor's worth of conversion scratch."""
+    available = available_memory()
+    if available is None:
+        return
+    net = _meta_model(config, max_positions)
+    weights = [p.numel() * 4 for p in net.parameters()]
+    tables = sum(b.numel() * 4 for b in net.buffers())
+    need = sum(weights) + tables + max(weights, default=0)
+    if need > available:
+        raise ModelLoadError(
+            f"{path}: loading needs about {need / 1e6:,.1f} MB of memory (weights {sum(weights) / 1e6:,.1f} MB in "
+            f"float32, rotary tables {tables / 1e6:,.1f} MB for {net.max_positions} positions) but only "
+            f"{available / 1e6:,.1f} MB is available; free memory or load a smaller model"
+            f"{' (or give a smaller max_positions)' if tables > sum(weights) else ''}")
 
 
 def load_config(model: str | Path | None = None, progress: bool = False) -> tuple[Path, ModelConfig, Tokenizer]:
@@ -67,6 +127,7 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "floa
     path = resolve(model, progress=progress)
     torch_dtype = parse_dtype(dtype)
     config, tokenizer, reader = _open(path)
+    _check_memory(path, config, max_positions)
     if compressed.is_compressed(path):  # written by `ember compress`: packed layers load as stored
         net = compressed.load_compressed(path, config, torch_dtype, max_positions)
         return LoadedModel(net, tokenizer, config, path, time.perf_counter() - start)
