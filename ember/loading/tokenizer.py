@@ -66,13 +66,15 @@ class Tokenizer:
         return token_id in self._special
 
     def id_to_piece(self, token_id: int) -> str:
-        return self._pieces[token_id]
+        """The vocabulary entry; "" for ids past it (a model's embedding is often padded beyond its tokenizer,
+        as Qwen2's 151936 rows for 151665 tokens, and such an id can be sampled)."""
+        return self._pieces[token_id] if 0 <= token_id < len(self._pieces) else ""
 
     def id_to_bytes(self, token_id: int) -> bytes:
         """The bytes this token adds to decoded text (before the leading-space strip), as HF decodes it."""
         out = self._bytes.get(token_id)
         if out is None:
-            out = self._bytes[token_id] = self._piece_bytes(self._pieces[token_id])
+            out = self._bytes[token_id] = self._piece_bytes(self.id_to_piece(token_id))
         return out
 
     def _piece_bytes(self, piece: str) -> bytes:

@@ -386,3 +386,14 @@ def test_truncated_vocabulary_is_a_load_error(tmp_path: Path, smollm_meta: dict)
     (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])  # ends inside the token list
     with pytest.raises(ModelLoadError, match=r"cut\.gguf: GGUF header is truncated or corrupt"):
         Tokenizer.from_gguf(path)
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing(tiny_qwen2: Path) -> None:
+    """A model's embedding may be padded beyond its tokenizer (Qwen2: 151936 rows, 151665 tokens) and such an id
+    can be sampled: it adds no text instead of failing the request."""
+    tok = Tokenizer.from_hf_folder(tiny_qwen2)
+    past = tok.vocab_size + 3
+    assert tok.id_to_piece(past) == "" and tok.id_to_bytes(past) == b""
+    detok = IncrementalDetokenizer(tok)
+    hi = tok.encode("hi", add_special_tokens=False)
+    assert "".join(detok.add(t) for t in [*hi, past]) + detok.flush() == "hi"
