@@ -167,6 +167,15 @@ def cmd_models(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from ember.bench.common import emit
 
+    if a.kind == "soak":  # prints a line per interval as it runs; exits 1 when the server misbehaved
+        from ember.bench.soak import SoakConfig, print_soak, run_soak, soak_progress
+
+        cfg = SoakConfig(a.url, a.minutes, a.served_model, a.concurrency, a.report_every, a.input_len, a.output_len,
+                         a.disconnect_frac, a.invalid_frac, a.max_rss_growth_pct, a.pid, a.api_key, a.allow_remote,
+                         a.drain_timeout, a.idle_timeout, a.seed)
+        result = run_soak(cfg, soak_progress(a.json))
+        print_soak(result, a.json)
+        return 0 if result["passed"] else 1
     if a.threads:
         import torch
 
@@ -206,7 +215,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _bench_parsers(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, serve",
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, serve, mixed, soak",
                            description="Measure ember (or any OpenAI-compatible server).")
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
     common = argparse.ArgumentParser(add_help=False)
@@ -249,7 +258,38 @@ def _bench_parsers(sub: Any) -> None:
     mx.add_argument("--long-prompts", type=int, default=4)
     mx.add_argument("--long-prompt-len", type=int, default=1500)
     mx.add_argument("--interval", type=float, default=2.0, help="seconds between long prompts")
-    for p in (tp, lat, sv, mx):
+    sk = kinds.add_parser(
+        "soak", help="minutes of varied load on a local server: throughput, latency, RSS and KV over time",
+        description="Drive a running OpenAI-compatible server on this machine for --minutes with a seeded mix "
+                    "(chat and completions, streaming or not, varied lengths, n>1, stop strings, clients hanging "
+                    "up mid-stream, invalid requests that must get a 4xx); print a line every --report-every "
+                    "seconds and a summary. Exits 1 if a request failed unexpectedly, if the server's KV cache "
+                    "and queues did not return to 0 once idle, or if its RSS grew past --max-rss-growth-pct.")
+    sk.add_argument("--url", required=True, help="server base URL on this machine, e.g. http://127.0.0.1:8000")
+    sk.add_argument("--minutes", type=float, required=True, help="how long to send load (fractions allowed)")
+    sk.add_argument("--served-model", default=None, help="model id to send (default: the server's first)")
+    sk.add_argument("--api-key", default=None)
+    sk.add_argument("--concurrency", type=int, default=8, help="clients, each sending its next request as the "
+                                                               "last ends (default 8)")
+    sk.add_argument("--report-every", type=float, default=60.0, metavar="S",
+                    help="seconds per report line (default 60); RSS growth is measured from the end of the first "
+                         "(warm-up) interval to the end of the last")
+    sk.add_argument("--input-len", type=int, default=128, help="prompt words, mean of a uniform +-90%% (5%% of "
+                                                               "prompts 4x) (default 128)")
+    sk.add_argument("--output-len", type=int, default=64, help="max_tokens, mean of a uniform +-90%% (default 64)")
+    sk.add_argument("--disconnect-frac", type=float, default=0.1, help="requests that hang up mid-stream (0.1)")
+    sk.add_argument("--invalid-frac", type=float, default=0.05, help="invalid requests, expecting a 4xx (0.05)")
+    sk.add_argument("--max-rss-growth-pct", type=float, default=10.0, help="fail above this RSS growth (10)")
+    sk.add_argument("--pid", type=int, default=None,
+                    help="server process id: its RSS from /proc if /metrics has no process_resident_memory_bytes")
+    sk.add_argument("--drain-timeout", type=float, default=120.0, help="seconds in-flight requests may take "
+                                                                       "after the load stops (120)")
+    sk.add_argument("--idle-timeout", type=float, default=10.0,
+                    help="seconds the idle server has to bring KV usage, running and waiting to 0 (10)")
+    sk.add_argument("--allow-remote", action="store_true", help="allow a URL whose host is not loopback")
+    sk.add_argument("--seed", type=int, default=0)
+    sk.add_argument("--json", action="store_true", help="print one JSON object (interval lines go to stderr)")
+    for p in (tp, lat, sv, mx, sk):
         p.set_defaults(func=cmd_bench)
 
 
