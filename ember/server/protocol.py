@@ -5,7 +5,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ember.engine import sampling_params as S
 from ember.engine.sampling_params import check_utf8
@@ -38,21 +38,31 @@ class _Request(BaseModel):
     # must have their documented JSON type (strict: "5" is not a number, 0 is not a boolean; 1 is a float).
     model_config = ConfigDict(extra="ignore", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI's schema makes most parameters nullable, and clients send null for "not set": a null
+        optional field takes its default (so the fields below are `| None` in the schema, never at run time)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class _Sampling(_Request):
     model: Text | None = None
     temperature: Annotated[Finite, Field(ge=0)] | None = None
     top_p: Annotated[Finite, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = 1
     stop: StopText | Annotated[list[StopText], Field(max_length=S.MAX_STOP_STRINGS)] | None = None
     seed: Annotated[int, Field(ge=S.SEED_RANGE[0], le=S.SEED_RANGE[1])] | None = None
-    presence_penalty: Annotated[Finite, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[Finite, Field(ge=-2, le=2)] = 0.0
-    stream: bool = False
+    presence_penalty: Annotated[Finite, Field(ge=-2, le=2)] | None = 0.0
+    frequency_penalty: Annotated[Finite, Field(ge=-2, le=2)] | None = 0.0
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
     logit_bias: dict[Annotated[Text, Field(pattern=r"^[0-9]+$")], Bias] | None = None
@@ -60,11 +70,11 @@ class _Sampling(_Request):
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[Finite, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[Finite, Field(gt=0)] | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=S.MAX_STOP_TOKEN_IDS)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] | None = 0
+    skip_special_tokens: bool | None = True
+    include_stop_str_in_output: bool | None = False
 
 
 class ContentPart(_Request):
@@ -87,9 +97,9 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = True
 
 
 class CompletionRequest(_Sampling):
@@ -97,7 +107,7 @@ class CompletionRequest(_Sampling):
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: bool = False
+    echo: bool | None = False
     suffix: Text | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
 
@@ -107,13 +117,13 @@ class TokenizeCompletionRequest(_Request):
 
     model: Text | None = None
     prompt: Text
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = True
 
 
 class TokenizeChatRequest(_Request):
     model: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = True
 
 
 TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest

@@ -231,3 +231,15 @@ def test_api_key_protects_everything_but_health(tiny_llama3: Path, tmp_path: Pat
         assert httpx.get(f"{srv.url}/health").status_code == 200
     finally:
         stop_server(srv)
+
+
+def test_null_means_the_default(server: Server) -> None:
+    """OpenAI's schema makes most parameters nullable; clients send null for "not set"."""
+    nulls = dict.fromkeys(["n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+                           "stream", "stream_options", "user", "logit_bias", "top_k", "min_p", "min_tokens",
+                           "ignore_eos", "skip_special_tokens", "logprobs", "top_logprobs", "max_tokens"])
+    chat = httpx.post(f"{server.url}{CHAT}", json={"messages": USER, **nulls, "max_tokens": 3}, timeout=60)
+    assert chat.status_code == 200 and len(chat.json()["choices"]) == 1, chat.text
+    comp = httpx.post(f"{server.url}{COMP}", json={"prompt": "hi", **nulls, "echo": None, "ignore_eos": True}, timeout=60)
+    assert comp.status_code == 200 and comp.json()["usage"]["completion_tokens"] == 16, comp.text  # max_tokens 16
+    assert httpx.post(f"{server.url}{CHAT}", json={"messages": None}).status_code == 400
