@@ -14,6 +14,9 @@ log = logging.getLogger("ember")
 
 
 MODEL_HELP = "model name, .gguf file or Hugging Face folder (default: smollm2-135m-instruct)"
+DTYPE_HELP = ("auto (default): a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors run packed as stored (int8 / int4 "
+              "in groups of 32, exact to the file, fast), everything else in float32; float32: every "
+              "weight dequantized to float32; bfloat16: weights and KV cache in bfloat16")
 KV_CACHE_DTYPES = ["auto", "float16", "int8", "int4", "int2"]  # ember.ops.kv_quant's, listed to keep --help fast
 KV_HELP = ("KV cache storage: auto (the model dtype), float16 (half a float32 model's cache, as llama.cpp's "
            "default), or KIVI int8 / int4 / int2 (keys per channel, values per token, each sequence's newest "
@@ -26,8 +29,8 @@ def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     g = p.add_argument_group("engine")
     if model_flag:
         g.add_argument("--model", "-m", default=None, help=MODEL_HELP)
-    g.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
-                   help="runtime dtype of weights and KV cache (default: float32)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help=DTYPE_HELP)
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
@@ -334,8 +337,8 @@ def _eval_parsers(sub: Any) -> None:
     ppl.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     ppl.add_argument("--windows", type=int, default=None, help="score only the first N windows (default: all)")
     ppl.add_argument("--stride", type=int, default=None, help="window step in tokens (default: ctx, no overlap)")
-    ppl.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
-                     help="weights dtype (default: float32)")
+    ppl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                     help=DTYPE_HELP)
     ppl.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                      help="auto: one dense forward per window; float16, or KIVI int8 / int4 / int2: score "
                           "through that cache, one block of tokens per step, as generation reads it")

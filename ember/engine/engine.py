@@ -34,7 +34,7 @@ class EngineArgs:
     """Engine options; names follow vLLM's where one exists."""
 
     model: str | Path | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # see ember.models.loader.load_model
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # token budget per step
@@ -94,7 +94,9 @@ class LLMEngine:
         self.args = args = args or EngineArgs(**kwargs)
         args.validate()
         self.dtype = parse_dtype(args.dtype)
-        self.loaded = loaded or load_model(args.model, self.dtype, progress=True)
+        # -q re-quantizes float weights, so a GGUF's packed tensors are dequantized first.
+        load_dtype = "float32" if args.dtype == "auto" and args.quantization != "none" else args.dtype
+        self.loaded = loaded or load_model(args.model, load_dtype, progress=True)
         self.tokenizer = self.loaded.tokenizer
         # No token covers more characters than the longest vocabulary entry; 4x spare for normalizers that
         # compose characters (NFC joins three Hangul jamo into one syllable).
