@@ -1,7 +1,9 @@
-"""Read GGUF files: metadata as Python values, tensors dequantized to torch (via the gguf package)."""
+"""Read GGUF files: metadata as Python values, tensors dequantized to torch (via the gguf package) or, for
+Q8_0 / Q4_0 / Q4_1, re-laid out bit for bit as ember's packed int8 / int4 buffers."""
 from __future__ import annotations
 
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -50,10 +52,13 @@ def _dequantize(path: str | Path, t: TensorInfo) -> np.ndarray:
     return arr.reshape(t.shape)
 
 
-def iter_tensors(path: str | Path, reader: GGUFFile | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (gguf tensor name, float32 tensor) for every tensor in the file."""
+def iter_tensors(path: str | Path, reader: GGUFFile | None = None, skip: set[str] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (gguf tensor name, float32 tensor) for every tensor in the file but those named in skip."""
     reader = reader or open_reader(path)
     for t in reader.tensors:
+        if skip and t.name in skip:
+            continue
         with foreign_errors(path, f"tensor {t.name} is corrupt"):
             arr = _dequantize(path, t)
         yield t.name, torch.from_numpy(np.ascontiguousarray(arr))
@@ -104,14 +109,82 @@ def hf_shapes(reader: GGUFFile, arch: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(_hf_target(reader.path, t.name, arch), t.shape) for t in reader.tensors]
 
 
-def iter_hf_tensors(path: str | Path, reader: GGUFFile, arch: str, n_head: int, n_kv_head: int
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """GGUF tensors renamed to Hugging Face names, with llama.cpp's Q/K permutation undone."""
-    for name, tensor in iter_tensors(path, reader):
+# Block layouts (ggml-common.h): a float16 scale d (and min m), then 32 codes. Q4 codes are two per byte, byte j
+# holding element j (low nibble) and j + 16 (high): the layout of ember's pack_int4.
+_BLOCKS = {
+    "Q8_0": np.dtype([("d", "<f2"), ("qs", "i1", 32)]),        # w = d * q
+    "Q4_0": np.dtype([("d", "<f2"), ("qs", "u1", 16)]),        # w = d * (q - 8)
+    "Q4_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]),  # w = d * q + m
+}
+PACKED_TYPES = tuple(_BLOCKS)
+
+
+@dataclass
+class Packed:
+    """A GGUF tensor as QuantLinear buffers: codes [N, K] int8 or [N, K/2] uint8 (int4), scales and (int4)
+    mins [N, K/32], float16 where exact, else float32."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.mins is None else 4
+
+    def rows(self, fn: Any) -> "Packed":
+        """The same weight with fn (a row permutation of a [N, ...] tensor) applied to every buffer."""
+        return Packed(fn(self.qweight), fn(self.scales), None if self.mins is None else fn(self.mins))
+
+
+def packed(t: TensorInfo) -> Packed | None:
+    """A Q8_0 / Q4_0 / Q4_1 matrix as ember's packed buffers, the same weights exactly; None for other types, and
+    for int8 codes of -128 (valid Q8_0, but outside the kernels' symmetric [-127, 127])."""
+    block = _BLOCKS.get(t.type_name)
+    if block is None or len(t.shape) != 2 or t.shape[1] % 32:
+        return None
+    n, k = t.shape
+    blocks = t.data.view(block).reshape(n, k // 32)
+    d = torch.from_numpy(blocks["d"].copy())
+    if t.type_name == "Q8_0":
+        q = torch.from_numpy(blocks["qs"].reshape(n, k).copy())
+        return None if bool((q == -128).any()) else Packed(q, d, None)
+    q = torch.from_numpy(blocks["qs"].reshape(n, k // 2).copy())
+    if t.type_name == "Q4_1":
+        return Packed(q, d, torch.from_numpy(blocks["m"].copy()))
+    mins = -8 * d.float()  # Q4_0: d * (q - 8) = d * q + (-8 d), exact in float32; in float16 unless it overflows
+    if bool((mins.half().float() == mins).all()):
+        return Packed(q, d, mins.half())
+    return Packed(q, d.float(), mins)
+
+
+def iter_hf_tensors(path: str | Path, reader: GGUFFile, arch: str, n_head: int, n_kv_head: int,
+                    skip: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """GGUF tensors (but those named in skip) dequantized to float32 and renamed to Hugging Face names, with
+    llama.cpp's Q/K permutation undone."""
+    for name, tensor in iter_tensors(path, reader, skip):
         target = _hf_target(path, name, arch)
-        if arch in ("llama", "mistral"):
-            if ".q_proj." in target:
-                tensor = unpermute_qk(tensor, n_head)
-            elif ".k_proj." in target:
-                tensor = unpermute_qk(tensor, n_kv_head)
-        yield target, tensor
+        yield target, hf_rows(target, arch, n_head, n_kv_head)(tensor)
+
+
+def hf_rows(target: str, arch: str, n_head: int, n_kv_head: int) -> Any:
+    """The row permutation (a function of a [N, ...] tensor) that takes a GGUF tensor to Hugging Face's layout:
+    llama.cpp permutes Q and K rows of Llama and Mistral models for its interleaved rotary embedding."""
+    if arch in ("llama", "mistral"):
+        if ".q_proj." in target:
+            return lambda w: unpermute_qk(w, n_head)
+        if ".k_proj." in target:
+            return lambda w: unpermute_qk(w, n_kv_head)
+    return lambda w: w
+
+
+def iter_hf_packed(path: str | Path, reader: GGUFFile, arch: str, n_head: int, n_kv_head: int
+                   ) -> Iterator[tuple[str, str, Packed]]:
+    """(GGUF name, Hugging Face name, packed buffers) of every tensor stored in a packed-compatible type."""
+    for t in reader.tensors:
+        if t.type_name in PACKED_TYPES:
+            with foreign_errors(path, f"tensor {t.name} is corrupt"):
+                p = packed(t)
+            if p is not None:
+                target = _hf_target(path, t.name, arch)
+                yield t.name, target, p.rows(hf_rows(target, arch, n_head, n_kv_head))

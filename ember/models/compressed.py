@@ -10,7 +10,8 @@ import torch
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
 from ember.loading.values import FIX, foreign_errors, read_json_object, show
-from ember.models.llama import Linear, LlamaModel
+from ember.models.llama import LlamaModel
+from ember.models.packed import swap_in
 from ember.ops.quant import QuantLinear
 
 MANIFEST = "manifest.json"
@@ -89,53 +90,7 @@ def load_compressed(folder: Path, config: ModelConfig, dtype: torch.dtype,
         tensors = load_file(str(path))
     net = LlamaModel(config, max_positions).to(dtype)
     for prefix in sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")):
-        _swap_in(net, prefix.removeprefix("model."), {b: tensors.pop(f"{prefix}.{b}", None) for b in QUANT_BUFFERS},
+        swap_in(net, prefix.removeprefix("model."), {b: tensors.pop(f"{prefix}.{b}", None) for b in QUANT_BUFFERS},
                  str(path))
     net.load_weights(tensors.items(), str(path))
     return net.eval()
-
-
-def _swap_in(net: LlamaModel, name: str, bufs: dict[str, torch.Tensor | None], source: str) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    try:
-        parent = net.get_submodule(parent_name)
-        old = getattr(parent, attr)
-    except AttributeError:
-        raise ModelLoadError(f"{source}: packed tensors for {name!r}, which is not a layer of this model") from None
-    if old is None and name == "lm_head":  # tied head with its own quantized copy
-        shape, bias = (net.config.vocab_size, net.config.hidden_size), None
-    elif isinstance(old, Linear):
-        shape, bias = tuple(old.weight.shape), None if old.bias is None else torch.empty(old.weight.shape[0])
-    else:
-        raise ModelLoadError(f"{source}: packed tensors for {name!r}, which is not a linear layer")
-    setattr(parent, attr, _packed_layer(name, bufs, shape, bias, source))
-
-
-def _packed_layer(name: str, bufs: dict[str, torch.Tensor | None], shape: tuple[int, int],
-                  bias: torch.Tensor | None, source: str) -> QuantLinear:
-    """A QuantLinear from stored buffers, each checked against the layer's [out, in] shape first: the kernels
-    read them unchecked, so a wrong size or dtype must never get that far."""
-    def bad(problem: str) -> ModelLoadError:
-        return ModelLoadError(f"{source}: packed layer {name!r} {problem}; {FIX}")
-
-    qweight, scales, mins = bufs["qweight"], bufs["scales"], bufs["mins"]
-    if qweight is None or qweight.dtype not in (torch.int8, torch.uint8):
-        raise bad(f"has qweight of type {getattr(qweight, 'dtype', None)}, expected torch.int8 (8-bit) or "
-                  "torch.uint8 (4-bit)")
-    bits, (n, k) = 4 if qweight.dtype == torch.uint8 else 8, shape
-    if tuple(qweight.shape) != (n, k // 2 if bits == 4 else k):
-        raise bad(f"has qweight of shape {tuple(qweight.shape)}, expected {(n, k // 2 if bits == 4 else k)}")
-    if scales is None:
-        raise bad("lacks scales")
-    if scales.dim() != 2 or scales.shape[0] != n or not scales.shape[1] or k % scales.shape[1] \
-            or scales.dtype not in (torch.float16, torch.float32):
-        raise bad(f"has scales of shape {tuple(scales.shape)} and type {scales.dtype}, expected float16 or "
-                  f"float32 of shape ({n}, groups) with groups dividing {k}")
-    if (mins is None) != (bits == 8):
-        raise bad("lacks mins (4-bit layers are asymmetric)" if bits == 4 else "has mins, which 8-bit layers lack")
-    if mins is not None and (mins.shape != scales.shape or mins.dtype not in (torch.float16, torch.float32)):
-        raise bad(f"has mins of shape {tuple(mins.shape)} and type {mins.dtype}, expected those of its scales")
-    try:
-        return QuantLinear(qweight, scales, mins, bias, bits)
-    except ValueError as e:
-        raise bad(f"is malformed ({e})") from None

@@ -16,6 +16,7 @@ from ember.loading.registry import resolve
 from ember.loading.tokenizer import Tokenizer
 from ember.models import compressed
 from ember.models.llama import LlamaModel
+from ember.models.packed import load_gguf_packed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -122,7 +123,10 @@ def load_config(model: str | Path | None = None, progress: bool = False) -> tupl
 
 def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "float32",
                max_positions: int | None = None, progress: bool = False) -> LoadedModel:
-    """Load weights, config and tokenizer for a model name, .gguf path, HF folder or compressed folder."""
+    """Load weights, config and tokenizer for a model name, .gguf path, HF folder or compressed folder.
+
+    dtype "auto" is float32, except that a GGUF file's Q8_0 / Q4_0 / Q4_1 linear layers are kept packed, exact to
+    the file (ember.models.packed); "float32" dequantizes them too."""
     start = time.perf_counter()
     path = resolve(model, progress=progress)
     torch_dtype = parse_dtype(dtype)
@@ -131,14 +135,15 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "floa
     if compressed.is_compressed(path):  # written by `ember compress`: packed layers load as stored
         net = compressed.load_compressed(path, config, torch_dtype, max_positions)
         return LoadedModel(net, tokenizer, config, path, time.perf_counter() - start)
+    net = LlamaModel(config, max_positions).to(torch_dtype)
     if reader is None:
         weights, total = safetensors.iter_tensors(path), None
     else:
-        weights = gguf.iter_hf_tensors(path, reader, config.arch, config.num_heads, config.num_kv_heads)
-        total = len(reader.tensors)
-    net = LlamaModel(config, max_positions)
+        # dtype auto: Q8_0 / Q4_0 / Q4_1 layers run as stored, in ember's int8 / int4 kernels.
+        packed = load_gguf_packed(net, path, reader) if dtype == "auto" else set()
+        weights = gguf.iter_hf_tensors(path, reader, config.arch, config.num_heads, config.num_kv_heads, packed)
+        total = len(reader.tensors) - len(packed)
     with tqdm(weights, total=total, desc=f"loading {path.name}", unit="tensor", disable=None if progress else True,
               leave=False, file=sys.stderr) as bar:
         net.load_weights(bar, str(path))
-    net.to(torch_dtype).eval()
-    return LoadedModel(net, tokenizer, config, path, time.perf_counter() - start)
+    return LoadedModel(net.eval(), tokenizer, config, path, time.perf_counter() - start)
