@@ -215,3 +215,26 @@ def test_fused_decode_stack_equals_the_module_path(tiny_qwen2, monkeypatch, bits
     for (ids_f, lps_f), (ids_m, lps_m) in zip(fused, run()):
         assert ids_f == ids_m
         torch.testing.assert_close(torch.tensor(lps_f), torch.tensor(lps_m), rtol=0, atol=1e-4)
+
+
+def test_kernel_builds_are_keyed_by_compiler_and_cached_under_ember_home(monkeypatch, tmp_path) -> None:
+    from ember.ops import kernels
+
+    monkeypatch.setenv("EMBER_HOME", str(tmp_path))
+    a, b = kernels.build_key("g++ 12.2"), kernels.build_key("clang 17")
+    assert a != b and len(a) == 16 and kernels.build_key("g++ 12.2") == a
+    assert kernels.build_dir(a) == tmp_path / "kernels" / a
+
+
+def test_no_compiler_means_the_fallbacks_with_a_warning(monkeypatch, caplog) -> None:
+    from ember.ops import kernels
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    kernels.cpu_kernels.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="ember"):
+            assert kernels.cpu_kernels() is None
+        assert "no C++ compiler" in caplog.text and "apt install g++" in caplog.text
+    finally:
+        monkeypatch.delenv("CXX")
+        kernels.cpu_kernels.cache_clear()
