@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +23,8 @@ from ember.server import protocol as P
 from ember.server.metrics import Metrics
 from ember.server.middleware import ServerGuard
 from ember.server.render import ChoiceState, chat_chunk, chat_final, completion_final
+
+log = logging.getLogger("ember")
 
 
 class APIError(Exception):
@@ -85,22 +89,39 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     async def chat_ids(messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
         plain = _messages(messages)
         core.check_text("".join(m["content"] for m in plain), "messages")
-        return await engine.run_blocking(
-            lambda: tok.apply_chat_template(plain, add_generation_prompt, tokenize=True))
 
-    async def submit(items: list[tuple[str, Prompt, SamplingParams]]) -> list[RequestStream]:
-        limits.check_shape(len(items), items[0][2].n)
-        reqs = await engine.prepare(items)
-        limits.check_work(reqs, max_len)
+        def render() -> list[int]:
+            named = next((i for i, m in enumerate(messages) if m.name is not None), None)
+            if named is not None and tok.apply_chat_template(plain, add_generation_prompt) == \
+                    tok.apply_chat_template(_messages(messages, names=False), add_generation_prompt):
+                raise APIError(400, "name is not supported by this model's chat template (it would be ignored); "
+                               "leave it out", f"messages.{named}.name")
+            return tok.apply_chat_template(plain, add_generation_prompt, tokenize=True)
+
+        return await engine.run_blocking(render)
+
+    async def submit(items: list[tuple[str, Prompt, SamplingParams]],
+                     sent_as: dict[str, str]) -> list[RequestStream]:
+        with _named_as_sent(sent_as):
+            limits.check_shape(len(items), items[0][2].n)
+            reqs = await engine.prepare(items)
+            limits.check_work(reqs, max_len)
         return engine.submit(reqs)
 
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
+    card = P.ModelCard(id=served_name, max_model_len=max_len)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [P.ModelCard(id=served_name, max_model_len=max_len).model_dump()]}
+        return {"object": "list", "data": [card.model_dump()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> P.ModelCard:
+        check_model(model_id)
+        return card
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
@@ -132,11 +153,16 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         top = req.top_logprobs if req.logprobs else None
-        params = _params(req, req.max_completion_tokens or req.max_tokens, (top or 0) if req.logprobs else None,
-                         "top_logprobs")
+        # The engine's names for what the request sent under other names.
+        sent_as = {"logprobs": "top_logprobs", "prompt": "messages",
+                   "max_tokens": "max_completion_tokens" if req.max_completion_tokens else "max_tokens"}
+        with _named_as_sent(sent_as):
+            params = _params(req, req.max_completion_tokens or req.max_tokens,
+                             (top or 0) if req.logprobs else None)
         ids = await chat_ids(req.messages, req.add_generation_prompt)
         rid = P.new_id("chatcmpl")
-        streams = await submit([(rid, {"prompt_token_ids": ids}, params)])
+        log_user(rid, req)
+        streams = await submit([(rid, {"prompt_token_ids": ids}, params)], sent_as)
         state = ChoiceState(tok, params.n, top_logprobs=top or 0)
         if req.stream:
             return _sse(_chat_stream(rid, served_name, streams[0], state, req))
@@ -146,21 +172,20 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(req: P.CompletionRequest, raw: Request) -> Any:
         check_model(req.model)
-        if req.suffix:
-            raise APIError(400, "suffix is not supported by this server", "suffix")
-        if req.best_of not in (None, req.n):
-            raise APIError(400, "best_of other than n is not supported", "best_of")
         prompts = _completion_prompts(req.prompt)
-        params = _params(req, req.max_tokens, req.logprobs)
+        # max_tokens 0 (with echo) scores the prompt: as vLLM, one token is generated and not shown.
+        params = _params(req, req.max_tokens or 1, req.logprobs)
         if req.echo and req.logprobs is not None:
             params.prompt_logprobs = req.logprobs
         rid = P.new_id("cmpl")
-        streams = await submit([(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)])
-        states = [ChoiceState(tok, params.n, offset=i * params.n) for i in range(len(prompts))]
+        log_user(rid, req)
+        items = [(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
+        streams = await submit(items, {"prompt_logprobs": "logprobs"})
+        states = [ChoiceState(tok, params.n, offset=i * params.n, echo=bool(req.echo), logprobs=req.logprobs,
+                              score_only=req.max_tokens == 0) for i in range(len(prompts))]
         if req.stream:
             return _sse(_completion_stream(rid, served_name, streams, states, req))
-        outs = await _collect(streams, raw)
-        return completion_final(rid, served_name, outs, states, req.echo, req.logprobs)
+        return completion_final(rid, served_name, await _collect(streams, raw), states)
 
     return app
 
@@ -216,11 +241,14 @@ def _error_handlers(app: FastAPI) -> None:
         errors = e.errors()
         # Of a union's alternatives (a string, or a list of parts), the error our own check raised says most,
         # then one that broke a limit, rather than the alternatives' "should be a valid string".
-        ranked = sorted(errors, key=lambda x: (x.get("type") != "value_error", str(x.get("type")).endswith("_type")))
+        ranked = sorted(errors, key=lambda x: (x.get("type") not in ("refused", "value_error"),
+                                               str(x.get("type")).endswith("_type")))
         first = ranked[0] if ranked else {}
         if first.get("type") == "json_invalid":
             return error(400, f"malformed JSON body: {first.get('ctx', {}).get('error', 'cannot parse')}")
         loc = [str(x) for x in first.get("loc", ()) if x != "body" and re.fullmatch(r"\w+", str(x))]
+        if first.get("type") == "refused":  # a model's check that names one of its fields
+            loc.append(first["ctx"]["field"])
         param = ".".join(loc) or None
         msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
         return error(400, f"{param or 'body'}: {msg}", param)
@@ -258,17 +286,33 @@ def _error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
 
 
-def _messages(messages: list[P.ChatMessage]) -> list[dict[str, str]]:
-    for i, m in enumerate(messages):
-        other = sorted({p.type for p in m.content if p.type != "text"}) if isinstance(m.content, list) else []
-        if other:
-            raise APIError(400, f"content parts of type {', '.join(other)} are not supported (text only)",
-                           f"messages.{i}.content")
-    return [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in messages]
+def _messages(messages: list[P.ChatMessage], names: bool = True) -> list[dict[str, str]]:
+    """The messages as the chat template reads them (a name goes to the template, as in transformers)."""
+    return [{"role": m.role if m.role != "developer" else "system", "content": m.text(),
+             **({"name": m.name} if names and m.name is not None else {})} for m in messages]
 
 
-def _params(req: P._Sampling, max_tokens: int | None, logprobs: int | None,
-            logprobs_field: str = "logprobs") -> SamplingParams:
+def log_user(rid: str, req: P._Sampling) -> None:
+    """OpenAI's `user` (`safety_identifier`) names the end user behind a request, for the operator: logged."""
+    if req.user or req.safety_identifier:
+        log.info("%s: user %.200r", rid, req.safety_identifier or req.user)
+
+
+@contextmanager
+def _named_as_sent(sent_as: dict[str, str]) -> Iterator[None]:
+    """Errors name the engine's parameter; the request may have sent it under another name (chat's
+    top_logprobs is the engine's logprobs): the 400 names the field sent."""
+    try:
+        yield
+    except (APIError, InvalidParameterError) as e:
+        param = getattr(e, "param", None)
+        if param not in sent_as:
+            raise
+        message = re.sub(rf"^{param}\b", sent_as[param], e.message if isinstance(e, APIError) else str(e))
+        raise APIError(getattr(e, "status", 400), message, sent_as[param]) from None
+
+
+def _params(req: P._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
@@ -279,8 +323,6 @@ def _params(req: P._Sampling, max_tokens: int | None, logprobs: int | None,
             ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias))
     except InvalidParameterError as e:
-        if e.param == "logprobs" and logprobs_field != "logprobs":  # chat's count is top_logprobs
-            raise APIError(400, str(e).replace("logprobs", logprobs_field, 1), logprobs_field) from None
         raise APIError(400, str(e), e.param) from None
 
 
@@ -383,7 +425,7 @@ async def _completion_stream(rid: str, model: str, streams: list[RequestStream],
             i, item = await queue.get()
             if isinstance(item, BaseException):
                 raise item
-            for event in states[i].completion_deltas(rid, model, item, req.echo, req.logprobs, include_usage):
+            for event in states[i].completion_deltas(rid, model, item, include_usage):
                 yield event
             if item.finished:
                 last[i] = item

@@ -1,11 +1,16 @@
 """Pydantic models of the OpenAI API shapes ember serves (requests validated, responses built)."""
 from __future__ import annotations
 
+import json
+import logging
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from ember.engine import sampling_params as S
 from ember.engine.sampling_params import check_utf8
@@ -29,31 +34,108 @@ NonEmptyText = Annotated[Text, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
+log = logging.getLogger("ember")
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def refused(field: str, message: str) -> PydanticCustomError:
+    """A 400 whose `param` is `field` (under the model's location), raised from a model validator."""
+    return PydanticCustomError("refused", "{message}", {"field": field, "message": message})
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """An OpenAI or vLLM request field ember does not implement: refused with a 400 that names it, unless it
+    is null or one of `off` (its values that ask for nothing), or equal to the field `same_as`."""
+
+    off: tuple[Any, ...] = ()
+    same_as: str | None = None
+
+    def accepts(self, value: Any, data: dict[str, Any], model: type[BaseModel]) -> bool:
+        off = list(self.off)
+        if self.same_as:
+            same = data.get(self.same_as)
+            off.append(model.model_fields[self.same_as].default if same is None else same)
+        return value is None or any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in off)
+
+    def says(self) -> str:
+        ok = ["null", *(json.dumps(v) for v in self.off)] + ([f"the value of {self.same_as}"] if self.same_as else [])
+        return "not supported by this server (yet); leave it out" + (
+            f" or send {', '.join(ok[:-1])} or {ok[-1]}" if len(ok) > 1 else "")
+
+
+NO = Unsupported()  # refused unless null
+
+
+@lru_cache(maxsize=256)  # once per name (bounded: a client can send any number of names)
+def _warn_unknown(model: str, name: str) -> None:
+    log.warning("ignoring the request field %.64r of %s: neither OpenAI's API nor vLLM's extras define it",
+                name, model)
+
+
 class _Request(BaseModel):
-    # Unknown fields are ignored, as OpenAI-compatible servers do (clients send extras freely); known ones
-    # must have their documented JSON type (strict: "5" is not a number, 0 is not a boolean; 1 is a float).
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # Known fields must have their documented JSON type (strict: "5" is not a number, 0 is not a boolean; 1 is
+    # a float). Fields that OpenAI or vLLM define and ember does not implement are refused (`unsupported`);
+    # other unknown fields are ignored with a warning, as vLLM does.
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=lambda s, cls: _document(s, cls))
+    unsupported: ClassVar[dict[str, Unsupported]] = {}
+    inert: ClassVar[frozenset[str]] = frozenset()  # defined elsewhere, and asking for nothing ember lacks
+    warn_unknown: ClassVar[bool] = True
 
     @model_validator(mode="before")
     @classmethod
-    def _null_is_the_default(cls, data: Any) -> Any:
-        """OpenAI's schema makes most parameters nullable, and clients send null for "not set": a null
-        optional field takes its default (so the fields below are `| None` in the schema, never at run time)."""
+    def _check_fields(cls, data: Any) -> Any:
+        """Refuse unsupported fields; and as OpenAI's schema makes most parameters nullable, and clients send
+        null for "not set", a null optional field takes its default (so the fields below are `| None` in the
+        schema, never at run time)."""
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
+        for key, value in data.items():
+            if key in fields or key in cls.inert:
+                continue
+            rule = cls.unsupported.get(key)
+            if rule is None:
+                if cls.warn_unknown and isinstance(key, str):
+                    _warn_unknown(cls.__name__, key)
+                continue
+            if not rule.accepts(value, data, cls):
+                raise refused(key, rule.says())
         return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
 
+def _document(schema: dict[str, Any], cls: Any) -> None:
+    """The schema lists the fields refused with a 400 (they are not properties: a client should not send them)."""
+    if cls.unsupported:
+        refused_fields = ", ".join(sorted(cls.unsupported))
+        schema["description"] = (schema.get("description", "") + "\n\nNot supported (yet), refused with a 400 "
+                                 f"that names the field unless null or off: {refused_fields}").strip()
+
+
 class StreamOptions(_Request):
+    unsupported = {"continuous_usage_stats": Unsupported((False,)), "include_obfuscation": Unsupported((False,))}
     include_usage: bool | None = False
 
 
+# vLLM's structured outputs and extras that ember does not implement, and OpenAI's stored completions and tiers.
+_SAMPLING_UNSUPPORTED = {
+    **dict.fromkeys(["guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+                     "guided_whitespace_pattern", "structured_outputs", "prompt_logprobs", "allowed_token_ids",
+                     "truncate_prompt_tokens", "logits_processors", "request_id", "cache_salt",
+                     "kv_transfer_params", "vllm_xargs"], NO),
+    "response_format": Unsupported(({"type": "text"},)), "bad_words": Unsupported(([],)),
+    "use_beam_search": Unsupported((False,)), "length_penalty": Unsupported((1.0,)),
+    "spaces_between_special_tokens": Unsupported((True,)), "return_tokens_as_token_ids": Unsupported((False,)),
+    "return_token_ids": Unsupported((False,)), "priority": Unsupported((0,)), "store": Unsupported((False,)),
+    "service_tier": Unsupported(("auto", "default")),
+}
+
+
 class _Sampling(_Request):
+    inert = frozenset({"metadata", "prompt_cache_key"})  # metadata is for stored completions; caching is automatic
     model: Text | None = None
     temperature: Annotated[Finite, Field(ge=0)] | None = None
     top_p: Annotated[Finite, Field(gt=0, le=1)] | None = None
@@ -64,7 +146,8 @@ class _Sampling(_Request):
     frequency_penalty: Annotated[Finite, Field(ge=-2, le=2)] | None = 0.0
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: Text | None = None
+    user: Text | None = None  # who the end user is, for the operator: logged
+    safety_identifier: Text | None = None  # OpenAI's newer name for it
     logit_bias: dict[Annotated[Text, Field(pattern=r"^[0-9]+$")], Bias] | None = None
     # vLLM's extras, which its users' code sends
     top_k: Annotated[int, Field(ge=-1)] | None = None
@@ -76,24 +159,42 @@ class _Sampling(_Request):
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "_Sampling":
+        if self.stream_options is not None and not self.stream:
+            raise refused("stream_options", "only allowed with stream: true")
+        return self
+
 
 class ContentPart(_Request):
-    type: Text
+    unsupported = dict.fromkeys(["image_url", "input_audio", "file", "refusal"], NO)
+    type: Literal["text"]
     text: Text | None = None
 
 
 class ChatMessage(_Request):
+    unsupported = {"tool_calls": Unsupported(([],)), "function_call": NO, "tool_call_id": NO, "audio": NO,
+                   "refusal": NO}
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text or "" for p in self.content if p.type == "text")
+            return "".join(p.text or "" for p in self.content)
         return self.content or ""
 
 
 class ChatCompletionRequest(_Sampling):
+    unsupported = {
+        **_SAMPLING_UNSUPPORTED, "tools": Unsupported(([],)), "functions": Unsupported(([],)),
+        "tool_choice": Unsupported(("none", "auto")), "function_call": Unsupported(("none", "auto")),
+        "modalities": Unsupported((["text"],)), "continue_final_message": Unsupported((False,)),
+        "echo": Unsupported((False,)), "add_special_tokens": Unsupported((False,)),
+        "chat_template_kwargs": Unsupported(({},)),
+        **dict.fromkeys(["audio", "prediction", "reasoning_effort", "verbosity", "web_search_options",
+                         "chat_template", "documents", "mm_processor_kwargs"], NO)}
+    inert = _Sampling.inert | {"parallel_tool_calls"}  # tools are refused, so there are none to run in parallel
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -103,24 +204,32 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
+    unsupported = {**_SAMPLING_UNSUPPORTED, "suffix": Unsupported(("",)), "best_of": Unsupported(same_as="n"),
+                   "add_special_tokens": Unsupported((True,)), "prompt_embeds": NO}
     prompt: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0, description="0 (with echo) scores the prompt")] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool | None = False
-    suffix: Text | None = None
-    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+
+    @model_validator(mode="after")
+    def _zero_tokens_need_echo(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise refused("max_tokens", "must be at least 1 (0 only with echo: true, which scores the prompt)")
+        return self
 
 
 class TokenizeCompletionRequest(_Request):
     """vLLM's /tokenize shapes: a prompt, or chat messages rendered through the template."""
 
+    warn_unknown = False  # each shape's fields are unknown to the other
     model: Text | None = None
     prompt: Text
     add_special_tokens: bool | None = True
 
 
 class TokenizeChatRequest(_Request):
+    warn_unknown = False
     model: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool | None = True

@@ -9,18 +9,21 @@ from ember.server import protocol as P
 
 
 class ChoiceState:
-    """What has been sent so far for each of one request's n choices."""
+    """What has been sent so far for each of one request's n choices, and how completions are rendered: `echo`
+    puts the prompt (and with `logprobs`, its logprobs) first; `score_only` (max_tokens 0) shows no tokens."""
 
-    def __init__(self, tok: Tokenizer, n: int, offset: int = 0, top_logprobs: int = 0) -> None:
+    def __init__(self, tok: Tokenizer, n: int, offset: int = 0, top_logprobs: int = 0, echo: bool = False,
+                 logprobs: int | None = None, score_only: bool = False) -> None:
         self.tok, self.n, self.offset, self.top_logprobs = tok, n, offset, top_logprobs
+        self.echo, self.logprobs, self.score_only = echo, logprobs, score_only
         self.text_sent = [0] * n
         self.tokens_sent = [0] * n
         self.finished = [False] * n
-        self.echoed = False
+        self.echoed = [False] * n
+        self.text_offset = [0] * n  # completion logprobs' text_offset goes on from chunk to chunk
 
-    @staticmethod
-    def completion_tokens(out: RequestOutput) -> int:
-        return sum(len(c.token_ids) for c in out.outputs)
+    def completion_tokens(self, out: RequestOutput) -> int:
+        return 0 if self.score_only else sum(len(c.token_ids) for c in out.outputs)
 
     def _advance(self, c: CompletionOutput) -> tuple[str, int, int, bool] | None:
         i = c.index
@@ -45,22 +48,47 @@ class ChoiceState:
             yield chat_chunk(rid, model, c.index, {"content": delta} if delta else {},
                              lp, c.finish_reason if done else None, include_usage)
 
-    def completion_deltas(self, rid: str, model: str, out: RequestOutput, echo: bool, logprobs: int | None,
+    def completion_deltas(self, rid: str, model: str, out: RequestOutput,
                           include_usage: bool) -> Iterator[dict[str, Any]]:
-        prefix = ""
-        if echo and not self.echoed:
-            self.echoed = True
-            prefix = prompt_text(self.tok, out)
         for c in out.outputs:
+            # The prompt is echoed once its prefill is done (its logprobs complete): with the first token.
+            prefix = self.echo and not self.echoed[c.index] and bool(c.token_ids or c.finish_reason)
             step = self._advance(c)
             if step is None and not prefix:
                 continue
             delta, start, end, done = step or ("", 0, 0, False)
-            lp = completion_logprobs(self.tok, c, start, end) if logprobs is not None and c.logprobs else None
-            yield completion_chunk(rid, model, self.offset + c.index, prefix + delta, lp,
-                                   c.finish_reason if done else None, include_usage)
-        if prefix and not out.outputs:
-            yield completion_chunk(rid, model, self.offset, prefix, None, None, include_usage)
+            if self.score_only:
+                delta, start = "", end
+            self.echoed[c.index] = self.echoed[c.index] or prefix
+            ids, lps = self._tokens(out, c, start, end, prefix)
+            lp = None
+            if self.logprobs is not None:
+                lp = completion_logprobs(self.tok, ids, lps, self.text_offset[c.index])
+                self.text_offset[c.index] += sum(len(t) for t in lp["tokens"])
+            text = (prompt_text(self.tok, out) if prefix else "") + delta
+            yield completion_chunk(rid, model, self.offset + c.index, text, lp, c.finish_reason if done else None,
+                                   include_usage)
+
+    def _tokens(self, out: RequestOutput, c: CompletionOutput, start: int, end: int,
+                prefix: bool) -> tuple[list[int], list[LogprobDict | None]]:
+        """The token ids, and their logprobs (None: the first prompt token's), that a completion chunk covers."""
+        ids, lps = list(c.token_ids[start:end]), list((c.logprobs or [])[start:end])
+        if prefix:
+            prompt_lps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+            ids, lps = list(out.prompt_token_ids) + ids, list(prompt_lps) + lps
+        return ids, lps
+
+    def completion_choices(self, out: RequestOutput) -> list[dict[str, Any]]:
+        """The final choices of one prompt."""
+        choices = []
+        for c in out.outputs:
+            end = 0 if self.score_only else len(c.token_ids)
+            ids, lps = self._tokens(out, c, 0, end, self.echo)
+            lp = completion_logprobs(self.tok, ids, lps, 0) if self.logprobs is not None else None
+            text = (prompt_text(self.tok, out) if self.echo else "") + ("" if self.score_only else c.text)
+            choices.append({"index": self.offset + c.index, "text": text, "logprobs": lp,
+                            "finish_reason": c.finish_reason})
+        return choices
 
 
 def prompt_text(tok: Tokenizer, out: RequestOutput) -> str:
@@ -82,17 +110,19 @@ def chat_logprobs(tok: Tokenizer, c: CompletionOutput, start: int, end: int, top
     return items
 
 
-def completion_logprobs(tok: Tokenizer, c: CompletionOutput, start: int, end: int,
-                        text_offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list[LogprobDict | None],
+                        text_offset: int) -> dict[str, Any]:
+    """The legacy API's logprobs (vLLM's shape): a token without logprobs (the prompt's first) has nulls;
+    text_offset counts the token strings' characters from `text_offset`; -inf is sent as -9999.0."""
     tokens, token_lps, tops, offsets = [], [], [], []
     pos = text_offset
-    for t, lps in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
+    for t, lp in zip(ids, lps):
         s = _token_str(tok, t)
         tokens.append(s)
-        token_lps.append(lps[t].logprob)
-        tops.append({_token_str(tok, k): v.logprob for k, v in lps.items()})
         offsets.append(pos)
         pos += len(s)
+        token_lps.append(None if lp is None else max(lp[t].logprob, -9999.0))
+        tops.append(None if lp is None else {_token_str(tok, k): max(v.logprob, -9999.0) for k, v in lp.items()})
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -119,16 +149,8 @@ def chat_final(rid: str, model: str, out: RequestOutput, state: ChoiceState, log
                       usage=P.usage(len(out.prompt_token_ids), state.completion_tokens(out)))
 
 
-def completion_final(rid: str, model: str, outs: list[RequestOutput], states: list[ChoiceState], echo: bool,
-                     logprobs: int | None) -> dict[str, Any]:
-    choices = []
-    for out, state in zip(outs, states):
-        prefix = prompt_text(state.tok, out) if echo else ""
-        for c in out.outputs:
-            lp = completion_logprobs(state.tok, c, 0, len(c.token_ids), len(prefix)) \
-                if logprobs is not None and c.logprobs is not None else None
-            choices.append({"index": state.offset + c.index, "text": prefix + c.text, "logprobs": lp,
-                            "finish_reason": c.finish_reason})
+def completion_final(rid: str, model: str, outs: list[RequestOutput], states: list[ChoiceState]) -> dict[str, Any]:
+    choices = [choice for out, state in zip(outs, states) for choice in state.completion_choices(out)]
     prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(ChoiceState.completion_tokens(o) for o in outs)
+    completion = sum(state.completion_tokens(o) for o, state in zip(outs, states))
     return P.envelope("text_completion", rid, model, choices, usage=P.usage(prompt, completion))

@@ -83,7 +83,7 @@ def test_logprobs_n_and_seed(server) -> None:
     comp = client.completions.create(model=server.model, prompt="It is a truth", max_tokens=3, temperature=0,
                                      logprobs=2, echo=True)
     assert comp.choices[0].text.startswith("It is a truth")
-    assert len(comp.choices[0].logprobs.tokens) == 3
+    assert len(comp.choices[0].logprobs.tokens) == comp.usage.prompt_tokens + 3  # echo: the prompt's too
 
 
 def test_tokenize_detokenize(server, offline: LLM) -> None:
