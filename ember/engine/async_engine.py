@@ -41,6 +41,9 @@ class _Stream:
     def put(self, item: RequestOutput | BaseException) -> None:  # on the consumer's loop
         if self.ended:
             return
+        if isinstance(item, BaseException) and isinstance(self.latest, RequestOutput) and self.latest.finished:
+            self.ended = True  # finished before the error (a shutdown's cut, say): its client gets the result
+            return
         self.ended = isinstance(item, BaseException)
         self.latest = item
         self.ready.set()

@@ -52,7 +52,11 @@ def _index_files(index: Path) -> list[str]:
 def _inside(folder: Path, name: str, source: Path) -> Path:
     """folder / name, refused unless it resolves inside the folder (no absolute paths, .. or symlinks out).
     One exception: huggingface_hub's cache links snapshots/<rev>/<file> to ../../blobs/<hash>."""
-    root, target = folder.resolve(), (folder / name).resolve()
+    try:
+        root, target = folder.resolve(), (folder / name).resolve()
+        target.is_file()  # raises for a name the file system cannot take
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long, a symlink loop
+        raise ModelLoadError(f"{source}: weight file name {show(name)} is not a usable path ({e}); {FIX}") from None
     allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
     if not any(target.is_relative_to(a) for a in allowed):
         what = "weight_map names" if source.name == INDEX else "the weight file"

@@ -32,8 +32,8 @@ def test_soak_against_a_real_server(tiny_llama3: Path, tmp_path: Path) -> None:
     r = json.loads(proc.stdout)
     assert r["benchmark"] == "soak" and r["passed"] and r["problems"] == []
     assert r["completed"] > 0 and r["failed"] == 0 and r["failures"] == {}
-    assert r["expected_errors"] > 0 and set(r["expected_errors_by_status"]) <= {"400", "404", "422"}
-    assert r["disconnected"] > 0 and r["server_aborted"] >= 0
+    assert r["expected_errors"] > 0 and set(r["expected_errors_by_status"]) <= {"400", "404"}
+    assert r["disconnected"] > 0 and 0 < r["server_aborted"] <= r["disconnected"]  # hang-ups were aborted
     assert r["requests"] == r["completed"] + r["expected_errors"] + r["disconnected"]
     assert r["kv_idle_after_s"] is not None and 0 <= r["kv_idle_after_s"] <= r["idle_timeout_s"]
     assert r["kv_usage_max"] > 0 and r["running_max"] >= 1

@@ -54,6 +54,14 @@ def test_index_entries_stay_inside_the_folder(seeds: dict[str, Path], tmp_path: 
     _refused(folder, r"model\.safetensors\.index\.json: weight_map names .* outside the model folder", load_model)
 
 
+@pytest.mark.parametrize("entry", ["model\x00.safetensors", "x" * 5000 + ".safetensors"])
+def test_index_entries_that_are_not_paths(seeds: dict[str, Path], tmp_path: Path, entry: str) -> None:
+    folder = _copy(seeds, "sharded", tmp_path)
+    _edit_json(folder / "model.safetensors.index.json",
+               lambda ix: {**ix, "weight_map": dict.fromkeys(ix["weight_map"], entry)})
+    _refused(folder, r"is not a usable path", load_model)
+
+
 def test_index_symlink_out_of_the_folder(seeds: dict[str, Path], tmp_path: Path) -> None:
     folder = _copy(seeds, "sharded", tmp_path)
     shutil.copyfile(seeds["hf"] / "model.safetensors", tmp_path / "outside.safetensors")
