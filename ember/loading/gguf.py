@@ -178,13 +178,29 @@ def hf_rows(target: str, arch: str, n_head: int, n_kv_head: int) -> Any:
     return lambda w: w
 
 
+# Quantized types with no exact packed twin (5-bit, K-quants): int8 in groups of 32 (round-to-nearest from the
+# dequantized weights) keeps them in the int kernels at a loss measured in BENCHMARKS.md.
+NEAREST_INT8_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
+
+
+def nearest_int8(path: str | Path, t: TensorInfo) -> Packed | None:
+    """A 5-bit or K-quant matrix as int8 g32 buffers (not exact: see NEAREST_INT8_TYPES)."""
+    from ember.ops.quant import quantize_int8
+
+    if len(t.shape) != 2 or t.shape[1] % 32:
+        return None
+    q, scales = quantize_int8(torch.from_numpy(np.ascontiguousarray(_dequantize(path, t))), 32)
+    return Packed(q, scales, None)
+
+
 def iter_hf_packed(path: str | Path, reader: GGUFFile, arch: str, n_head: int, n_kv_head: int
                    ) -> Iterator[tuple[str, str, Packed]]:
-    """(GGUF name, Hugging Face name, packed buffers) of every tensor stored in a packed-compatible type."""
+    """(GGUF name, Hugging Face name, packed buffers) of every matrix stored quantized: exact for Q8_0 / Q4_0 /
+    Q4_1, int8 g32 for the types in NEAREST_INT8_TYPES."""
     for t in reader.tensors:
-        if t.type_name in PACKED_TYPES:
+        if t.type_name in PACKED_TYPES + NEAREST_INT8_TYPES:
             with foreign_errors(path, f"tensor {t.name} is corrupt"):
-                p = packed(t)
+                p = packed(t) if t.type_name in PACKED_TYPES else nearest_int8(path, t)
             if p is not None:
                 target = _hf_target(path, t.name, arch)
                 yield t.name, target, p.rows(hf_rows(target, arch, n_head, n_kv_head))
