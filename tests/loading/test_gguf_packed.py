@@ -12,7 +12,8 @@ from ember.models.loader import load_model
 from ember.ops.quant import KERNEL_MAX_ROWS, QuantLinear
 from tests.reliability.gguf_bytes import T_Q8_0, GGUFSpec, tiny_llama
 
-TYPES = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}  # GGML type ids
+TYPES = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}  # GGML type ids, of the types that load packed exactly
+TYPE_IDS = {**TYPES, "Q5_0": 6, "Q5_1": 7}
 
 
 def _requantized(spec: GGUFSpec, type_name: str, skip: tuple[str, ...] = ()) -> GGUFSpec:
@@ -28,7 +29,7 @@ def _requantized(spec: GGUFSpec, type_name: str, skip: tuple[str, ...] = ()) -> 
             shape = tuple(reversed(t.dims))
             info = TensorInfo(t.name, t.ttype, shape, np.frombuffer(t.data, np.uint8))
             t.data = gguf.quants.quantize(_dequantize("spec", info).astype(np.float32), qtype).tobytes()
-            t.ttype = TYPES[type_name]
+            t.ttype = TYPE_IDS[type_name]
     return spec
 
 
@@ -60,6 +61,17 @@ def _assert_exact(path: Path, expect_packed: int) -> None:
 def test_packed_layers_are_the_files_weights(tmp_path: Path, type_name: str, arch: str, tied: bool) -> None:
     spec = _requantized(tiny_llama(layers=2, tied=tied, arch=arch), type_name)
     _assert_exact(_write(tmp_path, spec), expect_packed=2 * 4 + 1)  # 4 projections per layer and the head
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1"])
+def test_5_bit_layers_load_as_int8_close_to_the_file(tmp_path: Path, type_name: str) -> None:
+    path = _write(tmp_path, _requantized(tiny_llama(layers=2), type_name))
+    packed, dense = load_model(path, "auto").model, load_model(path, "float32").model
+    quant = {n: m for n, m in packed.named_modules() if isinstance(m, QuantLinear)}
+    assert len(quant) == 2 * 4 + 1 and all(m.bits == 8 and m.group == 32 for m in quant.values())
+    for name, m in quant.items():
+        w = _weight(dense, name)
+        assert 0 < (m.dequantized() - w).abs().max() <= w.abs().max() / 127 / 2 * 1.01, name  # half an int8 step
 
 
 def test_a_layer_mixing_int8_and_int4_rows_stays_float(tmp_path: Path) -> None:
