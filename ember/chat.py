@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from ember.engine.sampling_params import SamplingParams
 from ember.errors import EmberError
@@ -24,11 +25,58 @@ def fit_history(tok: Any, history: list[dict[str, str]], budget: int) -> list[in
     return None
 
 
+def cut_note(out: Any, max_tokens: int | None, context: int, stream: TextIO) -> str | None:
+    """A dim note for a completion cut short by length (None otherwise): by max_tokens or by the context."""
+    if out.finish_reason != "length":
+        return None
+    why = (f"--max-tokens {max_tokens}" if max_tokens is not None and len(out.token_ids) >= max_tokens
+           else f"the {context}-token context")
+    return f"\x1b[2m[cut at {why}]\x1b[0m" if stream.isatty() else f"[cut at {why}]"
+
+
+def line_editing() -> Path | None:
+    """Line editing and history for input() where the stdlib's readline exists; the history file, if any."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    from ember.loading.registry import ember_home
+
+    readline.parse_and_bind("set enable-bracketed-paste off")  # no escape codes around each line
+    path = ember_home() / "chat_history"
+    readline.set_history_length(1000)
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    return path
+
+
+def _save_history(path: Path | None) -> None:
+    if path is None:
+        return
+    import readline
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(path)
+    except OSError:
+        pass
+
+
 def run_chat(model: str | None, engine_kwargs: dict[str, Any], params: SamplingParams,
              system: str | None) -> int:
     from ember.llm import LLM
 
     llm = LLM(model, **engine_kwargs)
+    history_file = line_editing()
+    try:
+        return _loop(llm, params, system)
+    finally:
+        _save_history(history_file)
+
+
+def _loop(llm: Any, params: SamplingParams, system: str | None) -> int:
     tok = llm.get_tokenizer()
     ctx = llm.engine.max_model_len
     params = dataclasses.replace(params, max_tokens=min(params.max_tokens or ctx // 2, ctx // 2))
@@ -59,7 +107,7 @@ def run_chat(model: str | None, engine_kwargs: dict[str, Any], params: SamplingP
             print(f"error: that message does not fit in the {ctx}-token context; send something shorter",
                   flush=True)
             continue
-        reply = _stream_reply(llm, ids, params)
+        reply = _stream_reply(llm, ids, params, ctx)
         history.append({"role": "assistant", "content": reply})
 
 
@@ -76,15 +124,17 @@ class TerminalStream:
         self.shown = len(text)
 
 
-def _stream_reply(llm: Any, ids: list[int], params: SamplingParams) -> str:
+def _stream_reply(llm: Any, ids: list[int], params: SamplingParams, ctx: int) -> str:
     show = TerminalStream()
+    note = None
     try:
         out = llm.generate({"prompt_token_ids": ids}, params, on_output=show)[0]
         text = out.outputs[0].text
+        note = cut_note(out.outputs[0], params.max_tokens, ctx, sys.stdout)
     except KeyboardInterrupt:
         text = "(interrupted)"
     except EmberError as e:
         text = f"error: {e}"
-    sys.stdout.write(text[show.shown:] + "\n")
+    sys.stdout.write(text[show.shown:] + "\n" + (note + "\n" if note else ""))
     sys.stdout.flush()
     return text

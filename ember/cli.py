@@ -23,18 +23,33 @@ KV_HELP = ("KV cache storage: auto (the model dtype), float16 (half a float32 mo
            "block kept in float); more tokens fit in --kv-cache-memory")
 
 
-def _engine_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
-    if not model_flag:
-        p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """MODEL as an optional positional and as --model/-m; parse_args merges them."""
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--model", "-m", dest="model_opt", default=None, metavar="MODEL", help="the same as MODEL")
+
+
+def _resolve_model(a: argparse.Namespace) -> None:
+    """One model from the positional MODEL and --model; the subcommand's usage error when they differ."""
+    opt = getattr(a, "model_opt", None)
+    if opt is None:
+        return
+    if a.model is not None and a.model != opt:
+        a.parser.error(f"the model is given twice, as {a.model!r} and as --model {opt!r}: give it once")
+    a.model = opt
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    if model_flag:
-        g.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help=DTYPE_HELP)
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most sequences running at once (default: 64 for serve; what the command needs otherwise)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
-    g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB")
+    g.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="KV cache size in GiB (default: generate and bench size it to what they run; serve and "
+                        "chat to --max-num-seqs full contexts, at most 2 GiB and half the free memory)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn off sharing of identical prompt prefixes")
     g.add_argument("--scheduler", default="splitfuse", choices=["splitfuse", "prefill-first"],
@@ -91,10 +106,31 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {text!r}")
+    return value
+
+
+def _engine_kwargs(a: argparse.Namespace, seqs: int | None = None, tokens: int | None = None) -> dict[str, Any]:
+    """EngineArgs from the flags. A one-shot command gives the sequences it runs at once (`seqs`, unless
+    --max-num-seqs) and the most tokens one of them holds (`tokens`): without --max-model-len and
+    --kv-cache-memory, the KV cache then holds just that (max_model_len rounded up to whole blocks)."""
     keys = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
             "enable_prefix_caching", "scheduler", "itl_target", "quantization", "kv_cache_dtype")
-    return {k: getattr(a, k) for k in keys}
+    kwargs = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
+    if seqs is not None:
+        kwargs.setdefault("max_num_seqs", seqs)
+    if tokens is not None and a.max_model_len is None and a.kv_cache_memory is None:
+        from ember.engine.engine import EngineArgs
+
+        block = EngineArgs.block_size
+        kwargs["max_model_len"] = max(2, -(-tokens // block) * block)
+    return kwargs
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -112,22 +148,27 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from ember import LLM
-    from ember.chat import TerminalStream
+    from ember.chat import TerminalStream, cut_note
+    from ember.llm import load_for
 
     params = _sampling(a)
-    llm = LLM(a.model, **_engine_kwargs(a))
-    tok = llm.get_tokenizer()
-    prompt: Any = a.prompt
-    if not a.raw and tok.chat_template:
-        prompt = {"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": a.prompt}],
-                                                              tokenize=True)}
+    loaded = load_for(a.model, a.dtype, a.quantization)
+    tok = loaded.tokenizer
+    use_template = not a.raw and tok.chat_template
+    ids = (tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=True) if use_template
+           else tok.encode(a.prompt))
+    need = len(ids) + a.max_tokens
+    llm = LLM(a.model, loaded=loaded, **_engine_kwargs(a, 1, need if need <= loaded.model.max_positions else None))
+    prompt: Any = {"prompt_token_ids": ids} if use_template else a.prompt
     start = time.perf_counter()
     out = llm.generate(prompt, params, on_output=TerminalStream())[0]
     elapsed = time.perf_counter() - start
     sys.stdout.write("\n")
+    sys.stdout.flush()
     n = len(out.outputs[0].token_ids)
-    print(f"[{len(out.prompt_token_ids)} prompt tokens, {n} generated in {elapsed:.2f} s "
-          f"({n / elapsed:.1f} tok/s), finish: {out.outputs[0].finish_reason}]", file=sys.stderr)
+    note = cut_note(out.outputs[0], params.max_tokens, llm.engine.max_model_len, sys.stderr)
+    print(f"{note + chr(10) if note else ''}[{len(out.prompt_token_ids)} prompt tokens, {n} generated in "
+          f"{elapsed:.2f} s ({n / elapsed:.1f} tok/s), finish: {out.outputs[0].finish_reason}]", file=sys.stderr)
     return 0
 
 
@@ -143,7 +184,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_chat(a: argparse.Namespace) -> int:
     from ember.chat import run_chat
 
-    return run_chat(a.model, _engine_kwargs(a), _sampling(a), a.system)
+    return run_chat(a.model, _engine_kwargs(a, seqs=1), _sampling(a), a.system)
 
 
 def _sampling(a: argparse.Namespace) -> Any:
@@ -196,30 +237,41 @@ def cmd_bench(a: argparse.Namespace) -> int:
                            a.slo_gen_rate)
     else:
         from ember import LLM
+        from ember.llm import load_for
 
-        kwargs = _engine_kwargs(a)
-        if a.kind == "latency":  # one pass per prompt, as llama-bench; no prefix-cache help
-            from ember.bench.latency import check_latency_args
+        if a.kind == "latency":
+            from ember.bench.latency import check_latency_args, latency_tokens
 
             check_latency_args(a.pp, a.tg, a.depth, a.repetitions)  # before loading the model
-            kwargs["max_num_batched_tokens"] = max(kwargs["max_num_batched_tokens"], a.pp)
+            seqs, need = 1, latency_tokens(a.pp, a.tg, a.depth)
+        else:
+            most = lambda mean: max(1, int(mean * (1 + a.range_ratio)))  # noqa: E731 (as sample_lengths)
+            seqs, need = min(a.num_prompts, 64), most(a.input_len) + most(a.output_len)
+        loaded = load_for(a.model, a.dtype, a.quantization)
+        kwargs = _engine_kwargs(a, seqs, need if need <= loaded.model.max_positions else None)
+        if a.kind == "latency":  # one pass per prompt, as llama-bench; no prefix-cache help
+            kwargs["max_num_batched_tokens"] = max(a.max_num_batched_tokens, a.pp)
             kwargs["enable_prefix_caching"] = False
-        llm = LLM(a.model, **kwargs)
+        llm = LLM(a.model, loaded=loaded, **kwargs)
         if a.kind == "throughput":
             from ember.bench.throughput import run_throughput
 
-            result = run_throughput(llm, a.num_prompts, a.input_len, a.output_len, a.range_ratio, a.seed)
+            result = run_throughput(llm, a.num_prompts, a.input_len, a.output_len, a.range_ratio, a.seed,
+                                    progress=not a.json)
         else:
             from ember.bench.latency import run_latency
 
-            result = run_latency(llm, a.pp, a.tg, a.repetitions, a.seed, membw=not a.no_membw, depth=a.depth)
+            result = run_latency(llm, a.pp, a.tg, a.repetitions, a.seed, membw=not a.no_membw, depth=a.depth,
+                                 progress=not a.json)
     emit(result, a.json, f"ember bench {a.kind}")
     return 0 if result.get("failed", 0) == 0 else 1
 
 
 def _bench_parsers(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks: throughput, latency, serve, mixed, soak",
-                           description="Measure ember (or any OpenAI-compatible server).")
+                           description="Measure ember (or any OpenAI-compatible server). KIND is throughput or "
+                                       "latency (a model loaded here), serve, mixed or soak (a running server); "
+                                       "`ember bench KIND --help` for its options.")
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -232,8 +284,10 @@ def _bench_parsers(sub: Any) -> None:
     load.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in mean*(1 +- r)")
 
     tp = kinds.add_parser("throughput", parents=[common, load], help="offline: N requests through the engine")
+    _model_args(tp)
     _engine_flags(tp)
     lat = kinds.add_parser("latency", parents=[common], help="llama-bench style pp/tg tok/s and bandwidth")
+    _model_args(lat)
     _engine_flags(lat)
     lat.add_argument("--pp", type=int, default=512, help="prompt tokens per pp run (0: skip pp)")
     lat.add_argument("--tg", type=int, default=128, help="tokens generated per tg run (0: skip tg)")
@@ -293,7 +347,7 @@ def _bench_parsers(sub: Any) -> None:
     sk.add_argument("--seed", type=int, default=0)
     sk.add_argument("--json", action="store_true", help="print one JSON object (interval lines go to stderr)")
     for p in (tp, lat, sv, mx, sk):
-        p.set_defaults(func=cmd_bench)
+        p.set_defaults(func=cmd_bench, parser=p)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -309,7 +363,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     loaded = load_model(a.model, a.dtype, progress=not a.json)
     result = {"model": str(loaded.path), "text": a.text, "dtype": a.dtype,
-              **perplexity(loaded, text, a.ctx, a.windows, a.stride, a.kv_cache_dtype, a.block_size)}
+              **perplexity(loaded, text, a.ctx, a.windows, a.stride, a.kv_cache_dtype, a.block_size,
+                           progress=not a.json)}
     if a.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -332,7 +387,7 @@ def _eval_parsers(sub: Any) -> None:
                            description="Perplexity of MODEL on FILE: the text is tokenized once and cut into "
                                        "windows of --ctx tokens; every token but each window's first is scored "
                                        "(with --stride S, windows after the first score their last S tokens).")
-    ppl.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    _model_args(ppl)
     ppl.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
     ppl.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     ppl.add_argument("--windows", type=int, default=None, help="score only the first N windows (default: all)")
@@ -346,15 +401,24 @@ def _eval_parsers(sub: Any) -> None:
                      help="KV block size with a quantized cache: KIVI's key group and most float tokens (default 16)")
     ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
-    ppl.set_defaults(func=cmd_eval)
+    ppl.set_defaults(func=cmd_eval, parser=ppl)
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
-    from ember.compress.pipeline import CompressOptions, compress_model
+    from pathlib import Path
+
+    from ember.compress.pipeline import CompressOptions, compress_model, model_bytes
 
     options = CompressOptions(bits=a.bits, group_size=a.group_size, sparsity=a.sparsity, pattern=a.pattern,
                               calib=a.calib, calib_tokens=a.calib_tokens, dtype=a.dtype)
-    compress_model(a.model, a.method, options, a.out)
+    manifest = compress_model(a.model, a.method, options, a.out)
+    source = Path(manifest["source"]["path"])
+    size_in, size_out = model_bytes(source), manifest["bytes"]["total"]
+    print(f"{source.name} {size_in / 1e6:.1f} MB -> {a.out} {size_out / 1e6:.1f} MB "
+          f"({size_out / max(size_in, 1):.0%} of the input)", file=sys.stderr)
+    if size_out > size_in:
+        log.warning("the output is larger than its input: the input stores its weights in fewer bits than %s "
+                    "(the embedding stays %s)", "+".join(manifest["methods"]), a.dtype)
     print(a.out)
     return 0
 
@@ -366,7 +430,7 @@ def _compress_parser(sub: Any) -> None:
                                     "(groups), awq (activation-aware int4), magnitude, wanda, dsnot (pruning); "
                                     "combine one pruning and one quantization method, e.g. wanda,int4 "
                                     "(pruning runs first).")
-    cp.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    _model_args(cp)
     cp.add_argument("--method", required=True, metavar="METHOD[,METHOD]", help="int8, int4, awq, magnitude, wanda, dsnot, or pruning,quantization")
     cp.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
     cp.add_argument("--bits", type=int, default=None, help="weight bits: 8 (int8), 4 (int4, awq default) or 8 (awq)")
@@ -378,9 +442,10 @@ def _compress_parser(sub: Any) -> None:
     cp.add_argument("--calib", default=None, metavar="FILE", help="calibration text (needed by awq, wanda, dsnot)")
     cp.add_argument("--calib-tokens", type=int, default=4096,
                     help="calibration tokens, used in whole windows of 512 (default 4096)")
-    cp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="dtype of the tensors kept float: embedding, norms (default float32)")
-    cp.set_defaults(func=cmd_compress)
+    cp.add_argument("--dtype", default="float16", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the tensors kept float: embedding, norms (default float16: half the bytes of "
+                         "float32; perplexity moves by ~0.01%%)")
+    cp.set_defaults(func=cmd_compress, parser=cp)
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
@@ -397,19 +462,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate a reply to a prompt, streamed to the terminal",
-                         description="Generate text for PROMPT (chat template applied unless --raw).")
-    gen.add_argument("prompt", help="the prompt text")
+                         description="Generate text for PROMPT (chat template applied unless --raw) with MODEL: "
+                                     "`ember generate [MODEL] PROMPT` or `ember generate PROMPT --model MODEL`.")
+    _model_args(gen)
+    gen.add_argument("prompt", metavar="PROMPT", help="the prompt text")
     gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     _engine_flags(gen)
     _sampling_flags(gen)
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=cmd_generate, parser=gen)
 
     sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                         description="Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, "
                                     "/v1/completions, /v1/models, /tokenize, /detokenize, /health, /metrics).")
-    _engine_flags(sv, model_flag=False)
+    _model_args(sv)
+    _engine_flags(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000, help="port to listen on, 1-65535 (default 8000)")
     sv.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' on every route but /health (which stays open for "
                          "probes): /v1/*, /tokenize, /detokenize, /metrics, /docs and /openapi.json")
@@ -423,30 +491,47 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--shutdown-grace", type=_seconds, default=60.0, metavar="SECONDS",
                     help="on SIGTERM/SIGINT, how long requests in flight may run before they end with an error "
                          "(default 60); a second signal ends them at once")
-    sv.set_defaults(func=cmd_serve)
+    sv.set_defaults(func=cmd_serve, parser=sv)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit)",
                         description="Chat with MODEL; replies stream. /reset clears the history, /exit quits.")
-    _engine_flags(ch, model_flag=False)
+    _model_args(ch)
+    _engine_flags(ch)
     _sampling_flags(ch)
     ch.add_argument("--system", default=None, help="system prompt")
-    ch.set_defaults(func=cmd_chat, temperature=0.7, max_tokens=512)
+    ch.set_defaults(func=cmd_chat, temperature=0.7, max_tokens=512, parser=ch)
 
     _bench_parsers(sub)
     _eval_parsers(sub)
     _compress_parser(sub)
 
     md = sub.add_parser("models", help="list models in the local cache")
-    md.set_defaults(func=cmd_models)
+    md.set_defaults(func=cmd_models, parser=md)
 
-    pl = sub.add_parser("pull", help="fetch a known model into the local cache ($EMBER_HOME)")
-    pl.add_argument("name", nargs="?", default=None, help="model name (default: smollm2-135m-instruct)")
-    pl.set_defaults(func=cmd_pull)
+    from ember.loading.registry import DEFAULT_MODEL, KNOWN_MODELS
+
+    known = ", ".join(KNOWN_MODELS)
+    pl = sub.add_parser("pull", help="fetch a known model into the local cache ($EMBER_HOME)",
+                        description=f"Fetch a known model into the local cache ($EMBER_HOME). Known names: {known}. "
+                                    "Other commands also take a .gguf file or a Hugging Face folder directly.")
+    pl.add_argument("name", nargs="?", default=None, metavar="NAME",
+                    help=f"one of: {known} (default: {DEFAULT_MODEL})")
+    pl.set_defaults(func=cmd_pull, parser=pl)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line parsed; MODEL merged from its two forms. Errors exit 2 with the subcommand's usage."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand, with its usage (argparse reports them at the top level)
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    _resolve_model(args)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="ember: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise

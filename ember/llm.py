@@ -9,13 +9,21 @@ from ember.engine.engine import EngineArgs, LLMEngine, Prompt
 from ember.engine.outputs import RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.loading.tokenizer import Tokenizer
+from ember.models.loader import LoadedModel, load_model
+
+
+def load_for(model: str | Path | None = None, dtype: str = "auto", quantization: str = "none") -> LoadedModel:
+    """Load a model as LLM(model, dtype=..., quantization=...) would (-q re-quantizes float weights, so a
+    GGUF's packed tensors are dequantized first), e.g. to size the engine from its tokenizer before building it."""
+    return load_model(model, "float32" if dtype == "auto" and quantization != "none" else dtype, progress=True)
 
 
 class LLM:
     """Load a model once, then generate for many prompts at a time with continuous batching."""
 
-    def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
+    def __init__(self, model: str | Path | None = None, loaded: LoadedModel | None = None, **kwargs: Any) -> None:
+        """kwargs are EngineArgs; `loaded`: a model already loaded (see load_for) to run instead of loading one."""
+        self.engine = LLMEngine(EngineArgs(model=model, **kwargs), loaded=loaded)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:

@@ -38,9 +38,22 @@ def test_bench_latency(tiny_llama3: Path) -> None:
 
 
 def test_bench_latency_at_depth_with_a_quantized_cache(tiny_llama3: Path) -> None:
-    r = _bench("latency", "--model", str(tiny_llama3), "--pp", "16", "--tg", "8", "-r", "1", "--depth", "100",
-               "--kv-cache-dtype", "int4", "--no-membw")
+    r = _bench("latency", str(tiny_llama3), "--pp", "16", "--tg", "8", "-r", "1", "--depth", "100",
+               "--kv-cache-dtype", "int4", "--no-membw")  # MODEL positional, as every command takes it
     assert r["depth"] == 100 and r["kv_cache_dtype"] == "int4" and r["tg8_tok_s"] > 0
+
+
+def test_bench_sizes_the_kv_cache_to_its_runs(tiny_llama3: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ember.cli", "bench", "latency", str(tiny_llama3), "--pp", "40",
+                           "--tg", "8", "-r", "1", "--depth", "20", "--no-membw", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "KV cache: 3 blocks of 16 tokens = 48 tokens" in proc.stderr  # max(pp + 1, depth + tg + 1) = 41
+    proc = subprocess.run([sys.executable, "-m", "ember.cli", "bench", "throughput", str(tiny_llama3),
+                           "--num-prompts", "3", "--input-len", "20", "--output-len", "6", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "KV cache: 6 blocks of 16 tokens = 96 tokens" in proc.stderr  # 3 sequences of 26 -> 32 tokens
 
 
 def test_bench_latency_skips_a_zero_count_and_refuses_bad_ones(tiny_llama3: Path) -> None:

@@ -72,3 +72,86 @@ def test_help_lists_commands_and_flags() -> None:
     out = _ember("generate", "--help").stdout
     for flag in ("--max-num-batched-tokens", "--kv-cache-memory", "--scheduler", "--itl-target", "--dtype", "--top-p"):
         assert flag in out
+
+
+MODEL_COMMANDS = [  # every command that takes a model: the words before MODEL, what else it needs
+    (["generate"], ["hi"]), (["serve"], []), (["chat"], []), (["eval", "ppl"], ["--text", "t.txt"]),
+    (["compress"], ["--method", "int8", "--out", "o"]), (["bench", "latency"], []), (["bench", "throughput"], [])]
+
+
+@pytest.mark.parametrize("head,rest", MODEL_COMMANDS, ids=lambda c: " ".join(c) if c and c[0][0] != "-" else "")
+def test_every_command_takes_the_model_both_ways(head: list[str], rest: list[str],
+                                                 capsys: pytest.CaptureFixture) -> None:
+    from ember.cli import parse_args
+
+    positional = [*head, "m.gguf", *rest]
+    for argv in (positional, [*head, *rest, "--model", "m.gguf"], [*head, *rest, "-m", "m.gguf"],
+                 [*positional, "--model", "m.gguf"]):
+        assert parse_args(argv).model == "m.gguf", argv
+    assert parse_args([*head, *rest]).model is None  # the default model
+    with pytest.raises(SystemExit) as e:
+        parse_args([*positional, "--model", "other.gguf"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: ember {' '.join(head)}" in err
+    assert f"ember {' '.join(head)}: error: the model is given twice" in err
+
+
+def test_errors_print_the_subcommands_usage(capsys: pytest.CaptureFixture) -> None:
+    from ember.cli import parse_args
+
+    for argv, usage in ((["generate", "a", "b", "c"], "usage: ember generate"),
+                        (["bench", "latency", "--bogus"], "usage: ember bench latency"),
+                        (["serve", "--port", "99999"], "usage: ember serve")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        err = capsys.readouterr().err
+        assert err.startswith(usage) and "usage: ember [-h]" not in err, err
+    assert "a port is a number from 1 to 65535, got '99999'" in err
+
+
+def test_help_lists_known_models_and_bench_kinds() -> None:
+    from ember.loading.registry import KNOWN_MODELS
+
+    out = _ember("pull", "--help").stdout
+    assert all(name in out for name in KNOWN_MODELS)
+    out = _ember("bench", "--help").stdout
+    assert all(kind in out for kind in ("throughput", "latency", "serve", "mixed", "soak"))
+
+
+def test_serve_refuses_a_bad_or_busy_port_before_loading(tiny_llama3: Path) -> None:
+    import socket
+
+    proc = _ember("serve", str(tiny_llama3), "--port", "99999")
+    assert proc.returncode == 2 and "65535" in proc.stderr and "Traceback" not in proc.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _ember("serve", str(tiny_llama3), "--port", str(port))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is already in use (another server?); choose another with --port"]
+
+
+def test_generate_sizes_the_kv_cache_and_notes_a_cut(tiny_llama3: Path) -> None:
+    prompt = TEXT[:80]
+    proc = _ember("generate", str(tiny_llama3), prompt, "--raw", "--max-tokens", "12", "--ignore-eos")
+    assert proc.returncode == 0, proc.stderr
+    n = len(LLM(tiny_llama3, kv_cache_memory=0.01).get_tokenizer().encode(prompt))
+    tokens = -(-(n + 12) // 16) * 16  # the prompt and --max-tokens, in whole blocks of 16
+    assert f"KV cache: {tokens // 16} blocks of 16 tokens = {tokens} tokens" in proc.stderr, proc.stderr
+    assert f"max_model_len {tokens}" in proc.stderr
+    assert "[cut at --max-tokens 12]" in proc.stderr and "[cut at" not in proc.stdout
+
+
+def test_default_kv_memory_follows_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ember.engine import engine
+
+    gib = engine.GiB
+    monkeypatch.setattr(engine, "available_memory", lambda: 100 * gib)
+    assert engine.default_kv_memory(gib // 8, 64) == 2 * gib  # 64 full contexts: capped at 2 GiB
+    assert engine.default_kv_memory(gib // 8, 4) == gib // 2  # what 4 sequences need
+    monkeypatch.setattr(engine, "available_memory", lambda: gib)
+    assert engine.default_kv_memory(gib // 8, 64) == gib // 2  # half of what is free
+    monkeypatch.setattr(engine, "available_memory", lambda: gib // 16)
+    assert engine.default_kv_memory(gib // 8, 64) == gib // 8  # never less than one context

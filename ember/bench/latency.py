@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ember.bench.common import machine
 from ember.errors import InvalidParameterError
@@ -47,10 +49,16 @@ def check_latency_args(pp: int, tg: int, depth: int, repetitions: int) -> None:
                                     "at least one repetition")
 
 
+def latency_tokens(pp: int, tg: int, depth: int) -> int:
+    """The most tokens one sequence of run_latency holds (the warm-up's 12, a pp run, a tg run at depth)."""
+    return max(12, pp + 1, max(1, depth) + tg + 1)
+
+
 def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
-                membw: bool = True, depth: int = 0) -> dict[str, Any]:
+                membw: bool = True, depth: int = 0, progress: bool = False) -> dict[str, Any]:
     """pp: prompt tok/s; tg: decode tok/s after a prompt of `depth` tokens (llama-bench's -d), timed from the
-    first generated token on. A count of 0 skips that measurement (llama-bench's -p 0 / -n 0)."""
+    first generated token on. A count of 0 skips that measurement (llama-bench's -p 0 / -n 0). progress: a bar
+    over the runs on stderr (where it is a terminal)."""
     from ember import SamplingParams
 
     check_latency_args(pp, tg, depth, repetitions)
@@ -58,18 +66,27 @@ def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
     vocab = llm.engine.config.vocab_size
     low = min(256, vocab // 2)
     rand = lambda n: [rng.randrange(low, vocab) for _ in range(n)]  # noqa: E731
+    runs = repetitions * (bool(pp) + bool(tg))
+    bar = tqdm(total=1 + runs + (membw and bool(tg)), desc="warm-up", unit="run", leave=False, file=sys.stderr,
+               disable=None if progress else True)
     llm.generate({"prompt_token_ids": rand(8)}, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    bar.update()
     pp_rates, tg_rates = [], []
-    for _ in range(repetitions):
+    for r in range(repetitions):
         if pp:
+            bar.set_description(f"pp{pp} {r + 1}/{repetitions}")
             start = time.perf_counter()
             llm.generate({"prompt_token_ids": rand(pp)}, SamplingParams(max_tokens=1))
             pp_rates.append(pp / (time.perf_counter() - start))
+            bar.update()
         if tg:
+            bar.set_description(f"tg{tg} {r + 1}/{repetitions}")
             stamps: list[float] = []  # when each token arrived (a long prompt also reports its chunks: skip them)
             llm.generate({"prompt_token_ids": rand(max(1, depth))}, SamplingParams(max_tokens=tg + 1, ignore_eos=True),
                          on_output=lambda out: out.outputs[0].token_ids and stamps.append(time.perf_counter()))
             tg_rates.append(tg / (stamps[-1] - stamps[0]))  # from the first token on: decode only
+            bar.update()
+    bar.set_description("memory bandwidth")
     weights = weight_bytes_per_token(llm.engine.loaded.model)
     result: dict[str, Any] = {"benchmark": "latency", "machine": machine(),
                               "dtype": str(llm.engine.dtype).removeprefix("torch.")}
@@ -83,8 +100,10 @@ def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
     result.update(memory_usage())
     if membw and tg:
         bw = measure_read_bandwidth()
+        bar.update()
         result["machine_read_bandwidth_gb_s"] = bw
         result["bandwidth_fraction"] = result["achieved_bandwidth_gb_s"] / bw
+    bar.close()
     return result
 
 

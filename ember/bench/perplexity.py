@@ -3,11 +3,13 @@ for a quantized KV cache, block by block through the engine's paged cache."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
 from ember.engine.kv_cache import BlockManager
 from ember.engine.runner import ModelRunner
@@ -16,6 +18,7 @@ from ember.engine.sequence import Sequence
 from ember.errors import InvalidParameterError
 from ember.models.loader import LoadedModel
 from ember.ops.kv_quant import KV_CACHE_DTYPES, float_cache_dtype
+from ember.ops.quant import KERNEL_MAX_ROWS
 
 LOGIT_CHUNK = 256  # positions per logits slice: bounds memory to 256 x vocab floats
 
@@ -38,7 +41,8 @@ def context_limit(loaded: LoadedModel) -> int:
 
 
 def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | None = None,
-               stride: int | None = None, kv_cache_dtype: str = "auto", block_size: int = 16) -> dict[str, Any]:
+               stride: int | None = None, kv_cache_dtype: str = "auto", block_size: int = 16,
+               progress: bool = False) -> dict[str, Any]:
     """exp(mean NLL) of the text's tokens under the model.
 
     Protocol: the whole text is tokenized once as the tokenizer encodes a prompt (a BOS token only if
@@ -52,6 +56,8 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
     With any `kv_cache_dtype` but "auto" each window runs through the engine's runner and that cache (float16,
     or KIVI) one block of `block_size` tokens per step: every token then sees earlier tokens as the cache
     stores them (KIVI: its own block in float), exactly as a generated token does.
+
+    progress: a bar over the windows' tokens on stderr (where it is a terminal).
     """
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise InvalidParameterError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
@@ -67,14 +73,21 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
     starts = available[:windows] if windows is not None else available
     tokens = torch.tensor(ids, dtype=torch.long)
     start_time = time.perf_counter()
-    nll, scored = 0.0, 0
-    for n, s in enumerate(starts):
-        first = 1 if n == 0 else max(1, ctx - stride)
-        window = tokens[s:s + ctx]
-        window_nll = (_window_nll(loaded, window, first) if kv_cache_dtype == "auto"
-                      else _window_nll_cached(loaded, window, first, kv_cache_dtype, block_size))
-        nll += float(window_nll.sum())
-        scored += window_nll.numel()
+    windows_ = [tokens[s:s + ctx] for s in starts]
+    firsts = [1 if n == 0 else max(1, ctx - stride) for n in range(len(starts))]
+    nlls: list[torch.Tensor] = []
+    with tqdm(total=len(starts) * ctx, desc=f"perplexity, {len(starts)} windows", unit="tok", leave=False,
+              file=sys.stderr, disable=None if progress else True) as bar:
+        if kv_cache_dtype == "auto":
+            for window, first in zip(windows_, firsts):
+                nlls.append(_window_nll(loaded, window, first))
+                bar.update(ctx)
+        else:  # windows side by side, one block of each per step: the quantized kernels run many rows at once
+            batch = max(1, KERNEL_MAX_ROWS // block_size)
+            for i in range(0, len(starts), batch):
+                nlls += _windows_nll_cached(loaded, windows_[i:i + batch], firsts[i:i + batch], kv_cache_dtype,
+                                            block_size, bar.update)
+    nll, scored = sum(float(x.sum()) for x in nlls), sum(x.numel() for x in nlls)
     mean = nll / scored
     return {"ppl": math.exp(mean), "nll": mean, "tokens": scored, "ctx": ctx, "windows": len(starts),
             "stride": stride, "windows_available": len(available), "text_tokens": len(ids), "bos": bos,
@@ -117,20 +130,32 @@ def _window_nll(loaded: LoadedModel, ids: torch.Tensor, first: int) -> torch.Ten
 def _window_nll_cached(loaded: LoadedModel, ids: torch.Tensor, first: int, kv_cache_dtype: str,
                        block_size: int) -> torch.Tensor:
     """As _window_nll, run one block per step through a ModelRunner over a paged cache of that type."""
-    n = ids.shape[0]
-    blocks = BlockManager(-(-n // block_size), block_size, enable_prefix_caching=False, num_residual=2)
+    return _windows_nll_cached(loaded, [ids], [first], kv_cache_dtype, block_size)[0]
+
+
+def _windows_nll_cached(loaded: LoadedModel, windows: list[torch.Tensor], firsts: list[int], kv_cache_dtype: str,
+                        block_size: int, on_tokens: Callable[[int], Any] = lambda n: None) -> list[torch.Tensor]:
+    """_window_nll_cached of windows of one length, run side by side as the sequences of one batch: each step
+    computes the next block of every window (so one step's fixed costs serve them all)."""
+    n = windows[0].shape[0]
+    blocks = BlockManager(len(windows) * -(-n // block_size), block_size, enable_prefix_caching=False,
+                          num_residual=2 * len(windows))
     dtype = float_cache_dtype(kv_cache_dtype, loaded.model.embed_tokens.weight.dtype)
     runner = ModelRunner(loaded.model, blocks, dtype, KV_CACHE_DTYPES[kv_cache_dtype])
-    seq = Sequence("ppl", 0, ids.tolist(), SamplingParams(max_tokens=1, prompt_logprobs=0), 0.0)
-    out = []
+    seqs = {Sequence(f"ppl{i}", 0, w.tolist(), SamplingParams(max_tokens=1, prompt_logprobs=0), 0.0): w
+            for i, w in enumerate(windows)}
+    out: dict[Sequence, list[torch.Tensor]] = {seq: [] for seq in seqs}
     for start in range(0, n, block_size):
         count = min(block_size, n - start)
-        blocks.allocate(seq, count)
-        result = runner.run({seq: count})
-        seq.num_computed += count
-        blocks.commit(seq)
+        for seq in seqs:
+            blocks.allocate(seq, count)
+        result = runner.run({seq: count for seq in seqs})
+        for seq in seqs:
+            seq.num_computed += count
+            blocks.commit(seq)
         for part in result.prompt_rows:  # logits row i scores token part.first_token + i
             logp = torch.log_softmax(result.logits[part.row:part.row + part.count], dim=-1)
-            targets = ids[part.first_token:part.first_token + part.count, None]
-            out.append(-logp.gather(1, targets)[:, 0].double())
-    return torch.cat(out)[first - 1:]
+            targets = seqs[part.seq][part.first_token:part.first_token + part.count, None]
+            out[part.seq].append(-logp.gather(1, targets)[:, 0].double())
+        on_tokens(count * len(seqs))
+    return [torch.cat(out[seq])[first - 1:] for seq, first in zip(seqs, firsts)]

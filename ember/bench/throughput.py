@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import random
+import sys
 import time
 from typing import Any
+
+from tqdm import tqdm
 
 from ember.bench.common import machine, sample_lengths
 
 
 def run_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0,
-                   seed: int = 0) -> dict[str, Any]:
-    """Random-token prompts of ~input_len, exactly output_len tokens out each (ignore_eos)."""
+                   seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Random-token prompts of ~input_len, exactly output_len tokens out each (ignore_eos). progress: a bar
+    over the tokens generated on stderr (where it is a terminal)."""
     from ember import SamplingParams
 
     rng = random.Random(seed)
@@ -22,9 +26,18 @@ def run_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int, 
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in outs]
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
     before = dict(llm.engine.stats)
-    start = time.perf_counter()
-    results = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
+    shown: dict[str, int] = {}
+
+    def count(out: Any) -> None:
+        n = len(out.outputs[0].token_ids)
+        bar.update(n - shown.get(out.request_id, 0))
+        shown[out.request_id] = n
+
+    with tqdm(total=sum(outs), desc=f"{num_prompts} requests", unit="tok", leave=False, file=sys.stderr,
+              disable=None if progress else True) as bar:
+        start = time.perf_counter()
+        results = llm.generate(prompts, params, on_output=count)
+        elapsed = time.perf_counter() - start
     steps = {k: llm.engine.stats[k] - before[k] for k in ("steps", "step_s", "forward_s")}
     gen = sum(len(r.outputs[0].token_ids) for r in results)
     total = gen + sum(ins)

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 import ember
 from ember.compress import prune
@@ -44,7 +46,7 @@ class CompressOptions:
     calib: str | Path | None = None
     calib_tokens: int = 4096
     seq_len: int = 512
-    dtype: str = "float32"  # of the float tensors written (embedding, norms, unquantized layers)
+    dtype: str = "float16"  # of the float tensors written (embedding, norms, unquantized layers)
 
 
 @dataclass
@@ -187,24 +189,30 @@ def _check_pruning(pruner: str, o: CompressOptions, config: ModelConfig) -> tupl
     return sparsity, pattern
 
 
-def run_plan(model: LlamaModel, p: Plan) -> dict[str, Any]:
-    """Compress a loaded float32 model in place as planned; returns what was done, for the manifest."""
+def run_plan(model: LlamaModel, p: Plan, progress: bool = False) -> dict[str, Any]:
+    """Compress a loaded float32 model in place as planned; returns what was done, for the manifest.
+    progress: one bar over every layer of every method on stderr (where it is a terminal)."""
+    with tqdm(total=len(model.layers) * len(p.methods), desc=f"compressing ({'+'.join(p.methods)})", unit="layer",
+              file=sys.stderr, disable=None if progress else True) as bar:
+        return _run_plan(model, p, lambda: bar.update())
+
+
+def _run_plan(model: LlamaModel, p: Plan, on_layer: Callable[[], Any]) -> dict[str, Any]:
     done: dict[str, Any] = {}
     if p.prune:
-        log.info("pruning: %s to %.0f%% sparsity%s", p.prune, 100 * (p.sparsity or 0),
-                 f" ({p.pattern[0]}:{p.pattern[1]})" if p.pattern else "")
         summary = prune.prune_model(model, p.prune, p.sparsity, p.pattern,
-                                    None if p.prune == "magnitude" else p.calib_ids, progress=True)
+                                    None if p.prune == "magnitude" else p.calib_ids, on_layer=on_layer)
         for i, s in enumerate(summary.layers):
-            log.info("layer %d/%d: %.1f%% of weights pruned", i + 1, len(summary.layers), 100 * s)
+            log.debug("layer %d/%d: %.1f%% of weights pruned", i + 1, len(summary.layers), 100 * s)
+        log.info("pruned (%s): %.1f%% of the layers' weights", p.prune, 100 * summary.overall)
         done["pruning"] = {"achieved_sparsity": summary.overall, "dsnot_swaps": summary.dsnot_swaps,
                            "seconds": round(summary.seconds, 2)}
     formats: dict[str, str] = {}
     if p.quant == "awq":
-        formats, searches = quantize_awq(model, p.calib_ids, p.spec)  # type: ignore[arg-type]
+        formats, searches = quantize_awq(model, p.calib_ids, p.spec, on_layer=on_layer)  # type: ignore[arg-type]
         done["awq"] = {"grid": AWQ_GRID, "layers": searches}
     elif p.quant:
-        formats = quantize_rtn(model, p.spec)  # type: ignore[arg-type]
+        formats = quantize_rtn(model, p.spec, on_layer)  # type: ignore[arg-type]
     for name, fmt in formats.items():
         if fmt.startswith("float"):
             log.warning("%s stays %s", name, fmt)
@@ -248,7 +256,7 @@ def compress(p: Plan) -> tuple[LlamaModel, dict[str, Any]]:
     start = time.perf_counter()
     log.info("loading %s", p.source)
     model = load_model(p.source, "float32", progress=True).model
-    done = run_plan(model, p)
+    done = run_plan(model, p, progress=True)
     return model, _manifest(p, done, time.perf_counter() - start)
 
 
@@ -265,6 +273,11 @@ def compress_model(model_path: str | Path | None, methods: str | Sequence[str], 
     """Check every option, then load, compress and write out_dir; returns the manifest."""
     p = plan_compression(model_path, methods, options or CompressOptions(), out_dir)
     return save(p, *compress(p))
+
+
+def model_bytes(path: Path) -> int:
+    """Bytes of a model's weights on disk: the file, or a folder's *.safetensors files."""
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def _manifest(p: Plan, done: dict[str, Any], seconds: float) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -180,7 +181,8 @@ class PruneSummary:
 
 def prune_model(model: LlamaModel, method: str, sparsity: float | None = None,
                 pattern: tuple[int, int] | None = None, calib_ids: torch.Tensor | None = None, *,
-                init: str = "wanda", cycles: int = 50, progress: bool = False) -> PruneSummary:
+                init: str = "wanda", cycles: int = 50, progress: bool = False,
+                on_layer: Callable[[], Any] = lambda: None) -> PruneSummary:
     """Prune every projection of every decoder layer (not the embedding or LM head) in place.
 
     method: magnitude (no calibration needed), wanda, or dsnot (DSnoT refining the `init` mask).
@@ -203,6 +205,7 @@ def prune_model(model: LlamaModel, method: str, sparsity: float | None = None,
     def compress(i: int, layer: DecoderLayer, inputs: LayerInputs | None) -> None:
         summary.dsnot_swaps += _prune_layer(layer, inputs, method, sparsity, pattern, init, cycles)
         bar.update()
+        on_layer()
 
     with bar:
         if method == "magnitude":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -113,12 +113,13 @@ def _quantize_slot(parent: nn.Module, attr: str, weight: torch.Tensor, bias: tor
     return spec.describe()
 
 
-def quantize_rtn(model: LlamaModel, spec: QuantSpec) -> dict[str, str]:
-    """Round-to-nearest for every projection and the LM head; name -> format."""
+def quantize_rtn(model: LlamaModel, spec: QuantSpec, on_layer: Callable[[], Any] = lambda: None) -> dict[str, str]:
+    """Round-to-nearest for every projection and the LM head; name -> format. on_layer: called per layer done."""
     report: dict[str, str] = {}
     for i, layer in enumerate(model.layers):
         report |= quantize_linears(layer, spec, f"layers.{i}")
-        log.info("layer %d/%d: %s", i + 1, len(model.layers), spec.describe())
+        log.debug("layer %d/%d: %s", i + 1, len(model.layers), spec.describe())
+        on_layer()
     return report | quantize_head(model, spec)
 
 
@@ -221,8 +222,8 @@ def _div_rows(layer: Linear, rows: slice, s: torch.Tensor) -> None:
         layer.bias.data[rows] /= s
 
 
-def quantize_awq(model: LlamaModel, calib_ids: torch.Tensor, spec: QuantSpec, grid: int = AWQ_GRID
-                 ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+def quantize_awq(model: LlamaModel, calib_ids: torch.Tensor, spec: QuantSpec, grid: int = AWQ_GRID,
+                 on_layer: Callable[[], Any] = lambda: None) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
     """AWQ for every decoder layer (calibrated layer by layer), then a round-to-nearest LM head.
 
     Returns (name -> format, name -> {alpha, rtn_error, awq_error})."""
@@ -237,7 +238,8 @@ def quantize_awq(model: LlamaModel, calib_ids: torch.Tensor, spec: QuantSpec, gr
                                               "awq_error": float(f"{f.error:.6g}")}
         gains = ", ".join(f"{n.split('.')[-1]} a={f.alpha:.2f} err x{f.error / max(f.rtn_error, 1e-30):.2f}"
                           for n, f in found.items())
-        log.info("layer %d/%d: AWQ %s (%s)", i + 1, len(model.layers), spec.describe(), gains)
+        log.debug("layer %d/%d: AWQ %s (%s)", i + 1, len(model.layers), spec.describe(), gains)
+        on_layer()
 
     layerwise(model, calib_ids, compress_layer)
     return report | quantize_head(model, spec), searches

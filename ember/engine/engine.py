@@ -20,13 +20,21 @@ from ember.engine.scheduler import POLICIES, Scheduler, SchedulerConfig, valid_i
 from ember.engine.sequence import Sequence, Status
 from ember.errors import InvalidParameterError, PromptTooLongError
 from ember.loading.tokenizer import IncrementalDetokenizer
-from ember.models.loader import LoadedModel, load_model, parse_dtype
+from ember.models.loader import LoadedModel, available_memory, load_model, parse_dtype
 from ember.ops.kv_quant import KV_CACHE_DTYPES, float_cache_dtype
 
 log = logging.getLogger("ember")
 GiB = 1 << 30
 Prompt = str | list[int] | dict[str, Any]
 T = TypeVar("T")
+
+
+def default_kv_memory(context_bytes: int, max_num_seqs: int) -> int:
+    """KV cache bytes when none are given: max_num_seqs full contexts, at most 2 GiB and half the memory
+    available now (after the weights loaded), but never less than one full context (or 2 GiB)."""
+    memory = min(2 * GiB, context_bytes * max_num_seqs)
+    free = available_memory()
+    return max(min(memory, free // 2) if free is not None else memory, min(context_bytes, 2 * GiB))
 
 
 @dataclass
@@ -39,7 +47,7 @@ class EngineArgs:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # token budget per step
     enable_prefix_caching: bool = True
-    kv_cache_memory: float | None = None  # GiB; default: what max_num_seqs full contexts need, <= 2 GiB
+    kv_cache_memory: float | None = None  # GiB; default: default_kv_memory
     scheduler: str = "splitfuse"
     block_size: int = 16
     quantization: str = "none"  # "int8" / "int4": weights quantized at load (ember.compress.quantize)
@@ -115,12 +123,12 @@ class LLMEngine:
         if args.max_model_len and args.max_model_len > model.max_positions:
             raise InvalidParameterError(f"max_model_len {args.max_model_len} exceeds the model's "
                                         f"{model.max_positions} positions", param="max_model_len")
-        memory = args.kv_cache_memory * GiB if args.kv_cache_memory else min(
-            2 * GiB, per_token * context * args.max_num_seqs)
         # A quantized cache keeps each running sequence's incomplete block in float: budget two per sequence
-        # (an old tail filling while a new one starts), out of the same memory.
+        # (an old tail filling while a new one starts), out of the same memory (added to a default size).
         num_residual = 0 if kv_bits is None else 2 * args.max_num_seqs
-        memory -= num_residual * args.block_size * kv_bytes_per_token(model, torch.float32)
+        residual = num_residual * args.block_size * kv_bytes_per_token(model, torch.float32)
+        memory = (args.kv_cache_memory * GiB if args.kv_cache_memory else
+                  default_kv_memory(per_token * context, args.max_num_seqs) + residual) - residual
         num_blocks = max(0, int(memory // (per_token * args.block_size)))
         if num_blocks * args.block_size < context:
             if args.max_model_len:
@@ -139,12 +147,13 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._failed: list[Request] = []  # failed in this step; their outputs go out with the step's
+        self._schedule_failures = 0  # scheduling failures in a row
         # step_s / forward_s: wall time of whole steps and of the model inside them (engine overhead).
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                                         "step_s": 0.0, "forward_s": 0.0}
-        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s); max_model_len %d",
+        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
                  num_blocks, args.block_size, num_blocks * args.block_size,
-                 num_blocks * args.block_size * per_token / GiB,
+                 num_blocks * args.block_size * per_token / 2**20,
                  args.kv_cache_dtype if kv_bits else str(kv_dtype).removeprefix("torch."), self.max_model_len)
 
     @property
@@ -283,19 +292,23 @@ class LLMEngine:
 
     def _schedule(self) -> dict[Sequence, int]:
         """The scheduler's batch; if it fails, the newest request is failed (the likeliest cause) and the
-        step is empty, so a request that confuses the scheduler cannot stall the others."""
+        step is empty, so a request that confuses the scheduler cannot stall the others. From the third
+        failure in a row the oldest goes instead: the cause was not among the new ones."""
         try:
             batch = self.scheduler.schedule()
             if not batch and self.scheduler.has_work():
                 raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.running)} running, "
                                    f"{len(self.scheduler.waiting)} waiting, "
                                    f"{self.blocks.num_free_blocks}/{self.blocks.num_blocks} blocks free")
+            self._schedule_failures = 0
             return batch
         except Exception as e:
             if not self.requests:
                 raise
-            log.exception("scheduling failed; failing the newest request")
-            self._fail(next(reversed(self.requests)), e)
+            self._schedule_failures += 1
+            oldest = self._schedule_failures >= 3
+            log.exception("scheduling failed; failing the %s request", "oldest" if oldest else "newest")
+            self._fail(next(iter(self.requests)) if oldest else next(reversed(self.requests)), e)
             return {}
 
     def _forward(self, batch: dict[Sequence, int]) -> list[tuple[dict[Sequence, int], StepResult]]:
@@ -392,10 +405,15 @@ class LLMEngine:
                 pairs += [(s, row) for s in [seq] + forked]
         if not pairs:
             return
+        # The batched draw may have advanced seeded generators before it failed: rewind them for the retry, so a
+        # seeded request samples what it would have without the failing one.
+        states = [(s.generator, s.generator.get_state()) for s, _ in pairs if s.generator is not None]
         try:
             self._sample_rows(result.logits, pairs)
         except Exception:
             log.exception("sampling %d rows failed; sampling each row alone", len(pairs))
+            for generator, state in states:
+                generator.set_state(state)
             for seq, row in pairs:
                 self._guard(seq.request_id, self._sample_rows, result.logits, [(seq, row)])
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.outputs import RequestOutput
+from ember.errors import EmberError
 from ember.server.app import ServerLimits, ServerShuttingDown, build_app
 from ember.server.metrics import Metrics
 
@@ -25,8 +28,13 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int
 
     name = served_name or _default_name(model or DEFAULT_MODEL)
     metrics = Metrics()
-    engine = AsyncEngine.load(lambda: LLMEngine(EngineArgs(model=model, **engine_kwargs)),
-                              observer=_RequestLog(metrics))
+    sock = bind(host, port)  # before the model loads: a busy port fails at once, not after the load
+    try:
+        engine = AsyncEngine.load(lambda: LLMEngine(EngineArgs(model=model, **engine_kwargs)),
+                                  observer=_RequestLog(metrics))
+    except BaseException:
+        sock.close()
+        raise
     app = build_app(engine, name, metrics, api_key, limits)
     log.info("serving %s on http://%s:%d/v1 (OpenAI-compatible)%s", name, host, port,
              " with an API key" if api_key else "")
@@ -35,10 +43,30 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=shutdown_grace + 5)
     try:
-        _server(config, engine, shutdown_grace).run()
+        _server(config, engine, shutdown_grace).run(sockets=[sock])
     finally:
         engine.stop()
+        sock.close()
     log.info("server stopped")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it), or an EmberError naming the port."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise EmberError(f"cannot listen on {host}:{port}: {e.strerror or e}; check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise EmberError(f"port {port} on {host} is already in use (another server?); choose another with "
+                             "--port") from None
+        raise EmberError(f"cannot listen on {host}:{port}: {e.strerror or e}; check --host and --port") from None
+    return sock
 
 
 def _server(config: Any, engine: AsyncEngine, grace: float) -> Any:
@@ -69,7 +97,9 @@ def _server(config: Any, engine: AsyncEngine, grace: float) -> Any:
                 super().handle_exit(sig, frame)
                 return
             log.info("second signal: ending requests in flight now")
-            self._cut("the server was shut down (a second signal) before this request finished")
+            # Not inline: the handler may have interrupted this thread inside the engine's non-reentrant locks.
+            loop.call_soon_threadsafe(self._cut, "the server was shut down (a second signal) before this request "
+                                                 "finished")
             loop.call_later(0.2, setattr, self, "force_exit", True)  # time for the error events to go out
 
         def _cut(self, why: str) -> None:

@@ -98,3 +98,16 @@ def test_cli_errors_are_messages(tiny_llama3: Path, tmp_path: Path) -> None:
     short.write_text("It is a truth universally acknowledged.")
     proc = _ember("eval", "ppl", str(tiny_llama3), "--text", str(short), "--ctx", "64")
     assert proc.returncode == 2 and "fewer than one window" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cached_windows_side_by_side_score_as_one_at_a_time(tiny_llama3: Path) -> None:
+    """A quantized cache scores windows in one batch (one block of each per step): the same NLLs as alone."""
+    from ember.bench.perplexity import _window_nll_cached, _windows_nll_cached
+
+    loaded = load_model(str(tiny_llama3))
+    ids = torch.tensor(loaded.tokenizer.encode(TEXT)[:200])
+    windows = [ids[:72], ids[64:136], ids[128:200]]
+    together = _windows_nll_cached(loaded, windows, [1, 9, 9], "int4", 16)
+    for window, first, nll in zip(windows, [1, 9, 9], together):
+        assert nll.shape == (72 - first,)
+        assert torch.allclose(nll, _window_nll_cached(loaded, window, 1, "int4", 16)[first - 1:], atol=1e-5)
