@@ -125,6 +125,29 @@ def test_a_row_that_breaks_batched_sampling_fails_alone(llm: LLM, solo: list[lis
     _check_others(_run(engine, reqs), solo, "3", engine)
 
 
+def test_a_seeded_row_samples_the_same_when_another_row_breaks_sampling_late(llm: LLM,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure comes after the batched draw took its uniforms: the retry must not draw the seeded row twice."""
+    import ember.engine.sampler as sampler
+
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=123, ignore_eos=True)
+    alone = llm.generate({"prompt_token_ids": PROMPTS[0]}, seeded)[0].outputs[0].token_ids
+    row_logprobs = sampler._row_logprobs
+
+    def broken_for_top_k_7(raw, rows, ids):  # noqa: ANN001, ANN202
+        if any(r.params.top_k == 7 for r in rows):
+            raise IndexError("a sampler bug on this row")
+        return row_logprobs(raw, rows, ids)
+
+    monkeypatch.setattr(sampler, "_row_logprobs", broken_for_top_k_7)
+    reqs = {"a": (PROMPTS[0], seeded),
+            "b": (PROMPTS[1], SamplingParams(max_tokens=12, temperature=1.0, top_k=7, ignore_eos=True))}
+    done = _run(llm.engine, reqs)
+    assert done["b"].error and done["a"].error is None
+    assert done["a"].outputs[0].token_ids == alone
+    assert llm.engine.blocks.num_used_blocks == 0
+
+
 def test_a_scheduler_failure_sheds_the_newest_request(llm: LLM, solo: list[list[int]],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     engine = llm.engine
@@ -138,6 +161,23 @@ def test_a_scheduler_failure_sheds_the_newest_request(llm: LLM, solo: list[list[
 
     monkeypatch.setattr(engine.scheduler, "schedule", once_broken)
     _check_others(_run(engine, _requests()), solo, str(len(PROMPTS) - 1), engine)
+
+
+def test_a_scheduler_that_keeps_failing_on_an_old_request_sheds_it_at_the_third_try(
+        llm: LLM, solo: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = llm.engine
+    schedule = engine.scheduler.schedule
+
+    def broken_while_0_runs():  # noqa: ANN202
+        if "0" in engine.requests:
+            raise KeyError("scheduler bug on request 0")
+        return schedule()
+
+    monkeypatch.setattr(engine.scheduler, "schedule", broken_while_0_runs)
+    done = _run(engine, _requests())
+    assert [bool(done[r].error) for r in "0123"] == [True, False, True, True]  # 3 and 2 shed first, then 0
+    assert done["1"].outputs[0].token_ids == solo[1]
+    assert engine.blocks.num_used_blocks == 0 and not engine.scheduler.running and not engine.scheduler.waiting
 
 
 def test_async_engine_fails_the_one_request(tiny_llama3: Path, solo: list[list[int]]) -> None:
@@ -206,3 +246,22 @@ def test_text_checks_come_before_tokenizing(llm: LLM, monkeypatch: pytest.Monkey
     with pytest.raises(InvalidParameterError, match="list of integers"):
         engine.add_request("ids", {"prompt_token_ids": [1, "2"]}, GREEDY)
     assert not engine.has_unfinished_requests()
+
+
+def test_an_error_after_a_finished_output_leaves_the_result_to_its_reader() -> None:
+    """A shutdown cut (or a failure of all) racing a request that just finished must not turn it into an error."""
+    import asyncio
+
+    from ember.engine.async_engine import _Stream
+    from ember.engine.outputs import RequestOutput
+
+    stream = _Stream(asyncio.new_event_loop())
+    running, done = RequestOutput("r", None, [1], [], False), RequestOutput("r", None, [1], [], True)
+    stream.put(running)
+    stream.put(done)
+    stream.put(RuntimeError("the server shut down"))
+    assert stream.latest is done and stream.ended
+    unfinished = _Stream(asyncio.new_event_loop())
+    unfinished.put(running)
+    unfinished.put(RuntimeError("the server shut down"))
+    assert isinstance(unfinished.latest, RuntimeError)
