@@ -14,9 +14,10 @@ log = logging.getLogger("ember")
 
 
 MODEL_HELP = "model name, .gguf file or Hugging Face folder (default: smollm2-135m-instruct)"
-DTYPE_HELP = ("auto (default): a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors run packed as stored (int8 / int4 "
-              "in groups of 32, exact to the file, fast), everything else in float32; float32: every "
-              "weight dequantized to float32; bfloat16: weights and KV cache in bfloat16")
+DTYPE_HELP = ("auto (default): a GGUF file's Q8_0 / Q4_0 / Q4_1 layers run packed as stored (int8 / int4 "
+              "in groups of 32, exact to the file, fast; 5-bit and K-quant layers as int8 g32), the rest in "
+              "float32; float32: every weight dequantized to float32; bfloat16: weights and KV cache in "
+              "bfloat16")
 KV_CACHE_DTYPES = ["auto", "float16", "int8", "int4", "int2"]  # ember.ops.kv_quant's, listed to keep --help fast
 KV_HELP = ("KV cache storage: auto (the model dtype), float16 (half a float32 model's cache, as llama.cpp's "
            "default), or KIVI int8 / int4 / int2 (keys per channel, values per token, each sequence's newest "

@@ -89,7 +89,7 @@ def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
     bar.set_description("memory bandwidth")
     weights = weight_bytes_per_token(llm.engine.loaded.model)
     result: dict[str, Any] = {"benchmark": "latency", "machine": machine(),
-                              "dtype": str(llm.engine.dtype).removeprefix("torch.")}
+                              "dtype": llm.engine.args.dtype}
     if pp:
         result.update({f"pp{pp}_tok_s": statistics.mean(pp_rates), f"pp{pp}_tok_s_std": _std(pp_rates)})
     if tg:
