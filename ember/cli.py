@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from ember.errors import EmberError
+from ember.ops.formats import KV_CACHE_DTYPES, QUANT_METHODS
 
 log = logging.getLogger("ember")
 
@@ -18,7 +19,6 @@ DTYPE_HELP = ("auto (default): a GGUF file's Q8_0 / Q4_0 / Q4_1 layers run packe
               "in groups of 32, exact to the file, fast; 5-bit and K-quant layers as int8 g32), the rest in "
               "float32; float32: every weight dequantized to float32; bfloat16: weights and KV cache in "
               "bfloat16")
-KV_CACHE_DTYPES = ["auto", "float16", "int8", "int4", "int2"]  # ember.ops.kv_quant's, listed to keep --help fast
 KV_HELP = ("KV cache storage: auto (the model dtype), float16 (half a float32 model's cache, as llama.cpp's "
            "default), or KIVI int8 / int4 / int2 (keys per channel, values per token, each sequence's newest "
            "block kept in float); more tokens fit in --kv-cache-memory")
@@ -61,10 +61,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "decode); "
                         "Nx = N times a plain decode step of the same sequences (e.g. 1.25x); auto = 2x; "
                         "off = fill every step to --max-num-batched-tokens (default: off)")
-    g.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4"],
+    g.add_argument("--quantization", "-q", default="none", choices=QUANT_METHODS,
                    help="quantize weights at load for ember's AVX2 kernels: int8 (per channel, near-lossless) "
                         "or int4 (groups of 32, LM head int8; fastest decode) (default: none)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help=KV_HELP)
 
 
@@ -395,7 +395,7 @@ def _eval_parsers(sub: Any) -> None:
     ppl.add_argument("--stride", type=int, default=None, help="window step in tokens (default: ctx, no overlap)")
     ppl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                      help=DTYPE_HELP)
-    ppl.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+    ppl.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                      help="auto: one dense forward per window; float16, or KIVI int8 / int4 / int2: score "
                           "through that cache, one block of tokens per step, as generation reads it")
     ppl.add_argument("--block-size", type=int, default=16,

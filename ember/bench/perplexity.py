@@ -17,7 +17,8 @@ from ember.engine.sampling_params import SamplingParams
 from ember.engine.sequence import Sequence
 from ember.errors import InvalidParameterError
 from ember.models.loader import LoadedModel
-from ember.ops.kv_quant import KV_CACHE_DTYPES, float_cache_dtype
+from ember.ops.formats import KV_CACHE_DTYPES
+from ember.ops.kv_quant import float_cache_dtype
 from ember.ops.quant import KERNEL_MAX_ROWS
 
 LOGIT_CHUNK = 256  # positions per logits slice: bounds memory to 256 x vocab floats

@@ -17,7 +17,8 @@ import ember
 from ember.compress import prune
 from ember.compress.calibrate import calibration_ids
 from ember.compress.export import source_sha256, write_folder
-from ember.compress.quantize import AWQ_GRID, QuantSpec, quantize_awq, quantize_rtn
+from ember.compress.quantize import AWQ_GRID, quantize_awq
+from ember.models.quantize import QuantSpec, quantize_rtn
 from ember.config import ModelConfig
 from ember.errors import CompressionError
 from ember.loading.tokenizer import Tokenizer

@@ -9,8 +9,6 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from ember.compress.quantize import METHODS as QUANT_METHODS
-from ember.compress.quantize import apply as apply_quantization
 from ember.engine.kv_cache import BlockManager
 from ember.engine.outputs import CompletionOutput, Logprob, LogprobDict, RequestOutput
 from ember.engine.runner import ModelRunner, PromptLogprobRows, StepResult, kv_bytes_per_token
@@ -21,7 +19,9 @@ from ember.engine.sequence import Sequence, Status
 from ember.errors import InvalidParameterError, PromptTooLongError
 from ember.loading.tokenizer import IncrementalDetokenizer
 from ember.models.loader import LoadedModel, available_memory, load_model, parse_dtype
-from ember.ops.kv_quant import KV_CACHE_DTYPES, float_cache_dtype
+from ember.models.quantize import apply as apply_quantization
+from ember.ops.formats import KV_CACHE_DTYPES, QUANT_METHODS
+from ember.ops.kv_quant import float_cache_dtype
 
 log = logging.getLogger("ember")
 GiB = 1 << 30
@@ -450,8 +450,7 @@ class LLMEngine:
             copy = self.blocks.fork(seq, child)
             if copy:
                 self.runner.copy_block(*copy)
-            child.status = Status.RUNNING
-            self.scheduler.running.append(child)
+            self.scheduler.add_running(child)
         return [c for c in children if c.status is Status.RUNNING]
 
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None,

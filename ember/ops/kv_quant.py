@@ -7,13 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-# name -> KIVI bits; None: a float cache, in the model's dtype ("auto") or float16 (half a float32 model's
-# bytes, llama.cpp's default cache type).
-KV_CACHE_DTYPES = {"auto": None, "float16": None, "int8": 8, "int4": 4, "int2": 2}
-
 
 def float_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """Element type of a float KV cache named `name` (see KV_CACHE_DTYPES) for a model in `model_dtype`."""
+    """Element type of a float KV cache named `name` (see ember.ops.formats) for a model in `model_dtype`."""
     return torch.float16 if name == "float16" else model_dtype
 
 

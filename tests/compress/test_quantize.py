@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ember.compress.calibrate import LayerInputs, calibration_ids, layerwise
-from ember.compress.quantize import QuantSpec, awq_layer, awq_search, fake_quantize, quant_linear, quantize_tensor
+from ember.compress.quantize import awq_layer, awq_search
+from ember.models.quantize import QuantSpec, fake_quantize, quant_linear, quantize_tensor
 from ember.models.llama import DecoderLayer
 from ember.models.loader import load_model
 from ember.ops import quant
