@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from ember.engine.engine import LLMEngine, Prompt, Request
-from ember.engine.outputs import RequestOutput
+from ember.engine.outputs import EngineState, RequestOutput
 from ember.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("ember")
@@ -110,8 +110,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         # Tokenizing and templating run here, off the event loop: a long prompt must not stall other clients.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ember-prepare")
-        self.num_running = 0
-        self.num_waiting = 0
+        self.state: EngineState = engine.state()  # replaced (never mutated) by the engine thread; read by any thread
 
     @classmethod
     def load(cls, factory: Callable[[], LLMEngine], observer: Any = None) -> "AsyncEngine":
@@ -257,8 +256,7 @@ class AsyncEngine:
             self._put(stream, e)
 
     def _refresh_counts(self) -> None:
-        self.num_running = len(self.engine.scheduler.running)
-        self.num_waiting = len(self.engine.scheduler.waiting)
+        self.state = self.engine.state()
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)

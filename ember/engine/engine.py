@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from ember.engine.kv_cache import BlockManager
-from ember.engine.outputs import CompletionOutput, Logprob, LogprobDict, RequestOutput
+from ember.engine.outputs import CompletionOutput, EngineState, Logprob, LogprobDict, RequestOutput
 from ember.engine.runner import ModelRunner, PromptLogprobRows, StepResult, kv_bytes_per_token
 from ember.engine.sampler import Sampler, SamplingRow, compute_logprobs, top_logprobs
 from ember.engine.sampling_params import SamplingParams, check_utf8, is_int
@@ -289,6 +289,12 @@ class LLMEngine:
             if len(runs) == 1 and runs[0][0] is batch:  # replayed steps would skew the step-cost model
                 self.scheduler.observe(batch, seconds)
         return self._outputs({seq.request_id for seq in batch})
+
+    def state(self) -> EngineState:
+        """A snapshot of the counters (call it on the thread that steps the engine)."""
+        b = self.blocks
+        return EngineState(len(self.scheduler.running), len(self.scheduler.waiting), b.num_used_blocks, b.num_blocks,
+                           b.prefix_queries, b.prefix_hits, self.scheduler.num_preemptions, dict(self.stats))
 
     def _schedule(self) -> dict[Sequence, int]:
         """The scheduler's batch; if it fails, the newest request is failed (the likeliest cause) and the

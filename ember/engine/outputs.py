@@ -39,3 +39,18 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why the engine failed this request (finish_reason "error"); others ran on
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """The engine's counters at one moment, taken on the engine's thread: what other threads (a server's
+    /metrics) read instead of the live engine, whose state only its own thread may touch."""
+
+    running: int = 0
+    waiting: int = 0
+    used_blocks: int = 0
+    num_blocks: int = 1
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    preemptions: int = 0
+    stats: dict[str, float] = field(default_factory=dict)  # LLMEngine.stats: tokens, steps, seconds

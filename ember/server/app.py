@@ -125,7 +125,7 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(core, engine.num_running, engine.num_waiting),
+        return PlainTextResponse(metrics.render(engine.state),
                                  media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")

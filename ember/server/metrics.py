@@ -5,6 +5,8 @@ import os
 import threading
 from typing import Any
 
+from ember.engine.outputs import EngineState
+
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 E2E_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -70,13 +72,12 @@ class Metrics:
         with self._lock:
             self.aborted += 1
 
-    def render(self, engine: Any, running: int, waiting: int) -> str:
-        blocks = engine.blocks
-        used = blocks.num_used_blocks / max(1, blocks.num_blocks)
-        hit = blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0
+    def render(self, state: EngineState) -> str:
+        used = state.used_blocks / max(1, state.num_blocks)
+        hit = state.prefix_hits / state.prefix_queries if state.prefix_queries else 0.0
         gauges = [
-            ("ember_num_requests_running", "Requests in the running batch.", running),
-            ("ember_num_requests_waiting", "Requests waiting to be scheduled.", waiting),
+            ("ember_num_requests_running", "Requests in the running batch.", state.running),
+            ("ember_num_requests_waiting", "Requests waiting to be scheduled.", state.waiting),
             ("ember_kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (0-1).", round(used, 6)),
             ("ember_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / looked up.", round(hit, 6)),
         ]
@@ -86,14 +87,15 @@ class Metrics:
         lines: list[str] = []
         for name, help_, value in gauges:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}"]
-        counters = [("ember_prompt_tokens_total", "Prompt tokens received.", engine.stats["prompt_tokens"]),
-                    ("ember_generation_tokens_total", "Tokens generated.", engine.stats["generation_tokens"]),
-                    ("ember_num_preemptions_total", "Sequences preempted.", engine.scheduler.num_preemptions),
-                    ("ember_engine_steps_total", "Engine steps.", engine.stats["steps"]),
+        stats = state.stats
+        counters = [("ember_prompt_tokens_total", "Prompt tokens received.", stats.get("prompt_tokens", 0)),
+                    ("ember_generation_tokens_total", "Tokens generated.", stats.get("generation_tokens", 0)),
+                    ("ember_num_preemptions_total", "Sequences preempted.", state.preemptions),
+                    ("ember_engine_steps_total", "Engine steps.", stats.get("steps", 0)),
                     ("ember_engine_step_seconds_total", "Wall time inside engine steps.",
-                     round(engine.stats["step_s"], 6)),
+                     round(stats.get("step_s", 0.0), 6)),
                     ("ember_model_forward_seconds_total", "Wall time of the model forward within steps.",
-                     round(engine.stats["forward_s"], 6))]
+                     round(stats.get("forward_s", 0.0), 6))]
         for name, help_, value in counters:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value}"]
         with self._lock:
