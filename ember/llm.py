@@ -6,16 +6,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ember.engine.engine import EngineArgs, LLMEngine, Prompt
+from ember.engine.engine import load_for as engine_load_for
 from ember.engine.outputs import RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.loading.tokenizer import Tokenizer
-from ember.models.loader import LoadedModel, load_model
+from ember.models.loader import LoadedModel
 
 
 def load_for(model: str | Path | None = None, dtype: str = "auto", quantization: str = "none") -> LoadedModel:
-    """Load a model as LLM(model, dtype=..., quantization=...) would (-q re-quantizes float weights, so a
-    GGUF's packed tensors are dequantized first), e.g. to size the engine from its tokenizer before building it."""
-    return load_model(model, "float32" if dtype == "auto" and quantization != "none" else dtype, progress=True)
+    """Load a model as LLM(model, dtype=..., quantization=...) would, e.g. to size the engine from its tokenizer
+    before building it."""
+    return engine_load_for(EngineArgs(model=model, dtype=dtype, quantization=quantization))
 
 
 class LLM:

@@ -78,6 +78,13 @@ class EngineArgs:
                 raise InvalidParameterError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
 
 
+def load_for(args: EngineArgs) -> LoadedModel:
+    """The model as an engine with these args runs it: -q re-quantizes float weights, so a GGUF's packed
+    tensors are dequantized first. (Callers may load it ahead, e.g. to size the engine from its tokenizer.)"""
+    dtype = "float32" if args.dtype == "auto" and args.quantization != "none" else args.dtype
+    return load_model(args.model, dtype, progress=True)
+
+
 @dataclass
 class Request:
     request_id: str
@@ -102,9 +109,7 @@ class LLMEngine:
         self.args = args = args or EngineArgs(**kwargs)
         args.validate()
         self.dtype = parse_dtype(args.dtype)
-        # -q re-quantizes float weights, so a GGUF's packed tensors are dequantized first.
-        load_dtype = "float32" if args.dtype == "auto" and args.quantization != "none" else args.dtype
-        self.loaded = loaded or load_model(args.model, load_dtype, progress=True)
+        self.loaded = loaded or load_for(args)
         self.tokenizer = self.loaded.tokenizer
         # No token covers more characters than the longest vocabulary entry; 4x spare for normalizers that
         # compose characters (NFC joins three Hangul jamo into one syllable).
