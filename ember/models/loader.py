@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ember.config import ModelConfig, load_hf_config
@@ -96,15 +97,14 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def _check_memory(path: Path, config: ModelConfig, max_positions: int | None) -> None:
-    """Refuse before building the model when it cannot fit: float32 weights (the model is built in float32, then
-    cast), rotary tables, and one tensor's worth of conversion scratch."""
+def _check_memory(path: Path, net: LlamaModel) -> None:
+    """Refuse before allocating when the model cannot fit: its tensors still on the meta device (float32 weights
+    and rotary tables; packed layers are already in memory) and one tensor's worth of conversion scratch."""
     available = available_memory()
     if available is None:
         return
-    net = _meta_model(config, max_positions)
-    weights = [p.numel() * 4 for p in net.parameters()]
-    tables = sum(b.numel() * 4 for b in net.buffers())
+    weights = [p.numel() * 4 for p in net.parameters() if p.is_meta]
+    tables = sum(b.numel() * 4 for b in net.buffers() if b.is_meta)
     need = sum(weights) + tables + max(weights, default=0)
     if need > available:
         raise ModelLoadError(
@@ -112,6 +112,17 @@ def _check_memory(path: Path, config: ModelConfig, max_positions: int | None) ->
             f"float32, rotary tables {tables / 1e6:,.1f} MB for {net.max_positions} positions) but only "
             f"{available / 1e6:,.1f} MB is available; free memory or load a smaller model"
             f"{' (or give a smaller max_positions)' if tables > sum(weights) else ''}")
+
+
+def _materialize(net: LlamaModel, dtype: torch.dtype) -> None:
+    """Allocate (uninitialised, in dtype) every parameter still on the meta device, and the rotary tables: the
+    packed layers swapped in before keep their buffers, so a packed model never holds its float32 twin."""
+    for module in net.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False)
+    net.set_rope()
+    net.rope.to(dtype)
 
 
 def load_config(model: str | Path | None = None, progress: bool = False) -> tuple[Path, ModelConfig, Tokenizer]:
@@ -131,16 +142,18 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "floa
     path = resolve(model, progress=progress)
     torch_dtype = parse_dtype(dtype)
     config, tokenizer, reader = _open(path)
-    _check_memory(path, config, max_positions)
+    net = _meta_model(config, max_positions)
     if compressed.is_compressed(path):  # written by `ember compress`: packed layers load as stored
+        _check_memory(path, net)
         net = compressed.load_compressed(path, config, torch_dtype, max_positions)
         return LoadedModel(net, tokenizer, config, path, time.perf_counter() - start)
-    net = LlamaModel(config, max_positions).to(torch_dtype)
+    # dtype auto: a GGUF's Q8_0 / Q4_0 / Q4_1 (and int8 g32 for 5-bit / K-quant) layers run packed.
+    packed = load_gguf_packed(net, path, reader) if reader is not None and dtype == "auto" else set()
+    _check_memory(path, net)
+    _materialize(net, torch_dtype)
     if reader is None:
         weights, total = safetensors.iter_tensors(path), None
     else:
-        # dtype auto: Q8_0 / Q4_0 / Q4_1 layers run as stored, in ember's int8 / int4 kernels.
-        packed = load_gguf_packed(net, path, reader) if dtype == "auto" else set()
         weights = gguf.iter_hf_tensors(path, reader, config.arch, config.num_heads, config.num_kv_heads, packed)
         total = len(reader.tensors) - len(packed)
     with tqdm(weights, total=total, desc=f"loading {path.name}", unit="tensor", disable=None if progress else True,
