@@ -23,7 +23,7 @@ def trace(policy: str, itl_target: float | str | None, quantization: str, budget
           stream_output: int, long_prompts: int, long_len: int, interval: float) -> list[dict[str, Any]]:
     llm = LLM(None, quantization=quantization, max_num_batched_tokens=budget, scheduler=policy,
               itl_target=itl_target)
-    engine, sched = llm.engine, llm.engine.scheduler
+    engine = llm.engine
     rng = random.Random(0)
 
     def prompt(n: int) -> list[int]:
@@ -33,15 +33,6 @@ def trace(policy: str, itl_target: float | str | None, quantization: str, budget
         engine.add_request(f"d{i}", prompt(32), SamplingParams(max_tokens=stream_output, ignore_eos=True,
                                                                temperature=0))
     log: list[dict[str, Any]] = []
-    schedule = sched.schedule
-
-    def logged() -> dict:
-        batch = schedule()
-        log.append({"tokens": sum(batch.values()), "decodes": sum(1 for s in batch if not s.in_prefill),
-                    "chunks": [(s.num_computed, n) for s, n in batch.items() if s.in_prefill]})
-        return batch
-
-    sched.schedule = logged
     start, added = time.perf_counter(), 0
     while engine.has_unfinished_requests() or added < long_prompts:
         if added < long_prompts and time.perf_counter() - start >= interval * (added + 1):
@@ -53,7 +44,9 @@ def trace(policy: str, itl_target: float | str | None, quantization: str, budget
             continue
         t = time.perf_counter()
         engine.step()
-        log[-1]["seconds"] = time.perf_counter() - t
+        shape = engine.last_step
+        log.append({"tokens": shape.tokens, "decodes": shape.decodes, "chunks": list(shape.chunks),
+                    "seconds": time.perf_counter() - t})
     return log
 
 

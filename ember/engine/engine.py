@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from ember.engine.kv_cache import BlockManager
-from ember.engine.outputs import CompletionOutput, EngineState, Logprob, LogprobDict, RequestOutput
+from ember.engine.outputs import CompletionOutput, EngineState, Logprob, LogprobDict, RequestOutput, StepShape
 from ember.engine.runner import ModelRunner, PromptLogprobRows, StepResult, kv_bytes_per_token
 from ember.engine.sampler import Sampler, SamplingRow, compute_logprobs, top_logprobs
 from ember.engine.sampling_params import SamplingParams, check_utf8, is_int
@@ -153,6 +153,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._failed: list[Request] = []  # failed in this step; their outputs go out with the step's
         self._schedule_failures = 0  # scheduling failures in a row
+        self.last_step = StepShape(0, ())  # what the latest step scheduled (traces and benchmarks read it)
         # step_s / forward_s: wall time of whole steps and of the model inside them (engine overhead).
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                                         "step_s": 0.0, "forward_s": 0.0}
@@ -285,6 +286,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         batch = self._schedule()
+        self.last_step = StepShape(sum(1 for s in batch if not s.in_prefill),
+                                   tuple((s.num_computed, n) for s, n in batch.items() if s.in_prefill))
         if batch:
             runs = self._forward(batch)
             for sub, result in runs:

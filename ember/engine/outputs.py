@@ -54,3 +54,15 @@ class EngineState:
     prefix_hits: int = 0
     preemptions: int = 0
     stats: dict[str, float] = field(default_factory=dict)  # LLMEngine.stats: tokens, steps, seconds
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one engine step ran, as scheduled: decode rows, and prompt chunks as (first position, tokens)."""
+
+    decodes: int
+    chunks: tuple[tuple[int, int], ...]
+
+    @property
+    def tokens(self) -> int:
+        return self.decodes + sum(n for _, n in self.chunks)

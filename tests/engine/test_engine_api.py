@@ -113,3 +113,16 @@ def test_min_tokens_blocks_stop_tokens_until_reached(llm: LLM, prompt: list[int]
         max_tokens=6, temperature=0, stop_token_ids=[target], min_tokens=3, ignore_eos=True))[0].outputs[0]
     assert target not in out.token_ids[:3] and len(out.token_ids) >= 3
     assert out.token_ids[0] != greedy.token_ids[0]  # the greedy choice was masked, not just not stopped on
+
+
+def test_last_step_says_what_the_step_scheduled(tiny_llama3) -> None:
+    from ember.engine.engine import LLMEngine
+
+    engine = LLMEngine(model=tiny_llama3, kv_cache_memory=0.01, max_num_batched_tokens=8)
+    engine.add_request("a", {"prompt_token_ids": list(range(5, 17))}, SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    assert engine.last_step.chunks == ((0, 8),) and engine.last_step.decodes == 0 and engine.last_step.tokens == 8
+    engine.step()
+    assert engine.last_step.chunks == ((8, 4),)
+    engine.step()
+    assert engine.last_step.chunks == () and engine.last_step.decodes == 1
