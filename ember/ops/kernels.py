@@ -19,7 +19,8 @@ import torch
 
 log = logging.getLogger("ember")
 AVX2_CAPABILITIES = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16")
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # one extension, one file per concern
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 _LOADED: dict[str, Any] = {}  # extension name -> module, for the life of the process
@@ -37,7 +38,9 @@ def compiler_version() -> str:
 
 def build_key(compiler: str) -> str:
     """What a build depends on: the source, the compiler, torch, Python and the flags."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     for part in (compiler, torch.__version__, platform.python_version(), " ".join(CFLAGS + LDFLAGS)):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
@@ -96,8 +99,9 @@ def cpu_kernels() -> Any | None:
         folder.mkdir(parents=True, exist_ok=True)
         built = (folder / f"{name}.so").is_file()
         with _announce(folder) if not built else nullcontext():
-            _LOADED[name] = load(name=name, sources=[str(SOURCE)], build_directory=str(folder), verbose=False,
-                                 extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS))
+            _LOADED[name] = load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(folder),
+                                 extra_include_paths=[str(SOURCES[0].parent)], extra_cflags=list(CFLAGS),
+                                 extra_ldflags=list(LDFLAGS), verbose=False)
             return _LOADED[name]
     except Exception as e:  # a failed build must not stop the engine
         log.warning("could not build ember's CPU kernels (%s); using the slower PyTorch fallbacks", e)
