@@ -17,8 +17,8 @@ from ember.engine.sampling_params import SamplingParams
 from ember.engine.sequence import Sequence
 from ember.errors import InvalidParameterError
 from ember.models.loader import LoadedModel
+from ember.ops.backends import KVSpec
 from ember.ops.formats import KV_CACHE_DTYPES
-from ember.ops.kv_quant import float_cache_dtype
 from ember.ops.quant import KERNEL_MAX_ROWS
 
 LOGIT_CHUNK = 256  # positions per logits slice: bounds memory to 256 x vocab floats
@@ -139,10 +139,11 @@ def _windows_nll_cached(loaded: LoadedModel, windows: list[torch.Tensor], firsts
     """_window_nll_cached of windows of one length, run side by side as the sequences of one batch: each step
     computes the next block of every window (so one step's fixed costs serve them all)."""
     n = windows[0].shape[0]
-    blocks = BlockManager(len(windows) * -(-n // block_size), block_size, enable_prefix_caching=False,
-                          num_residual=2 * len(windows))
-    dtype = float_cache_dtype(kv_cache_dtype, loaded.model.embed_tokens.weight.dtype)
-    runner = ModelRunner(loaded.model, blocks, dtype, KV_CACHE_DTYPES[kv_cache_dtype])
+    num_blocks = len(windows) * -(-n // block_size)
+    kv = KVSpec(loaded.config, kv_cache_dtype, loaded.model.embed_tokens.weight.dtype, block_size)
+    backend = kv.build(num_blocks, len(windows))
+    blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False, events=backend)
+    runner = ModelRunner(loaded.model, backend)
     seqs = {Sequence(f"ppl{i}", 0, w.tolist(), SamplingParams(max_tokens=1, prompt_logprobs=0), 0.0): w
             for i, w in enumerate(windows)}
     out: dict[Sequence, list[torch.Tensor]] = {seq: [] for seq in seqs}
@@ -155,7 +156,8 @@ def _windows_nll_cached(loaded: LoadedModel, windows: list[torch.Tensor], firsts
             seq.num_computed += count
             blocks.commit(seq)
         for part in result.prompt_rows:  # logits row i scores token part.first_token + i
-            logp = torch.log_softmax(result.logits[part.row:part.row + part.count], dim=-1)
+            logits = loaded.model.compute_logits(result.hidden[part.row:part.row + part.count])
+            logp = torch.log_softmax(logits, dim=-1)
             targets = seqs[part.seq][part.first_token:part.first_token + part.count, None]
             out[part.seq].append(-logp.gather(1, targets)[:, 0].double())
         on_tokens(count * len(seqs))

@@ -118,17 +118,17 @@ def layerwise(model: LlamaModel, ids: torch.Tensor, compress_layer: CompressLaye
                                f"{model.max_positions} positions")
     with torch.inference_mode():
         hidden = model.embed_tokens(ids)  # [S, T, D]
-        caches, meta = model.dense_context(ids.shape[1])
+        backend, plan = model.dense_context(ids.shape[1])
         rope = model.rope(torch.arange(ids.shape[1]), hidden.dtype)
         for i, layer in enumerate(model.layers):
-            inputs = _capture(layer, hidden, rope, caches[i], meta)
+            inputs = _capture(layer, hidden, rope, backend, plan)
             compress_layer(i, layer, inputs)
             del inputs
-            hidden = torch.stack([layer(h, rope, caches[i], meta) for h in hidden])
+            hidden = torch.stack([layer(h, rope, backend, plan) for h in hidden])
 
 
 def _capture(layer: DecoderLayer, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-             cache: torch.Tensor, meta: object) -> LayerInputs:
+             backend: object, plan: object) -> LayerInputs:
     s, t = hidden.shape[:2]
     bufs: dict[str, torch.Tensor] = {}
     row = [0]
@@ -145,7 +145,7 @@ def _capture(layer: DecoderLayer, hidden: torch.Tensor, rope: tuple[torch.Tensor
     try:
         for j in range(s):
             row[0] = j * t
-            layer(hidden[j], rope, cache, meta)
+            layer(hidden[j], rope, backend, plan)
     finally:
         for h in handles:
             h.remove()

@@ -11,8 +11,10 @@ import torch
 
 from ember.engine.kv_cache import BlockManager
 from ember.engine.outputs import CompletionOutput, EngineState, Logprob, LogprobDict, RequestOutput, StepShape
-from ember.engine.runner import ModelRunner, PromptLogprobRows, StepResult, kv_bytes_per_token
+from ember.engine.runner import ModelRunner, PromptLogprobRows, StepResult
 from ember.engine.sampler import Sampler, SamplingRow, compute_logprobs, top_logprobs
+from ember.engine import pooling
+from ember.engine.pooling_params import PoolingParams
 from ember.engine.sampling_params import SamplingParams, check_utf8, is_int
 from ember.engine.scheduler import POLICIES, Scheduler, SchedulerConfig, valid_itl_target
 from ember.engine.sequence import Sequence, Status
@@ -20,8 +22,8 @@ from ember.errors import InvalidParameterError, PromptTooLongError
 from ember.loading.tokenizer import IncrementalDetokenizer
 from ember.models.loader import LoadedModel, available_memory, load_model, parse_dtype
 from ember.models.quantize import apply as apply_quantization
+from ember.ops.backends import KVSpec
 from ember.ops.formats import KV_CACHE_DTYPES, QUANT_METHODS
-from ember.ops.kv_quant import float_cache_dtype
 
 log = logging.getLogger("ember")
 GiB = 1 << 30
@@ -117,9 +119,8 @@ class LLMEngine:
             (len(self.tokenizer.id_to_piece(i)) for i in range(self.tokenizer.vocab_size)), default=1)
         self.config = self.loaded.config
         model = apply_quantization(self.loaded.model, args.quantization)
-        kv_bits = KV_CACHE_DTYPES[args.kv_cache_dtype]
-        kv_dtype = float_cache_dtype(args.kv_cache_dtype, self.dtype)
-        per_token = kv_bytes_per_token(model, kv_dtype, kv_bits, args.block_size)
+        kv = KVSpec(self.config, args.kv_cache_dtype, self.dtype, args.block_size)
+        per_token = kv.bytes_per_token()
         context = min(args.max_model_len or self.config.max_position_embeddings, model.max_positions)
         if self.config.sliding_window and context > self.config.sliding_window:
             # Full attention equals sliding-window attention only up to the window.
@@ -128,10 +129,8 @@ class LLMEngine:
         if args.max_model_len and args.max_model_len > model.max_positions:
             raise InvalidParameterError(f"max_model_len {args.max_model_len} exceeds the model's "
                                         f"{model.max_positions} positions", param="max_model_len")
-        # A quantized cache keeps each running sequence's incomplete block in float: budget two per sequence
-        # (an old tail filling while a new one starts), out of the same memory (added to a default size).
-        num_residual = 0 if kv_bits is None else 2 * args.max_num_seqs
-        residual = num_residual * args.block_size * kv_bytes_per_token(model, torch.float32)
+        # A quantized cache keeps blocks still filling in float, out of the same memory (added to a default size).
+        residual = kv.reserved_bytes(args.max_num_seqs)
         memory = (args.kv_cache_memory * GiB if args.kv_cache_memory else
                   default_kv_memory(per_token * context, args.max_num_seqs) + residual) - residual
         num_blocks = max(0, int(memory // (per_token * args.block_size)))
@@ -145,10 +144,11 @@ class LLMEngine:
         if num_blocks < 1:
             raise InvalidParameterError("kv_cache_memory is too small for a single block", "kv_cache_memory")
         self.max_model_len = context
-        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, num_residual)
+        backend = kv.build(num_blocks, args.max_num_seqs)
+        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, backend)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
                                                    args.scheduler, args.itl_target), self.blocks)
-        self.runner = ModelRunner(model, self.blocks, kv_dtype, kv_bits)
+        self.runner = ModelRunner(model, backend)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._failed: list[Request] = []  # failed in this step; their outputs go out with the step's
@@ -159,8 +159,7 @@ class LLMEngine:
                                         "step_s": 0.0, "forward_s": 0.0}
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
                  num_blocks, args.block_size, num_blocks * args.block_size,
-                 num_blocks * args.block_size * per_token / 2**20,
-                 args.kv_cache_dtype if kv_bits else str(kv_dtype).removeprefix("torch."), self.max_model_len)
+                 num_blocks * args.block_size * per_token / 2**20, kv.name, self.max_model_len)
 
     @property
     def num_cache_tokens(self) -> int:
@@ -197,17 +196,23 @@ class LLMEngine:
                 f"the {param} has {len(text)} characters, more than {self.max_model_len} tokens (this model's "
                 f"context) can hold; shorten it", param)
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
-        """Validate a request and queue it; raises an EmberError (and queues nothing) if it is bad."""
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | PoolingParams | None = None
+                    ) -> None:
+        """Validate a request and queue it; raises an EmberError (and queues nothing) if it is bad. With
+        PoolingParams the request generates nothing: its output carries the pooled vector / attention."""
         self.admit(self.prepare(request_id, prompt, params))
 
-    def prepare(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
+    def prepare(self, request_id: str, prompt: Prompt, params: SamplingParams | PoolingParams | None = None
+                ) -> Request:
         """Tokenize and validate without touching engine state (safe to call from another thread)."""
-        params = params or SamplingParams()
+        pooling = params if isinstance(params, PoolingParams) else None
+        params = SamplingParams(max_tokens=1) if pooling else params or SamplingParams()
         text, ids = self.tokenize_prompt(prompt)
-        self._check_prompt(ids, params)
+        self._check_prompt(ids, params, whole_context=pooling is not None)
+        if pooling is not None:
+            pooling = pooling.resolve(len(ids), self.config.num_layers)
         now = time.monotonic()
-        seqs = [Sequence(request_id, i, ids, params, now, generator=self._generator(params, i))
+        seqs = [Sequence(request_id, i, ids, params, now, generator=self._generator(params, i), pooling=pooling)
                 for i in range(params.n)]
         self._check_token_ids(params)
         stop = set(params.stop_token_ids or ())
@@ -228,14 +233,15 @@ class LLMEngine:
         self.stats["prompt_tokens"] += len(req.prompt_ids)
         self.scheduler.add(req.seqs[0])
 
-    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+    def _check_prompt(self, ids: list[int], params: SamplingParams, whole_context: bool = False) -> None:
+        """whole_context: the prompt may fill the context (nothing will be generated)."""
         if not ids:
             raise InvalidParameterError("the prompt is empty", "prompt")
         vocab = self.config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidParameterError(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
-        if len(ids) >= self.max_model_len:
+        if len(ids) > self.max_model_len - (0 if whole_context else 1):
             raise PromptTooLongError(
                 f"the prompt has {len(ids)} tokens but this model's context is {self.max_model_len} "
                 "tokens (prompt plus output); shorten the prompt", "prompt")
@@ -277,6 +283,23 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def set_candidates(self, request_id: str, tokens: list[int], index: int = 0) -> None:
+        """Candidate next tokens for completion `index` of a decoding request (the speculative-decoding seam: a
+        proposer's drafts). The next step scores them beside the sequence's next token and keeps the longest
+        prefix the model itself produces, token for token as without them; the KV of the rest is rolled back.
+        Trimmed to what the context and max_tokens leave room for."""
+        req = self.requests.get(request_id)
+        seq = req.seqs[index] if req is not None and 0 <= index < len(req.seqs) else None
+        if seq is None or seq.status is not Status.RUNNING or seq.in_prefill or seq.pooling is not None:
+            raise InvalidParameterError(f"request {request_id!r} has no decoding completion {index}", "request_id")
+        vocab = self.config.vocab_size
+        if not all(is_int(t) and 0 <= t < vocab for t in tokens):
+            raise InvalidParameterError(f"candidate tokens must be token ids in [0, {vocab})", "tokens")
+        room = self.max_model_len - len(seq)
+        if seq.params.max_tokens is not None:  # the last one would be sampled past max_tokens
+            room = min(room, seq.params.max_tokens - len(seq.output_ids) - 1)
+        seq.spec_tokens = list(tokens[:max(0, room)])
+
     # -- the step ----------------------------------------------------------------------------
     # A step serves many requests; an exception caused by one of them must fail that request alone. The
     # parts of a step that belong to one request (its commit, prompt logprobs, fork, append, output) run
@@ -287,7 +310,8 @@ class LLMEngine:
         start = time.perf_counter()
         batch = self._schedule()
         self.last_step = StepShape(sum(1 for s in batch if not s.in_prefill),
-                                   tuple((s.num_computed, n) for s, n in batch.items() if s.in_prefill))
+                                   tuple((s.num_computed, n) for s, n in batch.items() if s.in_prefill),
+                                   sum(n - 1 for s, n in batch.items() if not s.in_prefill))
         if batch:
             runs = self._forward(batch)
             for sub, result in runs:
@@ -345,14 +369,29 @@ class LLMEngine:
         for seq, n in batch.items():
             self._guard(seq.request_id, self._commit, seq, n)
         self.stats["steps"] += 1
-        self.stats["forward_s"] += result.forward_s
+        began = time.perf_counter()
+        # Logits only for the rows sampled or scored.
+        result.logits = self.runner.model.compute_logits(result.hidden[: result.num_logit_rows])
+        self.stats["forward_s"] += result.forward_s + time.perf_counter() - began
         for part in result.prompt_rows:
             self._guard(part.seq.request_id, self._prompt_logprobs, result, part)
+        pooling.collect(result, self._guard)
+        for seq in {s for s in batch if s.pooling is not None}:
+            self._guard(seq.request_id, self._finish_pooling, seq)
         self._sample(result)
 
     def _commit(self, seq: Sequence, n: int) -> None:
+        """The step's tokens are in the cache; a sequence carrying candidates hashes its blocks only once it
+        knows which of them stay (_verify)."""
+        seq.spec_tokens = seq.spec_tokens[: max(0, n - seq.num_remaining)]  # the ones this step fed
         seq.num_computed += n
-        self.blocks.commit(seq)
+        if not seq.spec_tokens:
+            self.blocks.commit(seq)
+
+    def _finish_pooling(self, seq: Sequence) -> None:
+        if seq.num_computed == len(seq):
+            pooling.finish(seq)
+            self._finish(seq, "stop", None)
 
     def _guard(self, request_id: str, fn: Callable[..., T], *args: Any) -> T | None:
         """fn(*args) for one request's part of a step: an exception fails that request alone (None back);
@@ -412,24 +451,50 @@ class LLMEngine:
             seq.prompt_logprobs.append(top_logprobs(lps[i], k, token))
 
     def _sample(self, result: StepResult) -> None:
+        assert result.logits is not None
         pairs: list[tuple[Sequence, int]] = []
-        for seq, row in result.sample_rows.items():
+        for seq, rows in result.sample_rows.items():
+            if len(rows) > 1:  # carried candidates: verified below
+                continue
             forked = self._guard(seq.request_id, self._fork, seq)
             if forked is not None:
-                pairs += [(s, row) for s in [seq] + forked]
+                pairs += [(s, rows[0]) for s in [seq] + forked]
+        self._sample_batch(result.logits, pairs)
+        for seq, rows in result.sample_rows.items():
+            if len(rows) > 1:
+                self._guard(seq.request_id, self._verify, result.logits, seq, rows)
+
+    def _verify(self, logits: torch.Tensor, seq: Sequence, rows: list[int]) -> None:
+        """Sample a sequence's rows in order, as one-token steps would (the sampler sees each accepted token
+        before the next row, a seeded generator draws once per token), while each sample equals the candidate
+        fed after it; roll back the KV of the candidates that did not survive, then hash what stays."""
+        candidates, accepted = seq.spec_tokens, 0
+        for i, row in enumerate(rows):
+            self._sample_rows(logits, [(seq, row)])
+            if seq.finished or i == len(candidates) or seq.output_ids[-1] != candidates[i]:
+                break
+            accepted += 1
+        self.stats["spec_draft_tokens"] = self.stats.get("spec_draft_tokens", 0) + len(candidates)
+        self.stats["spec_accepted_tokens"] = self.stats.get("spec_accepted_tokens", 0) + accepted
+        seq.spec_tokens = []
+        if not seq.finished:
+            self.blocks.truncate(seq, seq.num_computed - (len(candidates) - accepted))
+            self.blocks.commit(seq)
+
+    def _sample_batch(self, logits: torch.Tensor, pairs: list[tuple[Sequence, int]]) -> None:
         if not pairs:
             return
         # The batched draw may have advanced seeded generators before it failed: rewind them for the retry, so a
         # seeded request samples what it would have without the failing one.
         states = [(s.generator, s.generator.get_state()) for s, _ in pairs if s.generator is not None]
         try:
-            self._sample_rows(result.logits, pairs)
+            self._sample_rows(logits, pairs)
         except Exception:
             log.exception("sampling %d rows failed; sampling each row alone", len(pairs))
             for generator, state in states:
                 generator.set_state(state)
             for seq, row in pairs:
-                self._guard(seq.request_id, self._sample_rows, result.logits, [(seq, row)])
+                self._guard(seq.request_id, self._sample_rows, logits, [(seq, row)])
 
     def _sample_rows(self, all_logits: torch.Tensor, pairs: list[tuple[Sequence, int]]) -> None:
         """Sample the next token of each (sequence, logits row) and append it (rows of failed requests
@@ -538,5 +603,8 @@ class LLMEngine:
         metrics = {"arrival": req.arrival}
         if first.first_token_time:
             metrics["first_token"] = first.first_token_time
+        if first.pooling is not None:
+            completions = []
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, completions, req.finished,
-                             prompt_lps, first.num_cached_tokens, metrics)
+                             prompt_lps, first.num_cached_tokens, metrics,
+                             pooled=pooling.output(first) if req.finished else None)

@@ -1,19 +1,36 @@
-"""Block allocator and prefix cache: full blocks are content-hashed and reused, free blocks evicted LRU;
-for quantized caches, residual slots for the blocks still filling."""
+"""Block allocator and prefix cache: full blocks are content-hashed and reused, free blocks evicted LRU,
+a sequence's tail rolled back after rejected speculative tokens."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
 from ember.engine.sequence import Sequence
 
 BlockKey = tuple[int | None, tuple[int, ...]]  # (parent block hash, token ids of the block)
 
 
+class BlockEvents(Protocol):
+    """What the KV storage (the attention backend) is told about blocks."""
+
+    def block_filled(self, block: int) -> None: ...
+
+    def block_freed(self, block: int) -> None: ...
+
+
+class _NoEvents:
+    def block_filled(self, block: int) -> None:
+        pass
+
+    def block_freed(self, block: int) -> None:
+        pass
+
+
 class BlockManager:
     """Owns block ids, their reference counts and the hash -> block map; never touches KV tensors."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_residual: int = 0) -> None:
+                 events: BlockEvents | None = None) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -24,13 +41,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
-        # Quantized caches only (num_residual > 0): a block still filling keeps its tokens in float in a
-        # residual slot until it is full. Only a sequence's own tail block is ever incomplete (forks copy
-        # it, prefix hits take full blocks), so slots are never shared.
-        self.use_residual = num_residual > 0
-        self.residual_of: dict[int, int] = {}  # block -> residual slot
-        self.free_residual: list[int] = list(range(num_residual - 1, -1, -1))
-        self.num_residual = num_residual
+        self.events: BlockEvents = events or _NoEvents()
 
     @property
     def num_free_blocks(self) -> int:
@@ -53,19 +64,16 @@ class BlockManager:
             block = self._take_free()
             self.ref_count[block] = 1
             seq.block_table.append(block)
-        end = seq.num_computed + num_tokens
-        if self.use_residual and end % self.block_size:
-            self._give_residual(seq.block_table[end // self.block_size])
 
     def match_prefix(self, seq: Sequence) -> None:
         """Before a sequence's first step: reuse cached blocks for its longest known full-block prefix."""
-        if not self.enable_prefix_caching or seq.block_table or seq.wants_prompt_logprobs:
+        if not self.enable_prefix_caching or seq.block_table or seq.first_computed == 0:
             return
         tokens = seq.token_ids
         bs = self.block_size
         parent: int | None = None
-        # At least one token must be computed so the step produces logits.
-        for i in range((len(tokens) - 1) // bs):
+        # The rows the sequence needs (at least the last token's, for logits) must be computed.
+        for i in range(seq.first_computed // bs):
             key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
             h = hash(key)
             block = self.cached.get(h)
@@ -82,7 +90,8 @@ class BlockManager:
         self.prefix_hits += seq.num_computed
 
     def commit(self, seq: Sequence) -> None:
-        """After a step: hash the blocks that became full so later sequences can share them."""
+        """After a step (and after any rollback): hash the blocks that became full of accepted tokens so later
+        sequences can share them."""
         bs = self.block_size
         tokens = seq.token_ids
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
@@ -91,7 +100,7 @@ class BlockManager:
             h = hash(key)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
-            self._drop_residual(block)
+            self.events.block_filled(block)
             if self.enable_prefix_caching and h not in self.cached:
                 self.cached[h] = block
                 self.block_key[block] = key
@@ -99,15 +108,30 @@ class BlockManager:
     def free_seq(self, seq: Sequence) -> None:
         """Release a sequence's blocks; hashed ones stay revivable until evicted (tail blocks first)."""
         for block in reversed(seq.block_table):
-            self._drop_residual(block)
-            self.ref_count[block] -= 1
-            if self.ref_count[block] == 0:
-                self.free[block] = None
-                if self.block_key[block] is None:  # nothing to revive: reuse it first
-                    self.free.move_to_end(block, last=False)
+            self._release(block)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed = 0
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep only the KV of `seq`'s first num_tokens positions (rejected speculative tokens roll back): the
+        blocks past them are freed. Never reaches a hashed block: those hold accepted tokens only."""
+        if not len(seq.block_hashes) * self.block_size <= num_tokens <= seq.num_computed:
+            raise ValueError(f"cannot roll back to {num_tokens} tokens: {seq.num_computed} computed, "
+                             f"{len(seq.block_hashes) * self.block_size} in hashed blocks")
+        keep = -(-num_tokens // self.block_size)
+        for block in reversed(seq.block_table[keep:]):
+            self._release(block)
+        del seq.block_table[keep:]
+        seq.num_computed = num_tokens
+
+    def _release(self, block: int) -> None:
+        self.ref_count[block] -= 1
+        if self.ref_count[block] == 0:
+            self.events.block_freed(block)
+            self.free[block] = None
+            if self.block_key[block] is None:  # nothing to revive: reuse it first
+                self.free.move_to_end(block, last=False)
 
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Let `child` share `parent`'s blocks; a partial last block is copied (returns (src, dst))."""
@@ -124,21 +148,7 @@ class BlockManager:
         dst = self._take_free()
         self.ref_count[dst] = 1
         child.block_table.append(dst)
-        if self.use_residual:
-            self._give_residual(dst)
         return parent.block_table[full], dst
-
-    def _give_residual(self, block: int) -> None:
-        if block not in self.residual_of:
-            if not self.free_residual:  # more sequences than planned (forks): the runner grows the pool
-                self.free_residual.append(self.num_residual)
-                self.num_residual += 1
-            self.residual_of[block] = self.free_residual.pop()
-
-    def _drop_residual(self, block: int) -> None:
-        slot = self.residual_of.pop(block, None)
-        if slot is not None:
-            self.free_residual.append(slot)
 
     def _take_free(self) -> int:
         if not self.free:

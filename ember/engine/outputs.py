@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -29,6 +30,16 @@ class CompletionOutput:
 
 
 @dataclass
+class PoolingOutput:
+    """What a pooling request reads from the model: its pooled hidden state [hidden] (None if not asked) and
+    the attention its span paid to every earlier token [span length, span end] (None if not asked), float32
+    torch tensors."""
+
+    data: Any
+    attention: Any = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -39,6 +50,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why the engine failed this request (finish_reason "error"); others ran on
+    pooled: PoolingOutput | None = None  # a pooling request's result, once finished
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,8 @@ class StepShape:
 
     decodes: int
     chunks: tuple[tuple[int, int], ...]
+    candidates: int = 0  # candidate tokens scored beside the decodes (speculative drafts)
 
     @property
     def tokens(self) -> int:
-        return self.decodes + sum(n for _, n in self.chunks)
+        return self.decodes + self.candidates + sum(n for _, n in self.chunks)

@@ -159,7 +159,7 @@ class Scheduler:
     def _schedule_splitfuse(self) -> dict[Sequence, int]:
         budget = self.config.max_num_batched_tokens
         batch = self._schedule_decodes(budget)
-        budget -= len(batch)
+        budget -= sum(batch.values())
         if batch:
             budget = min(budget, self._chunk_allowance(len(batch)))
         # Prompt chunks fill what is left: running sequences mid-prompt first, then new arrivals.
@@ -208,22 +208,30 @@ class Scheduler:
         return max(self.config.min_chunk, most)
 
     def _schedule_decodes(self, budget: int | None) -> dict[Sequence, int]:
-        """One token for every decoding sequence, preempting the newest when blocks run out."""
+        """One token for every decoding sequence (plus its candidate tokens where budget and free blocks allow),
+        preempting the newest when blocks run out."""
         batch: dict[Sequence, int] = {}
+        used = 0
         for seq in list(self.running):
             if seq.in_prefill or seq.status is not Status.RUNNING:
                 continue
-            if budget is not None and len(batch) >= budget:
+            if budget is not None and used >= budget:
                 break
             while not self.blocks.can_allocate(seq, 1):
                 victim = self.running[-1]
                 self._preempt(victim)
-                batch.pop(victim, None)
+                used -= batch.pop(victim, 0)
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
-                self.blocks.allocate(seq, 1)
-                batch[seq] = 1
+                n = 1 + len(seq.spec_tokens)
+                if budget is not None:
+                    n = min(n, budget - used)
+                while n > 1 and not self.blocks.can_allocate(seq, n):  # candidates never preempt anyone
+                    n -= 1
+                self.blocks.allocate(seq, n)
+                batch[seq] = n
+                used += n
         return batch
 
     def _admit(self, batch: dict[Sequence, int], budget: int, whole_prompts: bool) -> None:

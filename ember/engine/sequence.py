@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ember.engine.pooling_params import PoolingParams
 from ember.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -44,6 +45,12 @@ class Sequence:
     first_token_time: float | None = None
     # Children waiting for this sequence's prompt to finish so they can share its blocks (n > 1).
     fork_children: list["Sequence"] = field(default_factory=list)
+    # Candidate tokens after the last one (speculative drafts) for the next step to score and verify; the
+    # engine trims them to what fits and clears them after the step.
+    spec_tokens: list[int] = field(default_factory=list)
+    pooling: PoolingParams | None = None  # set: read the prompt's hidden states / attention, generate nothing
+    pooled: "torch.Tensor | None" = None  # the running sum (mean) or the last hidden row
+    attention: "torch.Tensor | None" = None  # captured attention, [span, span end]
 
     @property
     def token_ids(self) -> list[int]:
@@ -64,6 +71,16 @@ class Sequence:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None and len(self.output_ids) == 0
+
+    @property
+    def first_computed(self) -> int:
+        """The first position whose rows this sequence needs computed rather than served from the prefix cache
+        (prompt logprobs and mean pooling need them all; the last token is always computed)."""
+        if self.wants_prompt_logprobs:
+            return 0
+        if self.pooling is not None:
+            return min(len(self) - 1, self.pooling.first_computed)
+        return len(self) - 1
 
     @property
     def finished(self) -> bool:

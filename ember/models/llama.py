@@ -8,10 +8,10 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
-from ember.ops.attention import AttentionMetadata, PrefillChunk, paged_attention
+from ember.ops.attention import AttentionBackend, StepPlan
 from ember.ops.kernels import cpu_kernels
-from ember.ops.kv_quant import QuantKVCache
 from ember.ops.norm import RMSNorm
+from ember.ops.paged_float import dense_backend
 from ember.ops.quant import KERNEL_MAX_ROWS, QuantLinear
 from ember.ops.rope import RotaryEmbedding, apply_rotary, inv_frequencies
 
@@ -29,8 +29,9 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = self.n_heads * self.hd, self.n_kv * self.hd
         # q, k and v projections fused into one matmul; loaded by slicing (see load_weights).
@@ -38,12 +39,12 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.scale = self.hd ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
+                plan: StepPlan) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = apply_rotary(q.view(t, self.n_heads, self.hd), k.view(t, self.n_kv, self.hd), *rope)
-        o = paged_attention(q, k, v.view(t, self.n_kv, self.hd), cache, meta, self.scale)
+        o = backend.forward(self.layer, q, k, v.view(t, self.n_kv, self.hd), plan, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -64,16 +65,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
+                plan: StepPlan) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, backend, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,7 +115,7 @@ class LlamaModel(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size), _freeze=True)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.max_positions = max_positions or cfg.max_position_embeddings
@@ -126,38 +127,24 @@ class LlamaModel(nn.Module):
                               freq_factors)
         self.rope = RotaryEmbedding(inv, self.max_positions)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor] | list[QuantKVCache], meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
+                plan: StepPlan) -> torch.Tensor:
+        """input_ids, positions: [T]; the step's KV layout and its plan. Returns final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions, x.dtype)
-        fused = self._fused_decoder(x, meta)
-        if fused is not None:  # one-query rows only: all layers in one C++ call
-            return self._run_fused(fused, x, rope, kv_caches, meta)
-        for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, cache, meta)
+        fused = self._fused_decoder(x)
+        if fused is not None:  # all layers in one C++ call, where the backend's plan allows it
+            hidden = backend.fused_forward(fused, x, *rope, plan, self.layers[0].self_attn.scale)
+            if hidden is not None:
+                return hidden
+        for layer in self.layers:
+            x = layer(x, rope, backend, plan)
         return self.norm(x)
 
-    def _run_fused(self, fused: Any, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                   kv_caches: list[torch.Tensor] | list[QuantKVCache], meta: AttentionMetadata) -> torch.Tensor:
-        scale = self.layers[0].self_attn.scale
-        if meta.kv_quant is None:
-            return fused.forward(x, *rope, kv_caches, meta.slot_mapping, meta.decode_block_tables,
-                                 meta.decode_ctx_lens, scale)
-        qm = meta.kv_quant
-        # Each token goes to its residual slot (rows are the decodes in order, as res_slots are).
-        hidden = fused.forward_kivi(x, *rope, [c.tensors() for c in kv_caches], qm.res_slots, qm.decode_full,
-                                    meta.decode_ctx_lens, qm.decode_residual, kv_caches[0].bits, scale)
-        for cache in kv_caches:
-            cache.quantize_filled(None, None, qm)
-        return hidden
-
-    def _fused_decoder(self, x: torch.Tensor, meta: AttentionMetadata) -> Any:
-        """The C++ decoder stack when every row of this step attends one query over the paged cache
-        (decodes, and prompt chunks the runner turned into such rows; rows in order), float32
-        (weights and cache, or a KIVI cache) and every projection is a plain or quantized linear the
-        kernels run; else None."""
-        if meta.prefills or meta.decode_rows is None or x.dtype != torch.float32 or not self.layers:
+    def _fused_decoder(self, x: torch.Tensor) -> Any:
+        """The C++ decoder stack when the activations are float32 and every projection is a plain or
+        quantized linear the kernels run (for at most KERNEL_MAX_ROWS rows if quantized); else None."""
+        if x.dtype != torch.float32 or not self.layers:
             return None
         kern = cpu_kernels()
         if kern is None:
@@ -172,20 +159,17 @@ class LlamaModel(nn.Module):
         # Beyond KERNEL_MAX_ROWS the module path dequantizes quantized layers for a float GEMM.
         return None if quant and x.shape[0] > KERNEL_MAX_ROWS else fused
 
-    def dense_context(self, n: int) -> tuple[list[torch.Tensor], AttentionMetadata]:
-        """Scratch KV caches (one block of n slots per layer) and metadata for one causal sequence of n
-        tokens: the plain, unpaged forward used by perplexity and calibration."""
-        cfg, dtype = self.config, self.embed_tokens.weight.dtype
-        caches = [torch.empty(2, 1, n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype) for _ in self.layers]
-        meta = AttentionMetadata(slot_mapping=torch.arange(n),
-                                 prefills=[PrefillChunk(0, n, n, torch.zeros(1, dtype=torch.long), None)])
-        return caches, meta
+    def dense_context(self, n: int) -> tuple[AttentionBackend, StepPlan]:
+        """Scratch KV caches and the plan for one causal sequence of n tokens: the plain, unpaged forward
+        used by perplexity and calibration."""
+        cfg = self.config
+        return dense_backend(cfg.num_layers, n, cfg.num_kv_heads, cfg.head_dim, self.embed_tokens.weight.dtype)
 
     @torch.inference_mode()
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final hidden states [T, hidden] of one sequence input_ids [T], starting at position 0."""
-        caches, meta = self.dense_context(input_ids.shape[0])
-        return self(input_ids, torch.arange(input_ids.shape[0]), caches, meta)
+        backend, plan = self.dense_context(input_ids.shape[0])
+        return self(input_ids, torch.arange(input_ids.shape[0]), backend, plan)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied: the embedding table is the head

@@ -1,4 +1,5 @@
-"""Ragged attention over a paged KV cache: prompt chunks (causal, with cached context) and batched decodes."""
+"""The attention backend seam: how a step's rows are described (RowSpan, KeyWindow, AttentionCapture), the
+interface every KV layout implements (AttentionBackend), and the PyTorch pieces the layouts share."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,136 +8,143 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ember.ops.kernels import cpu_kernels
-from ember.ops.kv_quant import KVQuantMeta, QuantKVCache
+
+@dataclass(frozen=True)
+class RowSpan:
+    """n consecutive tokens of one sequence in a step: flat rows [row0, row0 + n) at positions
+    [start, start + n). Each attends to every earlier position of its sequence (and itself), subject to the
+    step's KeyWindow."""
+
+    block_table: list[int]  # the sequence's blocks, covering at least start + n positions
+    start: int
+    n: int
+    row0: int
+    candidates: int = 0  # trailing tokens that may be rolled back after the step (speculative drafts): their
+    # rows must score as if each had been decoded alone, and their blocks are quantized only once accepted
+
+    @property
+    def decode(self) -> bool:
+        """One token continuing a sequence (as opposed to a prompt chunk or a multi-token step)."""
+        return self.n == 1 and self.start > 0
+
+
+@dataclass(frozen=True)
+class KeyWindow:
+    """A mask variant: the query at position p sees keys t < sink and p - size < t <= p (attention sinks
+    plus a recent window); every backend honours it in its C++ and PyTorch paths."""
+
+    sink: int
+    size: int
+
+    def starts(self, positions: torch.Tensor) -> torch.Tensor:
+        """First key of each query's recent window."""
+        return (positions - self.size + 1).clamp(min=0)
+
+    def mask(self, positions: torch.Tensor, ctx: int) -> torch.Tensor:
+        """[len(positions), ctx] bool: which keys each query sees (causality included)."""
+        t = torch.arange(ctx)[None, :]
+        p = positions[:, None]
+        return (t <= p) & ((t < self.sink) | (t >= self.starts(positions)[:, None]))
 
 
 @dataclass
-class PrefillChunk:
-    """One sequence contributing several query tokens this step."""
+class AttentionCapture:
+    """Rows [offset, offset + count) of span `span` want their attention probabilities over all earlier keys,
+    summed over heads and over `layers`, in float32 (probs [count, start + offset + count] after the forward;
+    row i's keys beyond its own position are 0)."""
 
-    q_start: int  # first row of this chunk in the flat token batch
-    q_len: int
-    ctx_len: int  # tokens of context after this step (cached + this chunk)
-    block_ids: torch.Tensor  # blocks holding the context, in order
-    mask: torch.Tensor | None  # [q_len, ctx_len] bool when there is cached context; None = plain causal
+    span: int
+    offset: int
+    count: int
+    layers: frozenset[int]
+    probs: torch.Tensor | None = None
+
+    def add(self, layer_probs: torch.Tensor) -> None:
+        self.probs = layer_probs if self.probs is None else self.probs + layer_probs
 
 
 @dataclass
-class AttentionMetadata:
-    """Where each token's K/V goes and what each query attends to; built once per step, shared by layers."""
+class StepPlan:
+    """What every layer needs to know about a step, built once by AttentionBackend.plan; each backend adds its
+    own metadata in a subclass."""
 
-    slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) for each new token
-    prefills: list[PrefillChunk] = field(default_factory=list)
-    decode_rows: torch.Tensor | None = None  # [B] rows attending one query each (decodes, prompt chunks)
-    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
-    decode_ctx_lens: torch.Tensor | None = None  # [B] tokens each such row attends (its position + 1)
-    kv_quant: KVQuantMeta | None = None  # set when the cache is quantized (QuantKVCache)
+    spans: list[RowSpan]
+    positions: torch.Tensor  # [T] position of every row
+    window: KeyWindow | None = None
+    captures: list[AttentionCapture] = field(default_factory=list)
 
-
-def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store new keys/values; cache is [2, n_blocks, block_size, kv_heads, head_dim]."""
-    n_kv, hd = k.shape[-2:]
-    cache[0].view(-1, n_kv, hd).index_copy_(0, slots, k.to(cache.dtype))
-    cache[1].view(-1, n_kv, hd).index_copy_(0, slots, v.to(cache.dtype))
+    def captures_at(self, layer: int) -> list[AttentionCapture]:
+        return [c for c in self.captures if layer in c.layers]
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor | QuantKVCache,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D] for the new tokens. Returns [T, H, D]."""
-    if isinstance(cache, QuantKVCache):
-        return _quantized_attention(q, k, v, cache, meta, scale)
-    write_kv(cache, k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
-    for chunk in meta.prefills:
-        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-        out[rows] = _prefill(q[rows], k[rows], v[rows], cache, chunk, scale)
-    if meta.decode_rows is not None:
-        out[meta.decode_rows] = _decode(q[meta.decode_rows], cache, meta, scale)
-    return out
+class AttentionBackend:
+    """A KV layout and the attention over it. It owns the cache storage, builds each step's metadata from
+    generic row spans (plan), and chooses between its C++ kernel and PyTorch twin; the runner and the model
+    never branch on the cache format. Blocks are the BlockManager's ids: the backend only stores their
+    contents (and is told when a block is freed or becomes full of accepted tokens)."""
+
+    block_size: int
+
+    def plan(self, spans: list[RowSpan], window: KeyWindow | None = None,
+             captures: list[AttentionCapture] | None = None) -> StepPlan:
+        raise NotImplementedError
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any,
+                scale: float) -> torch.Tensor:
+        """Store the step's k, v [T, KVH, D] in `layer`'s cache and attend q [T, H, D]; returns [T, H, D].
+        Adds the layer's attention probabilities to the plan's captures that ask for it."""
+        raise NotImplementedError
+
+    def fused_forward(self, fused: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: Any,
+                      scale: float) -> torch.Tensor | None:
+        """Every layer in the C++ DecodeModel `fused` when the plan allows (one-query rows only), else None."""
+        return None
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Give dst the contents of src (a partly filled block being forked)."""
+        raise NotImplementedError
+
+    def block_filled(self, block: int) -> None:
+        """`block` is full of accepted tokens (the allocator is about to hash it)."""
+
+    def block_freed(self, block: int) -> None:
+        """The allocator took `block` back (finished, preempted or rolled back)."""
 
 
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-             chunk: PrefillChunk, scale: float) -> torch.Tensor:
-    n_kv, hd = k.shape[-2:]
-    if chunk.mask is not None:  # earlier context lives in the cache: read it all back
-        k = cache[0][chunk.block_ids].view(-1, n_kv, hd)[: chunk.ctx_len].to(q.dtype)
-        v = cache[1][chunk.block_ids].view(-1, n_kv, hd)[: chunk.ctx_len].to(q.dtype)
-    return _chunk_attention(q, k, v, chunk.mask, scale)
-
-
-def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
-    """Causal attention of a chunk's queries [n, H, D] over its context k, v [ctx, KVH, D] (mask [n, ctx],
-    or None when the context is the chunk itself)."""
-    # 4-D inputs: with 3-D ones torch 2.13's CPU SDPA falls back to its math kernel, 3-6x slower here
-    # (512 queries over 2048 keys, 9 heads on 3: 68.8 vs 21.4 ms).
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """Attention of a chunk's queries [n, H, D] over its context k, v [ctx, KVH, D] (mask [n, ctx], or None
+    when the context is the chunk itself, causal)."""
+    # 4-D inputs: with 3-D ones torch's CPU SDPA falls back to its much slower math kernel (BENCHMARKS.md).
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=None if mask is None else mask[None, None], is_causal=mask is None, scale=scale, enable_gqa=True)
     return o[0].transpose(0, 1)
 
 
-def paged_rows_kernel(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> Any | None:
-    """The C++ kernels when they attend one-query rows straight from this float cache, else None."""
-    return cpu_kernels() if q_dtype == torch.float32 and cache_dtype in (torch.float32, torch.float16) else None
+def visible(positions: torch.Tensor, ctx: int, window: KeyWindow | None) -> torch.Tensor:
+    """[len(positions), ctx] bool: the keys [0, ctx) each query at `positions` sees."""
+    if window is not None:
+        return window.mask(positions, ctx)
+    return torch.arange(ctx)[None, :] <= positions[:, None]
 
 
-def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    kern = paged_rows_kernel(q.dtype, cache.dtype)
-    if kern is not None:  # reads K/V in place from the blocks instead of gathering a padded copy
-        return kern.paged_decode_attention(q, cache[0], cache[1], meta.decode_block_tables,
-                                           meta.decode_ctx_lens, scale)
-    b, h, hd = q.shape
-    n_kv = cache.shape[-2]
-    tables = meta.decode_block_tables
-    width = tables.shape[1] * cache.shape[2]
-    mask = (torch.arange(width)[None, :] < meta.decode_ctx_lens[:, None])[:, None, None, :]
-    # [B, max_blocks, block_size, KVH, D] -> [B, KVH, L, D]
-    k = cache[0][tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
-    v = cache[1][tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
-    # Grouped-query trick: the G query heads of one KV head become G query rows.
-    qg = q.view(b, n_kv, h // n_kv, hd)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    return o.reshape(b, h, hd)
+def chunk_mask(positions: torch.Tensor, ctx: int, window: KeyWindow | None) -> torch.Tensor | None:
+    """As visible, or None when that is plain causal over the chunk itself (it starts at 0, no window)."""
+    if window is None and int(positions[0]) == 0:
+        return None
+    return visible(positions, ctx, window)
 
 
-def _quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: QuantKVCache,
-                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """As paged_attention over a KIVI cache: earlier steps' tokens come back dequantized (full blocks)
-    or from the float residual; this step's own tokens are used exactly, then stored."""
-    qm = meta.kv_quant
-    assert qm is not None, "a quantized cache needs KVQuantMeta"
-    cache.write_residual(k, v, qm)  # decoding tokens are read back from there
-    out = torch.empty_like(q)
-    for chunk, context in zip(meta.prefills, qm.chunk_context):
-        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-        kc, vc = k[rows], v[rows]
-        if context is not None:
-            full, res = context
-            kc = torch.cat([cache.keys(full).flatten(0, 1), cache.residual_rows(0, res), kc.float()])
-            vc = torch.cat([cache.values(full).flatten(0, 1), cache.residual_rows(1, res), vc.float()])
-        out[rows] = _chunk_attention(q[rows], kc.to(q.dtype), vc.to(q.dtype), chunk.mask, scale)
-    if meta.decode_rows is not None:
-        out[meta.decode_rows] = _quantized_decode(q[meta.decode_rows], cache, meta, qm, scale)
-    cache.quantize_filled(k, v, qm)
-    return out
-
-
-def _quantized_decode(q: torch.Tensor, cache: QuantKVCache, meta: AttentionMetadata, qm: KVQuantMeta,
-                      scale: float) -> torch.Tensor:
-    kern = cpu_kernels() if q.dtype == torch.float32 else None
-    if kern is not None:  # dequantizes block by block into a small buffer instead of the whole context
-        return kern.kivi_decode_attention(q, cache.tensors(), qm.decode_full, meta.decode_ctx_lens,
-                                          qm.decode_residual, cache.bits, scale)
-    b, h, hd = q.shape
-    n_kv = cache.n_kv
-    # [B, W*bs + bs, KVH, D]: dequantized full blocks, then the residual block (which holds the token).
-    keys = torch.cat([cache.keys(qm.decode_full.flatten()).view(b, -1, n_kv, hd), cache.residual[0][qm.decode_residual]],
-                     dim=1)
-    vals = torch.cat([cache.values(qm.decode_full.flatten()).view(b, -1, n_kv, hd),
-                      cache.residual[1][qm.decode_residual]], dim=1)
-    qg = q.view(b, n_kv, h // n_kv, hd)
-    o = F.scaled_dot_product_attention(qg, keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
-                                       attn_mask=qm.decode_mask, scale=scale)
-    return o.reshape(b, h, hd)
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) of queries q [n, H, D] over keys k [ctx, KVH, D] (GQA: query head j reads KV
+    head j // (H / KVH)), masked (mask [n, ctx] or None = causal with the queries last), summed over heads:
+    [n, ctx] float32."""
+    n, h, _ = q.shape
+    ctx, kvh = k.shape[0], k.shape[1]
+    kk = k.float().repeat_interleave(h // kvh, dim=1)  # [ctx, H, D]
+    scores = torch.einsum("nhd,thd->hnt", q.float(), kk) * scale
+    if mask is None:
+        mask = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
+    scores.masked_fill_(~mask[None], float("-inf"))
+    return scores.softmax(dim=-1).sum(dim=0)

@@ -3,7 +3,7 @@ channel, values per token, asymmetric), the newest tokens of each sequence kept 
 their block fills."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -57,29 +57,31 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> to
     return codes.float() * scale.float() + lo.float()
 
 
+def fake_quantize_blocks(keys: torch.Tensor, vals: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What full blocks keys, vals [C, bs, n_kv, D] read back as once a QuantKVCache holds them."""
+    kc, ks, km = quantize(keys, dim=1, bits=bits)
+    vc, vs, vm = quantize(vals, dim=3, bits=bits)
+    return dequantize(kc, ks[:, None], km[:, None]), dequantize(vc, vs[..., None], vm[..., None])
+
+
 @dataclass
-class KVQuantMeta:
-    """Per-step indices for a quantized cache, built once by the runner and shared by all layers.
+class BlockFill:
+    """Blocks to quantize and where their tokens are: C blocks' C * bs tokens in block order, positions taken
+    from the float residual (flat indices slot * block_size + offset) and from the step's new rows."""
 
-    `new` rows are the step's tokens in flat-batch order; `residual` indices are flat slots
-    (slot * block_size + offset) of the float residual."""
+    blocks: torch.Tensor  # [C]
+    pos_res: torch.Tensor
+    res: torch.Tensor
+    pos_new: torch.Tensor
+    rows: torch.Tensor
 
-    res_rows: torch.Tensor  # [Tr] new rows kept in float: decoding tokens, and prompt tokens of a block
-    # that stays incomplete after this step
-    res_slots: torch.Tensor  # [Tr] residual indices they are written to
-    done_blocks: torch.Tensor  # [C] blocks that fill this step: quantized after attention
-    # Their C * bs tokens in block order: positions taken from the residual (written in earlier steps)
-    # and from the new rows.
-    done_pos_res: torch.Tensor
-    done_res: torch.Tensor
-    done_pos_new: torch.Tensor
-    done_rows: torch.Tensor
-    # Aligned with AttentionMetadata.prefills: (full blocks, residual indices) of the cached context.
-    chunk_context: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
-    decode_full: torch.Tensor | None = None  # [B, W] full blocks of each decoding sequence (padded 0)
-    decode_residual: torch.Tensor | None = None  # [B] residual slot of each one's incomplete block
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, W*bs + bs]: full blocks, then the residual block
-    # (which already holds the decoding token)
+    @staticmethod
+    def from_residual(blocks: list[int], slots: list[int], block_size: int) -> "BlockFill":
+        """Blocks whose tokens all sit in their residual slots."""
+        res = [s * block_size + i for s in slots for i in range(block_size)]
+        empty = torch.empty(0, dtype=torch.long)
+        return BlockFill(torch.tensor(blocks, dtype=torch.long), torch.arange(len(res)),
+                         torch.tensor(res, dtype=torch.long), empty, empty)
 
 
 class QuantKVCache:
@@ -141,28 +143,28 @@ class QuantKVCache:
         codes = unpack_codes(self.v_codes[blocks], self.bits)
         return dequantize(codes, self.v_scale[blocks][..., None], self.v_min[blocks][..., None])
 
-    def write_residual(self, k: torch.Tensor, v: torch.Tensor, qm: KVQuantMeta) -> None:
-        """Keep the new tokens [T, n_kv, D] of blocks still filling (and decoding tokens) in float."""
-        if qm.res_rows.numel():
+    def write_residual(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+        """Keep new tokens k, v [rows] ([T, n_kv, D]) in float at residual flat indices `index`."""
+        if rows.numel():
             flat = self.residual.view(2, -1, self.n_kv, self.head_dim)
-            flat[0].index_copy_(0, qm.res_slots, k[qm.res_rows].float())
-            flat[1].index_copy_(0, qm.res_slots, v[qm.res_rows].float())
+            flat[0].index_copy_(0, index, k[rows].float())
+            flat[1].index_copy_(0, index, v[rows].float())
 
-    def quantize_filled(self, k: torch.Tensor | None, v: torch.Tensor | None, qm: KVQuantMeta) -> None:
-        """Quantize the blocks this step filled, from their residual tokens and the new rows (k, v may be
-        None when every token is already in the residual)."""
-        if not qm.done_blocks.numel():
+    def quantize_filled(self, k: torch.Tensor | None, v: torch.Tensor | None, fill: BlockFill) -> None:
+        """Quantize the blocks `fill` names, from their residual tokens and the new rows (k, v may be None when
+        every token is already in the residual)."""
+        if not fill.blocks.numel():
             return
-        bs, blocks = self.block_size, qm.done_blocks
+        bs, blocks = self.block_size, fill.blocks
         flat = self.residual.view(2, -1, self.n_kv, self.head_dim)
         shape = (blocks.numel(), bs, self.n_kv, self.head_dim)
         keys, vals = torch.empty(shape), torch.empty(shape)
         for out, res, new in ((keys, flat[0], k), (vals, flat[1], v)):
             out = out.view(-1, self.n_kv, self.head_dim)
-            out[qm.done_pos_res] = res[qm.done_res]
-            if qm.done_rows.numel():
+            out[fill.pos_res] = res[fill.res]
+            if fill.rows.numel():
                 assert new is not None
-                out[qm.done_pos_new] = new[qm.done_rows].float()
+                out[fill.pos_new] = new[fill.rows].float()
         codes, scale, lo = quantize(keys, dim=1, bits=self.bits)  # per channel, over the block's tokens
         self.k_codes[blocks] = pack_codes(codes, self.bits)
         self.k_scale[blocks], self.k_min[blocks] = scale, lo

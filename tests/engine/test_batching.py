@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
-from ember.engine import runner as RUNNER
+from ember.ops import paged_float as RUNNER
 from ember.engine.engine import LLMEngine
 from tests.conftest import TEXT
 
@@ -165,5 +165,5 @@ def test_prompt_chunks_attend_as_decode_rows_exactly(tiny_llama3: Path, monkeypa
     small, whole = scores(7), scores(512)
     torch.testing.assert_close(small, whole, rtol=0, atol=2e-4)
     assert RUNNER.CHUNK_AS_DECODE_ROWS < 150
-    monkeypatch.setattr(RUNNER, "paged_rows_kernel", lambda *_: None)  # the 150 tokens go to SDPA
+    monkeypatch.setattr(RUNNER, "rows_kernel", lambda *_: None)  # the 150 tokens go to SDPA
     torch.testing.assert_close(scores(512), whole, rtol=0, atol=2e-4)

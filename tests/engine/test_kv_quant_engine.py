@@ -33,7 +33,7 @@ def test_block_chunks_equal_token_by_token(tiny_llama3: Path, kv: str) -> None:
     assert max(abs(x - y) for x, y in zip(a[1], b[1])) < 1e-3
     for llm in (by_block, by_token):
         assert_no_leaks(llm.engine)
-        assert not llm.engine.blocks.residual_of
+        assert not llm.engine.runner.backend.residual_of
 
 
 def test_quantization_error_grows_as_bits_shrink(tiny_llama3: Path) -> None:
@@ -57,7 +57,7 @@ def test_forks_share_the_quantized_prompt(tiny_llama3: Path) -> None:
                                                                        ignore_eos=True))[0].outputs
     assert [o.token_ids for o in outs] == [alone] * 3
     assert_no_leaks(llm.engine)
-    assert not llm.engine.blocks.residual_of
+    assert not llm.engine.runner.backend.residual_of
 
 
 def test_prefix_cache_reuses_quantized_blocks(tiny_llama3: Path) -> None:
@@ -77,7 +77,8 @@ def test_concurrent_requests_finish_and_free_everything(tiny_llama3: Path) -> No
     assert all(len(o.outputs[0].token_ids) == 30 for o in outs)
     assert_no_leaks(llm.engine)
     blocks = llm.engine.blocks
-    assert not blocks.residual_of and len(blocks.free_residual) == blocks.num_residual
+    kivi = llm.engine.runner.backend
+    assert not kivi.residual_of and len(kivi.free_slots) == kivi.num_residual
 
 
 def test_more_tokens_fit_in_the_same_memory(tiny_llama3: Path) -> None:
@@ -110,12 +111,12 @@ def test_block_size_one_cannot_group_keys(tiny_llama3: Path) -> None:
 def test_preemption_releases_residual_slots(tiny_llama3: Path) -> None:
     """Too few blocks for every sequence at once: preempted sequences give back blocks and residual
     slots, are recomputed later, and everything finishes with nothing leaked."""
-    from ember.engine.runner import kv_bytes_per_token
+    from ember.ops.backends import KVSpec
 
     probe = LLM(tiny_llama3, kv_cache_dtype="int4")
-    model = probe.engine.loaded.model
-    residual = 2 * 4 * 16 * kv_bytes_per_token(model, torch.float32)  # max_num_seqs=4: 8 float blocks
-    memory = (residual + 14 * 16 * kv_bytes_per_token(model, torch.float32, 4, 16)) / 2**30
+    cfg = probe.engine.config
+    residual = 2 * 4 * 16 * KVSpec(cfg, "auto", torch.float32, 16).bytes_per_token()  # max_num_seqs=4: 8 blocks
+    memory = (residual + 14 * 16 * KVSpec(cfg, "int4", torch.float32, 16).bytes_per_token()) / 2**30
     llm = LLM(tiny_llama3, kv_cache_dtype="int4", max_num_seqs=4, max_model_len=128, kv_cache_memory=memory)
     assert llm.engine.blocks.num_blocks == 14
     ids = llm.get_tokenizer().encode(TEXT)
@@ -124,8 +125,8 @@ def test_preemption_releases_residual_slots(tiny_llama3: Path) -> None:
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
     assert llm.engine.scheduler.num_preemptions > 0
     assert_no_leaks(llm.engine)
-    blocks = llm.engine.blocks
-    assert not blocks.residual_of and sorted(blocks.free_residual) == list(range(blocks.num_residual))
+    kivi = llm.engine.runner.backend
+    assert not kivi.residual_of and sorted(kivi.free_slots) == list(range(kivi.num_residual))
 
 
 def test_bfloat16_model_with_a_quantized_cache(tiny_llama3: Path) -> None:

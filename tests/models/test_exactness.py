@@ -79,6 +79,6 @@ def test_bfloat16_runtime_stays_close(tiny_llama3: Path) -> None:
     ids = LLM(tiny_llama3, kv_cache_memory=0.01).get_tokenizer().encode(TEXT)[:128]
     fp32 = _ember_prompt_logprobs(LLM(tiny_llama3, kv_cache_memory=0.01), ids)
     bf16_llm = LLM(tiny_llama3, dtype="bfloat16", kv_cache_memory=0.01)
-    assert bf16_llm.engine.runner.kv_caches[0].dtype == torch.bfloat16
+    assert bf16_llm.engine.runner.backend.caches[0].dtype == torch.bfloat16
     bf16 = _ember_prompt_logprobs(bf16_llm, ids)
     assert (bf16 - fp32).abs().mean().item() < 0.05

@@ -139,40 +139,35 @@ def test_chunk_rows_attention_matches_the_gather_path(k, monkeypatch, dtype: tor
 def _check_decode_attention(monkeypatch, cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
                             heads: int = 9) -> None:
     """The kernel's decode attention over `cache` equals the gather + SDPA path (`heads` query heads)."""
-    import ember.ops.attention as A
+    import ember.ops.paged_float as PF
 
-    meta = A.AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), decode_block_tables=tables,
-                               decode_ctx_lens=lens)
+    plan = PF.FloatPlan([], torch.empty(0), tables=tables, lens=lens)
+    backend = PF.FloatPagedBackend(0, 1, cache.shape[2], cache.shape[3], cache.shape[4], cache.dtype)
     q = torch.randn(len(lens), heads, cache.shape[-1])
-    fast = A._decode(q, cache, meta, 0.125)
-    monkeypatch.setattr(A, "cpu_kernels", lambda: None)
-    torch.testing.assert_close(fast, A._decode(q, cache, meta, 0.125), rtol=1e-5, atol=1e-5)
+    fast = backend._rows(q, cache, plan, 0.125)
+    monkeypatch.setattr(PF, "cpu_kernels", lambda: None)
+    torch.testing.assert_close(fast, backend._rows(q, cache, plan, 0.125), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_kivi_decode_attention_matches_the_gather_path(k, monkeypatch, bits: int) -> None:
-    import ember.ops.attention as A
-    from ember.ops.kv_quant import KVQuantMeta, QuantKVCache
+    import ember.ops.paged_kivi as PK
+    from ember.ops.kv_quant import BlockFill
 
     nb, bs, kvh, hd, heads = 12, 16, 3, 64, 9
-    cache = QuantKVCache(nb, bs, kvh, hd, bits, num_residual=4)
-    empty = torch.empty(0, dtype=torch.long)
-    fill = KVQuantMeta(empty, empty, torch.arange(nb), torch.arange(nb * bs), torch.arange(nb * bs), empty, empty)
+    backend = PK.KiviBackend(1, nb, bs, kvh, hd, bits, num_residual=4)
+    cache = backend.caches[0]
     cache.residual = torch.randn(2, nb, bs, kvh, hd) * 3  # stage every block's tokens, quantize them all
-    cache.quantize_filled(None, None, fill)
+    cache.quantize_filled(None, None, BlockFill.from_residual(list(range(nb)), list(range(nb)), bs))
     cache.residual = torch.randn(2, 4, bs, kvh, hd)
     full = torch.tensor([[3, 5, 7], [1, 0, 0], [9, 10, 11], [0, 0, 0]])
     lens = torch.tensor([40, 32, 48, 1])  # residual tokens (this one included): 8, 16, 16, 1
     slots = torch.tensor([2, 0, 3, 1])
-    full_ok = torch.arange(3 * bs)[None, :] < ((lens - 1) // bs * bs)[:, None]
-    res_ok = torch.arange(bs)[None, :] <= ((lens - 1) % bs)[:, None]
-    qm = KVQuantMeta(empty, empty, empty, empty, empty, empty, empty, decode_full=full, decode_residual=slots,
-                     decode_mask=torch.cat([full_ok, res_ok], 1)[:, None, None, :])
-    meta = A.AttentionMetadata(slot_mapping=empty, decode_ctx_lens=lens)
+    plan = PK.KiviPlan([], torch.empty(0), full=full, lens=lens, residual=slots)
     q = torch.randn(4, heads, hd)
-    fast = A._quantized_decode(q, cache, meta, qm, 0.125)
-    monkeypatch.setattr(A, "cpu_kernels", lambda: None)
-    torch.testing.assert_close(fast, A._quantized_decode(q, cache, meta, qm, 0.125), rtol=1e-5, atol=1e-5)
+    fast = backend._rows(q, cache, plan, 0.125)
+    monkeypatch.setattr(PK, "cpu_kernels", lambda: None)
+    torch.testing.assert_close(fast, backend._rows(q, cache, plan, 0.125), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits,kv", [(32, "auto"), (8, "auto"), (4, "auto"), (32, "float16"), (4, "float16"),

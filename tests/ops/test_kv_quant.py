@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.ops.kv_quant import KVQuantMeta, QuantKVCache, dequantize, pack_codes, quantize, unpack_codes
+from ember.ops.kv_quant import BlockFill, QuantKVCache, dequantize, pack_codes, quantize, unpack_codes
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -41,12 +41,10 @@ def test_full_blocks_are_quantized_and_the_rest_kept_in_float() -> None:
     k, v = torch.randn(6, n_kv, hd), torch.randn(6, n_kv, hd)
     # Six new tokens of one sequence from position 0: block 2 fills (rows 0-3), block 0 keeps rows 4-5 in
     # residual slot 1.
-    qm = KVQuantMeta(res_rows=torch.tensor([4, 5]), res_slots=torch.tensor([4, 5]),
-                     done_blocks=torch.tensor([2]), done_pos_res=torch.tensor([], dtype=torch.long),
-                     done_res=torch.tensor([], dtype=torch.long), done_pos_new=torch.arange(4),
-                     done_rows=torch.arange(4))
-    cache.write_residual(k, v, qm)
-    cache.quantize_filled(k, v, qm)
+    fill = BlockFill(blocks=torch.tensor([2]), pos_res=torch.tensor([], dtype=torch.long),
+                     res=torch.tensor([], dtype=torch.long), pos_new=torch.arange(4), rows=torch.arange(4))
+    cache.write_residual(k, v, torch.tensor([4, 5]), torch.tensor([4, 5]))
+    cache.quantize_filled(k, v, fill)
     assert torch.equal(cache.residual[0, 1, :2], k[4:]) and torch.equal(cache.residual[1, 1, :2], v[4:])
     keys, vals = cache.keys(torch.tensor([2]))[0], cache.values(torch.tensor([2]))[0]
     k_step = cache.k_scale[2].float()  # per channel: [n_kv, hd]
