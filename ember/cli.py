@@ -61,6 +61,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "decode); "
                         "Nx = N times a plain decode step of the same sequences (e.g. 1.25x); auto = 2x; "
                         "off = fill every step to --max-num-batched-tokens (default: off)")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=0, metavar="N",
+                   help="most prompt tokens one sequence takes per step, so long prompts share the budget "
+                        "(default: 0, no cap)")
     g.add_argument("--quantization", "-q", default="none", choices=QUANT_METHODS,
                    help="quantize weights at load for ember's AVX2 kernels: int8 (per channel, near-lossless) "
                         "or int4 (groups of 32, LM head int8; fastest decode) (default: none)")
@@ -122,7 +125,8 @@ def _engine_kwargs(a: argparse.Namespace, seqs: int | None = None, tokens: int |
     --max-num-seqs) and the most tokens one of them holds (`tokens`): without --max-model-len and
     --kv-cache-memory, the KV cache then holds just that (max_model_len rounded up to whole blocks)."""
     keys = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
-            "enable_prefix_caching", "scheduler", "itl_target", "quantization", "kv_cache_dtype")
+            "enable_prefix_caching", "scheduler", "itl_target", "quantization", "kv_cache_dtype",
+            "long_prefill_token_threshold")
     kwargs = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     if seqs is not None:
         kwargs.setdefault("max_num_seqs", seqs)

@@ -11,10 +11,8 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from ember.engine.kv_cache import BlockManager
-from ember.engine.runner import ModelRunner
+from ember.engine.engine import EngineArgs, LLMEngine
 from ember.engine.sampling_params import SamplingParams
-from ember.engine.sequence import Sequence
 from ember.errors import InvalidParameterError
 from ember.models.loader import LoadedModel
 from ember.ops.backends import KVSpec
@@ -54,7 +52,7 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
     every scored token is scored once, with at least ctx - stride tokens of context (as Hugging Face's
     strided perplexity).
 
-    With any `kv_cache_dtype` but "auto" each window runs through the engine's runner and that cache (float16,
+    With any `kv_cache_dtype` but "auto" each window runs through the engine and that cache (float16,
     or KIVI) one block of `block_size` tokens per step: every token then sees earlier tokens as the cache
     stores them (KIVI: its own block in float), exactly as a generated token does.
 
@@ -130,35 +128,34 @@ def _window_nll(loaded: LoadedModel, ids: torch.Tensor, first: int) -> torch.Ten
 
 def _window_nll_cached(loaded: LoadedModel, ids: torch.Tensor, first: int, kv_cache_dtype: str,
                        block_size: int) -> torch.Tensor:
-    """As _window_nll, run one block per step through a ModelRunner over a paged cache of that type."""
+    """As _window_nll, run one block per step through the engine over a paged cache of that type."""
     return _windows_nll_cached(loaded, [ids], [first], kv_cache_dtype, block_size)[0]
 
 
 def _windows_nll_cached(loaded: LoadedModel, windows: list[torch.Tensor], firsts: list[int], kv_cache_dtype: str,
                         block_size: int, on_tokens: Callable[[int], Any] = lambda n: None) -> list[torch.Tensor]:
-    """_window_nll_cached of windows of one length, run side by side as the sequences of one batch: each step
-    computes the next block of every window (so one step's fixed costs serve them all)."""
+    """_window_nll_cached of windows of one length, run side by side by one engine as prompt-logprob requests:
+    each step computes the next block of every window (a block per sequence per step, one step's fixed costs
+    serving them all)."""
     n = windows[0].shape[0]
-    num_blocks = len(windows) * -(-n // block_size)
     kv = KVSpec(loaded.config, kv_cache_dtype, loaded.model.embed_tokens.weight.dtype, block_size)
-    backend = kv.build(num_blocks, len(windows))
-    blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False, events=backend)
-    runner = ModelRunner(loaded.model, backend)
-    seqs = {Sequence(f"ppl{i}", 0, w.tolist(), SamplingParams(max_tokens=1, prompt_logprobs=0), 0.0): w
-            for i, w in enumerate(windows)}
-    out: dict[Sequence, list[torch.Tensor]] = {seq: [] for seq in seqs}
-    for start in range(0, n, block_size):
-        count = min(block_size, n - start)
-        for seq in seqs:
-            blocks.allocate(seq, count)
-        result = runner.run({seq: count for seq in seqs})
-        for seq in seqs:
-            seq.num_computed += count
-            blocks.commit(seq)
-        for part in result.prompt_rows:  # logits row i scores token part.first_token + i
-            logits = loaded.model.compute_logits(result.hidden[part.row:part.row + part.count])
-            logp = torch.log_softmax(logits, dim=-1)
-            targets = seqs[part.seq][part.first_token:part.first_token + part.count, None]
-            out[part.seq].append(-logp.gather(1, targets)[:, 0].double())
-        on_tokens(count * len(seqs))
-    return [torch.cat(out[seq])[first - 1:] for seq, first in zip(seqs, firsts)]
+    blocks = len(windows) * -(-(n + 1) // block_size)
+    memory = (blocks * block_size * kv.bytes_per_token() + kv.reserved_bytes(len(windows))) / 2**30
+    engine = LLMEngine(EngineArgs(kv_cache_dtype=kv_cache_dtype, block_size=block_size, max_num_seqs=len(windows),
+                                  max_num_batched_tokens=block_size * len(windows), enable_prefix_caching=False,
+                                  long_prefill_token_threshold=block_size, max_model_len=n + 1,
+                                  kv_cache_memory=memory), loaded=loaded)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    for i, w in enumerate(windows):
+        engine.add_request(str(i), {"prompt_token_ids": w.tolist()}, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out
+        on_tokens(sum(n for _, n in engine.last_step.chunks))
+    out = []
+    for i, (w, first) in enumerate(zip(windows, firsts)):
+        lps = done[i].prompt_logprobs
+        out.append(torch.tensor([-lps[j][int(w[j])].logprob for j in range(first, n)], dtype=torch.float64))
+    return out

@@ -58,6 +58,7 @@ class EngineArgs:
     # step costs, "auto" (twice a plain decode step) or "<N>x" (N times one); None: fill every step to
     # max_num_batched_tokens.
     itl_target: float | str | None = None
+    long_prefill_token_threshold: int = 0  # most prompt tokens one sequence takes per step (0: no cap), as vLLM
 
     def validate(self) -> None:
         checks = [
@@ -74,6 +75,7 @@ class EngineArgs:
              "must be >= 2 with a quantized KV cache (keys are quantized per channel over a block)"),
             (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0 GiB"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2"),
+            (self.long_prefill_token_threshold >= 0, "long_prefill_token_threshold", "must be >= 0"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -146,8 +148,9 @@ class LLMEngine:
         self.max_model_len = context
         backend = kv.build(num_blocks, args.max_num_seqs)
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, backend)
-        self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
-                                                   args.scheduler, args.itl_target), self.blocks)
+        self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.scheduler,
+                                                   args.itl_target, args.long_prefill_token_threshold),
+                                   self.blocks)
         self.runner = ModelRunner(model, backend)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}

@@ -47,6 +47,8 @@ class SchedulerConfig:
     # SplitFuse's bound on a step that carries both decodes and prompt chunks: seconds, "auto"
     # (AUTO_ITL_FACTOR x a plain decode step) or "<N>x" (N x one); None = off (every step filled to the budget).
     itl_target: float | str | None = None
+    # Most prompt tokens one sequence may take in a step (vLLM's long_prefill_token_threshold); 0: no cap.
+    long_prefill_token_threshold: int = 0
     # Prompt tokens a step with decodes may always carry, however slow, so prompts progress. One: on a CPU
     # every token costs (SmolLM2 int8, beside 8 decodes: 2-4 ms each, a plain step ~19 ms), so a larger
     # floor would overrule a target near a plain decode step.
@@ -168,7 +170,7 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = self._fit_or_preempt(seq, min(seq.num_remaining, budget), batch)
+            n = self._fit_or_preempt(seq, self._chunk(seq, budget), batch)
             if n:
                 batch[seq] = n
                 budget -= n
@@ -207,6 +209,11 @@ class Scheduler:
             return self.config.min_chunk
         return max(self.config.min_chunk, most)
 
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Prompt tokens of `seq` for this step: what remains, within the budget and the per-sequence cap."""
+        cap = self.config.long_prefill_token_threshold
+        return min(seq.num_remaining, budget, cap if cap > 0 else budget)
+
     def _schedule_decodes(self, budget: int | None) -> dict[Sequence, int]:
         """One token for every decoding sequence (plus its candidate tokens where budget and free blocks allow),
         preempting the newest when blocks run out."""
@@ -243,7 +250,7 @@ class Scheduler:
             self.blocks.match_prefix(seq)
             want = seq.num_remaining
             if not whole_prompts:
-                want = min(want, budget)
+                want = self._chunk(seq, budget)
             elif batch and want > budget:
                 break  # this prompt goes alone in a later step
             n = self._fit(seq, want) if want > 0 else 0

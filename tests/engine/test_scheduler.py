@@ -168,3 +168,18 @@ def test_a_latency_capped_engine_gives_the_same_tokens(tiny_llama3: Path) -> Non
         outs[target] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs[None] == outs[1e-6]
     assert max(mixed) == sched.config.min_chunk  # prompts did join decoding steps, capped
+
+
+def test_long_prefill_token_threshold_caps_each_prompt_per_step() -> None:
+    """vLLM's long_prefill_token_threshold: a sequence takes at most that many prompt tokens a step, so the
+    budget is shared out (a block of every window per step in eval ppl's quantized-cache harness)."""
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=12, long_prefill_token_threshold=4), blocks)
+    seqs = [_seq(10, f"r{i}") for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule()
+    assert list(batch.values()) == [4, 4, 4]
+    for s, n in batch.items():
+        s.num_computed += n
+    assert list(sched.schedule().values()) == [4, 4, 4]  # the three running first, then the fourth waits
