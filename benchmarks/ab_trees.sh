@@ -9,24 +9,28 @@ OLD=$1 NEW=$2 OUT=${3:-ab-results} ROUNDS=${4:-2}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=2
 wait_up() { for _ in $(seq 1 240); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.5; done; return 1; }
-run_ember() { local tree=$1; shift; (cd "$tree" && python -c "from ember.cli import main; main()" "$@"); }
+run_ember() { local tree=$1; shift; (cd "$tree" && exec python -c "from ember.cli import main; main()" "$@"); }
+serve_bg() {  # TREE LOG FLAGS...: start `ember serve` on port 8090 in the background; PID names the server itself
+  local tree=$1 log=$2; shift 2
+  (cd "$tree" && exec python -c "from ember.cli import main; main()" serve --port 8090 "$@") > "$log" 2>&1 &
+  PID=$!
+}
 
 measure() {  # TREE NAME ROUND
   local tree=$1 name=$2 r=$3
   echo "== $name round $r: bench latency"
   run_ember "$tree" bench latency --threads 2 --pp 512 --tg 128 -r 2 --json > "$OUT/latency-$name-$r.json"
   echo "== $name round $r: 16 streams"
-  run_ember "$tree" serve --port 8090 > "$OUT/serve-$name-$r.log" 2>&1 &
-  local pid=$!; wait_up http://127.0.0.1:8090
+  serve_bg "$tree" "$OUT/serve-$name-$r.log"; wait_up http://127.0.0.1:8090
   run_ember "$tree" bench serve --url http://127.0.0.1:8090 --num-prompts 16 --input-len 250 --output-len 128 \
     --json > "$OUT/serve16-$name-$r.json"
-  kill -TERM $pid; wait $pid || true
+  kill -TERM $PID; wait $PID || true
   echo "== $name round $r: mixed"
-  run_ember "$tree" serve --port 8090 --max-num-batched-tokens 2048 --itl-target auto > "$OUT/mixed-$name-$r.log" 2>&1 &
-  pid=$!; wait_up http://127.0.0.1:8090
+  serve_bg "$tree" "$OUT/mixed-$name-$r.log" --max-num-batched-tokens 2048 --itl-target auto
+  wait_up http://127.0.0.1:8090
   run_ember "$tree" bench mixed --url http://127.0.0.1:8090 --streams 8 --stream-output 128 --long-prompts 8 \
     --long-prompt-len 1500 --interval 2 --json > "$OUT/mixed-$name-$r.json"
-  kill -TERM $pid; wait $pid || true
+  kill -TERM $PID; wait $PID || true
 }
 
 for r in $(seq 1 "$ROUNDS"); do

@@ -1,4 +1,4 @@
-"""ember: an LLM inference engine for Llama-family models. Public API: LLM, SamplingParams, load_model."""
+"""ember: an LLM inference engine for Llama-family models. Public API: LLM, SamplingParams, PoolingParams, load_model."""
 from __future__ import annotations
 
 import importlib
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "ember.llm",
     "SamplingParams": "ember.engine.sampling_params",
+    "PoolingParams": "ember.engine.pooling_params",
     "load_model": "ember.models.loader",
     "LLMEngine": "ember.engine.engine",
     "EngineArgs": "ember.engine.engine",

@@ -1,4 +1,4 @@
-"""LLM: the offline Python API in vLLM's shape (generate, chat, get_tokenizer)."""
+"""LLM: the offline Python API in vLLM's shape (generate, encode, chat, get_tokenizer)."""
 from __future__ import annotations
 
 import itertools
@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ember.engine.engine import EngineArgs, LLMEngine, Prompt
 from ember.engine.engine import load_for as engine_load_for
 from ember.engine.outputs import RequestOutput
+from ember.engine.pooling_params import PoolingParams
 from ember.engine.sampling_params import SamplingParams
 from ember.loading.tokenizer import Tokenizer
 from ember.models.loader import LoadedModel
@@ -50,6 +51,12 @@ class LLM:
             for rid in ids:  # leave nothing behind if a prompt was rejected or we were interrupted
                 self.engine.abort_request(rid)
             raise
+
+    def encode(self, prompts: Prompt | Sequence[Prompt],
+               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None) -> list[RequestOutput]:
+        """Read what the model computes over each prompt instead of generating (vLLM's `LLM.encode`): each
+        output's `pooled.data` is the pooled hidden state, `pooled.attention` the captured span's attention."""
+        return self.generate(prompts, pooling_params or PoolingParams())  # type: ignore[arg-type]
 
     def _run(self, ids: list[str], on_output: Callable[[RequestOutput], None] | None) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

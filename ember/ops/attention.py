@@ -72,9 +72,14 @@ class StepPlan:
     positions: torch.Tensor  # [T] position of every row
     window: KeyWindow | None = None
     captures: list[AttentionCapture] = field(default_factory=list)
+    starts: torch.Tensor | None = None  # [B] first key of each one-query row's window (with a KeyWindow)
 
     def captures_at(self, layer: int) -> list[AttentionCapture]:
         return [c for c in self.captures if layer in c.layers]
+
+    def window_args(self) -> tuple:
+        """The C++ kernels' trailing (starts, sink) arguments for one-query rows; none without a window."""
+        return () if self.starts is None or self.window is None else (self.starts, self.window.sink)
 
 
 class AttentionBackend:

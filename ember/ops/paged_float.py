@@ -45,7 +45,6 @@ class FloatPlan(StepPlan):
     rows: torch.Tensor | None = None  # [B] rows attending one query each over the paged cache
     tables: torch.Tensor | None = None  # [B, W] their block tables, padded with block 0
     lens: torch.Tensor | None = None  # [B] keys each sees (its position + 1)
-    starts: torch.Tensor | None = None  # [B] first key of each one's window (with a KeyWindow)
     capture_keys: list[tuple[slice, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per capture:
     # (rows, blocks holding its keys, mask)
 
@@ -142,7 +141,7 @@ class FloatPagedBackend(AttentionBackend):
         kern = rows_kernel(q.dtype, cache.dtype)
         if kern is not None:  # reads K/V in place from the blocks instead of gathering a padded copy
             return kern.paged_decode_attention(q, cache[0], cache[1], plan.tables, plan.lens, scale,
-                                               *_window_args(plan))
+                                               *plan.window_args())
         b, h, hd = q.shape
         n_kv = cache.shape[-2]
         width = plan.tables.shape[1] * cache.shape[2]
@@ -163,16 +162,12 @@ class FloatPagedBackend(AttentionBackend):
         if not plan.all_rows or plan.captures:
             return None
         return fused.forward(x, cos, sin, self.caches, plan.slots, plan.tables, plan.lens, scale,
-                             *_window_args(plan))
+                             *plan.window_args())
 
     def copy_block(self, src: int, dst: int) -> None:
         for cache in self.caches:
             cache[:, dst] = cache[:, src]
 
-
-def _window_args(plan: StepPlan | Any) -> tuple:
-    """The kernels' trailing (starts, sink) arguments, or none without a window."""
-    return () if plan.starts is None else (plan.starts, plan.window.sink)
 
 
 def dense_backend(num_layers: int, n: int, n_kv: int, head_dim: int, dtype: torch.dtype

@@ -45,7 +45,6 @@ class KiviPlan(StepPlan):
     full: torch.Tensor | None = None  # [B, W] full blocks of each decoding sequence (padded 0)
     residual: torch.Tensor | None = None  # [B] residual slot of each one's incomplete block
     lens: torch.Tensor | None = None  # [B] keys each sees
-    starts: torch.Tensor | None = None  # [B] first key of each one's window (with a KeyWindow)
 
     @property
     def all_rows(self) -> bool:
@@ -245,7 +244,7 @@ class KiviBackend(AttentionBackend):
         kern = cpu_kernels() if q.dtype == torch.float32 else None
         if kern is not None:  # dequantizes block by block into a small buffer instead of the whole context
             return kern.kivi_decode_attention(q, cache.tensors(), plan.full, plan.lens, plan.residual, cache.bits,
-                                              scale, *_window_args(plan))
+                                              scale, *plan.window_args())
         b, h, hd = q.shape
         n_kv, bs = cache.n_kv, self.block_size
         # [B, W*bs + bs, KVH, D]: dequantized full blocks, then the residual block (which holds the token).
@@ -270,14 +269,11 @@ class KiviBackend(AttentionBackend):
             return None
         # Each token goes to its residual slot (rows are the decodes in order, as res_index is).
         hidden = fused.forward_kivi(x, cos, sin, [c.tensors() for c in self.caches], plan.res_index, plan.full,
-                                    plan.lens, plan.residual, self.bits, scale, *_window_args(plan))
+                                    plan.lens, plan.residual, self.bits, scale, *plan.window_args())
         for cache in self.caches:
             cache.quantize_filled(None, None, plan.fill)
         return hidden
 
-
-def _window_args(plan: KiviPlan) -> tuple:
-    return () if plan.starts is None else (plan.starts, plan.window.sink)
 
 
 def _pad(probs: torch.Tensor, cap: AttentionCapture, rows: slice, start: int) -> torch.Tensor:

@@ -136,3 +136,14 @@ def test_default_model_attention_and_pooling(default_gguf: Path) -> None:
     err = (_run(kivi, ids, PoolingParams(None, attention_span=span, attention_layers=layers)).attention
            - expected).abs().max()
     assert err < 0.1
+
+
+def test_llm_encode(tiny_llama3: Path, case) -> None:
+    """vLLM's offline shape: LLM.encode(prompts, PoolingParams) -> outputs with .pooled, in prompt order."""
+    from ember import LLM as PublicLLM, PoolingParams as PublicPoolingParams
+
+    ids, hidden, _ = case
+    llm = PublicLLM(tiny_llama3)
+    outs = llm.encode([{"prompt_token_ids": ids}, {"prompt_token_ids": ids[:9]}], PublicPoolingParams("last"))
+    torch.testing.assert_close(outs[0].pooled.data, hidden[-1], rtol=0, atol=1e-4)
+    assert outs[1].pooled.data.shape == hidden[0].shape and outs[0].outputs == []
