@@ -5,8 +5,10 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 
 static constexpr int G = 32;  // activation block
 
@@ -42,7 +44,53 @@ struct PagedKV {
   const int64_t* tables;  // [B, W] block ids
   const int64_t* lens;    // [B] context lengths
   int64_t W, BS, KVH, D;
+  const int64_t* starts;  // [B] key windows (see Hidden), or nullptr: every key of the context
+  int64_t sink;
 };
+
+// The keys a window hides from one row: [lo, hi), empty (lo == hi == 0) without a window. Row b sees keys
+// t < sink and t >= starts[b] of its context (attention sinks plus a recent window); callers guarantee
+// starts[b] < lens[b], so a row always sees at least its own key.
+struct Hidden {
+  int64_t lo = 0, hi = 0;
+
+  bool empty() const { return lo >= hi; }
+  // The visible parts of [t0, t1): [t0, min(t1, lo)) and [max(t0, hi), t1), either possibly empty; without a
+  // window, the first is empty and the second is [t0, t1).
+  std::array<std::pair<int64_t, int64_t>, 2> split(int64_t t0, int64_t t1) const {
+    return {{{t0, std::min(t1, lo)}, {std::max(t0, hi), t1}}};
+  }
+  // This range relative to a piece [t0, t0 + n) of the context, clipped to it.
+  Hidden within(int64_t t0, int64_t n) const {
+    if (empty()) return {};
+    return {std::clamp<int64_t>(lo - t0, 0, n), std::clamp<int64_t>(hi - t0, 0, n)};
+  }
+  // Keys of a context of len that stay visible.
+  int64_t visible(int64_t len) const { return len - (std::min(hi, len) - std::min(lo, len)); }
+};
+
+// Row b's hidden keys, for a PagedKV or a KiviKV.
+template <typename KV>
+static inline Hidden hidden_keys(const KV& kv, int64_t b) {
+  if (!kv.starts || kv.starts[b] <= kv.sink) return {};
+  return {kv.sink, kv.starts[b]};
+}
+
+// The window's starts, checked (int64 [B], starts[b] in [0, lens[b])), or an undefined tensor without one.
+static inline torch::Tensor window_starts(const c10::optional<torch::Tensor>& starts, const torch::Tensor& lens,
+                                          int64_t sink) {
+  TORCH_CHECK(sink >= 0, "sink must be >= 0");
+  if (!starts.has_value() || !starts->defined()) return torch::Tensor();
+  torch::Tensor s = starts->contiguous();
+  TORCH_CHECK(s.dtype() == torch::kInt64 && s.dim() == 1 && s.size(0) == lens.size(0),
+              "starts must be int64 [B], one per row");
+  const int64_t *sp = s.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.size(0); ++b)
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < lp[b], "starts[", b, "] = ", sp[b], " must be in [0, lens[b] = ", lp[b], ")");
+  return s;
+}
+
+static inline const int64_t* starts_ptr(const torch::Tensor& s) { return s.defined() ? s.data_ptr<int64_t>() : nullptr; }
 
 
 template <typename T>
@@ -71,11 +119,8 @@ static inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
 }
 
-// In place: s[0..n) <- exp(s - max(s)); returns the sum, and the max in *max_out.
-static float exp_inplace(float* s, int64_t n, float* max_out) {
-  float mx = s[0];
-  for (int64_t t = 1; t < n; ++t) mx = std::max(mx, s[t]);
-  *max_out = mx;
+// In place: s[0..n) <- exp(s - mx); returns the sum.
+static float exp_shifted(float* s, int64_t n, float mx) {
   const __m256 mv = _mm256_set1_ps(mx);
   __m256 acc = _mm256_setzero_ps();
   int64_t t = 0;
@@ -89,11 +134,42 @@ static float exp_inplace(float* s, int64_t n, float* max_out) {
   return sum;
 }
 
+// In place: s[0..n) <- exp(s - max(s)); returns the sum, and the max in *max_out.
+static float exp_inplace(float* s, int64_t n, float* max_out) {
+  float mx = s[0];
+  for (int64_t t = 1; t < n; ++t) mx = std::max(mx, s[t]);
+  *max_out = mx;
+  return exp_shifted(s, n, mx);
+}
+
+// As exp_inplace over the scores a window leaves visible (all but s[x.lo .. x.hi), which are neither read nor
+// written: masked keys, as if their scores were -inf). With none visible: max -inf, sum 0.
+static float exp_visible(float* s, int64_t n, Hidden x, float* max_out) {
+  if (x.empty() && n > 0) return exp_inplace(s, n, max_out);
+  const auto parts = x.split(0, n);
+  float mx = -INFINITY, sum = 0.f;
+  for (auto [t0, t1] : parts)
+    for (int64_t t = t0; t < t1; ++t) mx = std::max(mx, s[t]);
+  *max_out = mx;
+  for (auto [t0, t1] : parts)
+    if (t1 > t0) sum += exp_shifted(s + t0, t1 - t0, mx);
+  return sum;
+}
+
 // In place: s[0..n) <- softmax(s).
 static void softmax_inplace(float* s, int64_t n) {
   float mx;
   const float inv = 1.f / exp_inplace(s, n, &mx);
   for (int64_t t = 0; t < n; ++t) s[t] *= inv;
+}
+
+// In place: the visible scores of s[0..n) <- their softmax (the hidden ones are left as they are).
+static void softmax_visible(float* s, int64_t n, Hidden x) {
+  if (x.empty()) return softmax_inplace(s, n);
+  float mx;
+  const float inv = 1.f / exp_visible(s, n, x, &mx);
+  for (auto [t0, t1] : x.split(0, n))
+    for (int64_t t = t0; t < t1; ++t) s[t] *= inv;
 }
 
 // Calls f with the cache tensor's element type as a null pointer of it: float32 or float16.
@@ -123,6 +199,8 @@ struct KiviKV {
   const int64_t* lens;       // [B] context length, this token included (it is in the residual)
   const int64_t* slots;      // [B] residual slot holding the block still filling
   int64_t W, BS, KVH, D, bits;
+  const int64_t* starts;     // [B] key windows (see Hidden), or nullptr
+  int64_t sink;
 };
 
 // Defined in quant_gemm.cpp.
@@ -146,12 +224,14 @@ template <typename T>
 void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV<T>& kv, float scale,
                           float* O);
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor tables, torch::Tensor ctx_lens, double scale);
+                                     torch::Tensor tables, torch::Tensor ctx_lens, double scale,
+                                     c10::optional<torch::Tensor> starts, int64_t sink);
 
 // Defined in kivi.cpp.
 KiviKV kivi_view(const std::vector<torch::Tensor>& c, const torch::Tensor& tables, const torch::Tensor& lens,
-                 const torch::Tensor& slots, int64_t bits);
+                 const torch::Tensor& slots, int64_t bits, const int64_t* starts, int64_t sink);
 void kivi_decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const KiviKV& kv, float scale,
                                float* O);
 torch::Tensor kivi_decode_attention(torch::Tensor q, std::vector<torch::Tensor> cache, torch::Tensor tables,
-                                    torch::Tensor lens, torch::Tensor slots, int64_t bits, double scale);
+                                    torch::Tensor lens, torch::Tensor slots, int64_t bits, double scale,
+                                    c10::optional<torch::Tensor> starts, int64_t sink);

@@ -56,11 +56,14 @@ class DecodeModel {
   }
 
   // x [B, hidden] embeddings; cos/sin [B, D]; caches[i] [2, blocks, block_size, KVH, D] float32 or float16;
-  // slots [B]; tables [B, W]; ctx_lens [B] (including this token). Returns the final-normed hidden states.
+  // slots [B]; tables [B, W]; ctx_lens [B] (including this token); starts [B] or None: row b sees keys t < sink
+  // and starts[b] <= t (None: all of its context). Returns the final-normed hidden states.
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> caches,
-                        torch::Tensor slots, torch::Tensor tables, torch::Tensor ctx_lens, double scale) {
+                        torch::Tensor slots, torch::Tensor tables, torch::Tensor ctx_lens, double scale,
+                        c10::optional<torch::Tensor> starts, int64_t sink) {
     TORCH_CHECK(caches.size() == layers.size());
     tables = tables.contiguous(); slots = slots.contiguous(); ctx_lens = ctx_lens.contiguous();
+    const torch::Tensor window = window_starts(starts, ctx_lens, sink);
     const int64_t kv_size = KVH * D;
     const int64_t* SL = slots.data_ptr<int64_t>();
     return run(x, cos, sin, [&](size_t i, float* QKV, int64_t B, int64_t ld, float* A) {
@@ -75,7 +78,7 @@ class DecodeModel {
           store_row(QKV + b * ld + H * D + kv_size, KC + plane + SL[b] * kv_size, kv_size);
         }
         const PagedKV<T> kv{KC, KC + plane, tables.data_ptr<int64_t>(), ctx_lens.data_ptr<int64_t>(),
-                            tables.size(1), cache.size(2), KVH, D};
+                            tables.size(1), cache.size(2), KVH, D, starts_ptr(window), sink};
         decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
       });
     });
@@ -83,18 +86,19 @@ class DecodeModel {
 
   // As forward over KIVI caches (each a QuantKVCache's 7 tensors): each new K/V goes to the residual at
   // flat index res_index[b] (slot * block_size + offset); tables [B, W] are the full blocks, res_slots [B]
-  // the slots. Blocks that fill are quantized afterwards, in Python.
+  // the slots; starts, sink: as forward. Blocks that fill are quantized afterwards, in Python.
   torch::Tensor forward_kivi(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
                              std::vector<std::vector<torch::Tensor>> caches, torch::Tensor res_index,
                              torch::Tensor tables, torch::Tensor ctx_lens, torch::Tensor res_slots, int64_t bits,
-                             double scale) {
+                             double scale, c10::optional<torch::Tensor> starts, int64_t sink) {
     TORCH_CHECK(caches.size() == layers.size());
     tables = tables.contiguous(); res_index = res_index.contiguous(); ctx_lens = ctx_lens.contiguous();
     res_slots = res_slots.contiguous();
+    const torch::Tensor window = window_starts(starts, ctx_lens, sink);
     const int64_t kv_size = KVH * D;
     const int64_t* RI = res_index.data_ptr<int64_t>();
     return run(x, cos, sin, [&](size_t i, float* QKV, int64_t B, int64_t ld, float* A) {
-      const KiviKV kv = kivi_view(caches[i], tables, ctx_lens, res_slots, bits);
+      const KiviKV kv = kivi_view(caches[i], tables, ctx_lens, res_slots, bits, starts_ptr(window), sink);
       float *RK = const_cast<float*>(kv.RK), *RV = const_cast<float*>(kv.RV);
       for (int64_t b = 0; b < B; ++b) {
         std::copy_n(QKV + b * ld + H * D, kv_size, RK + RI[b] * kv_size);
