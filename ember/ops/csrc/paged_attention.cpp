@@ -1,12 +1,12 @@
-// Decode attention over the paged float32 / float16 KV cache.
+// Decode attention over the paged float32 / float16 KV cache. The measurements behind the design choices
+// below are in BENCHMARKS.md ("Kernel design measurements").
 #include "common.h"
 
 #include <vector>
 
 // Every cache line of the D elements at p: one head's key row for single decode rows (a head's rows are
-// KVH * D apart: the first line alone left decode steps of 16 sequences ~5% slower; 8 rows ahead measured
-// best of 2 to 16; the same for values measured slower, for one sequence and for 16), or a whole cache
-// row for seq_attention.
+// KVH * D apart: prefetching only each row's first line was slower; 8 rows ahead was the best distance
+// tried; prefetching values the same way was slower), or a whole cache row for seq_attention.
 template <typename T>
 static inline void prefetch_row(const T* p, int64_t D) {
   for (int64_t c = 0; c < D * (int64_t)sizeof(T); c += 64) _mm_prefetch((const char*)p + c, _MM_HINT_T0);
@@ -127,9 +127,9 @@ static void row_attention(const float* Q, int64_t b, int64_t H, int64_t ldq, con
 // cache row (KVH x D contiguous elements) is read once, in order, and the row `ahead` tokens on is
 // prefetched through the block table (the next block is rarely the next in memory). Per query head j:
 // m[j] = max score, l[j] = sum of exp(score - m[j]), acc[j * D ..] = sum of exp(score - m[j]) * V, the
-// value rows accumulated in L1 (all H x D of them do not fit in registers). (Sequence, head) items each
-// read a third of every row, strided: 16 sequences of 314 tokens, 30 layers, one thread, 31 -> 21 ms
-// (float16: 19 -> 13). D must be a multiple of 64.
+// value rows accumulated in L1 (all H x D of them do not fit in registers). (Sequence, head) items would
+// each read a third of every row, strided, which is markedly slower for batches of decodes, float32 and
+// float16 alike. D must be a multiple of 64.
 //
 // Keys x hides are skipped (neither scored nor read): a piece they cover whole gets m = -inf, l = 0, acc = 0.
 template <typename T>
@@ -248,8 +248,7 @@ static inline void pv_tile(const float* p, int64_t ld, const T* V, const int64_t
 // lanes. Scores land as S[t][query], so each key element is broadcast once to up to 24 queries, the softmax
 // runs down columns with no horizontal sums, and the causal mask is a lane compare on the last R - 1 keys;
 // values go to six queries per load. Query-per-dot scoring (four heads per key load, summed across lanes)
-// ran at ~19 cycles per (query, key) pair, this at ~11 (16 rows at position 700, one thread: 643 -> 381 us
-// a layer). D must be a multiple of 16.
+// costs markedly more per (query, key) pair. D must be a multiple of 16.
 //
 // WINDOW: row r hides its own keys [sink, starts[b0 + r]) (see Hidden). The keys every row of the run hides
 // (`common`) are neither scored nor read; those only some rows hide (within `some`) are masked by a lane
@@ -352,9 +351,9 @@ static void attend_run(const float* Q, int64_t b0, int64_t R, int64_t H, int64_t
     _mm256_storeu_ps(inv + 8 * v, _mm256_div_ps(_mm256_set1_ps(1.f), sum));
   }
   // Values in blocks of PV_TOKENS tokens (16 KB of a 64-wide head), which stay in L1 for all the query tiles
-  // and column slices; walking the whole context per tile and slice read them from L2 each time (the case
-  // above: 411 -> 381 us). Each tile's first block (which every tile has: even the shortest row sees its own
-  // key past `common`) starts its sums; the others add to them.
+  // and column slices; walking the whole context per tile and slice read them from L2 each time. Each tile's
+  // first block (which every tile has: even the shortest row sees its own key past `common`) starts its
+  // sums; the others add to them.
   constexpr int64_t PV_TOKENS = 64;
   const int64_t first = visible[0].second > 0 ? 0 : visible[1].first;
   float* o[6];
@@ -447,7 +446,7 @@ void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, con
   // Single rows are items over their whole cache rows (seq_attention) where there are at least two per thread
   // or chunk runs to balance them against; with fewer (short contexts: longer ones were split into pieces
   // above), (row, KV head) items keep the threads evenly loaded. Per-head items read a third of each row,
-  // strided: 30 layers' caches of 1500 tokens, 7 sequences 41.2 ms, 8 as whole rows 31.6.
+  // strided: at long contexts, more rows over whole cache rows take less time than fewer rows per head.
   const bool whole = whole_rows(kv) && (singles >= 2 * threads || (int64_t)runs.size() > singles);
   if ((int64_t)runs.size() == B && !whole) {  // a few decodes: equal (row, KV head) items, heads fastest
     at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
@@ -527,9 +526,8 @@ static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t
   std::vector<float> M(items * group), L(M.size()), ACC(M.size() * D);
   if (whole_rows(kv)) {
     // Items (b, piece) over whole cache rows, every KV head in one pass (seq_partial); they fill M, L and
-    // ACC in the (b, piece, h, g) order the merge reads. A lone sequence at 1300 tokens, 30 layers' caches
-    // (more than the L3 holds), float32: per-head items 4.12 ms (14.6 GB/s), whole rows 3.00 ms (20.0 GB/s);
-    // at 2300 tokens 7.85 -> 4.92 ms.
+    // ACC in the (b, piece, h, g) order the merge reads. Once the caches outgrow the L3, one sequential
+    // stream of whole rows reads memory markedly faster than per-head items striding over a third of each.
     // Shared out by work: sequences of different lengths in a contiguous split left one thread with the long ones.
     std::vector<std::pair<int64_t, int64_t>> work;
     for (int64_t i = 0; i < B * pieces; ++i) {
@@ -581,8 +579,8 @@ static void decode_attention_split(const float* Q, int64_t B, int64_t H, int64_t
 // Pieces per context for decode_attention_split (1: no split): when there are fewer items than two per
 // thread, the fewest pieces that give every thread the same number of items, each piece at least MIN_PIECE
 // visible tokens of the shortest context. Items are rows where pieces read whole cache rows (whole_rows), else
-// (row, KV head) pairs. (Splitting 5 or 7 whole-row items too, for 2 threads: 7% faster at equal
-// lengths, 4-8% slower at different ones, which the sharing by work already balances.)
+// (row, KV head) pairs. (Splitting an odd number of whole-row items too would help a little at equal
+// lengths and cost a little at different ones, which the sharing by work already balances.)
 template <typename T>
 static int64_t context_pieces(int64_t B, const PagedKV<T>& kv) {
   const int64_t threads = at::get_num_threads(), items = whole_rows(kv) ? B : B * kv.KVH;

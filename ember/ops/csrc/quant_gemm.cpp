@@ -1,7 +1,8 @@
 // Quantized linear layers (see common.h): weights int8 [N, K] (symmetric) or int4 packed [N, K/2] (asymmetric,
 // w = q * scale + min), with one scale (and min) per group of `group` inputs along K. Activations are
 // quantized on the fly to int8 per block of 32, and each block's dot product runs on AVX2 integer
-// multiply-adds (as llama.cpp's q8_0 / q4_1 x q8 dots), then is scaled and accumulated in float.
+// multiply-adds (as llama.cpp's q8_0 / q4_1 x q8 dots), then is scaled and accumulated in float. The
+// measurements behind the design choices below are in BENCHMARKS.md ("Kernel design measurements").
 #include "common.h"
 
 // Activations [M, K] quantized per block of 32: q = round(x / s), s = max|x| / 127; sum = s * sum(q).
@@ -10,8 +11,8 @@ struct QuantAct {
 };
 
 // One block of 32: q = round-to-nearest-even(x * (1 / s)), as the scalar std::nearbyint under the default
-// rounding mode; returns sum(q). Eight lanes at a time: at one activation row this ran serially before
-// every projection (48 blocks for SmolLM2's down_proj) and showed in the step time.
+// rounding mode; returns sum(q). Eight lanes at a time: at one activation row this runs serially before
+// every projection (a block per 32 inputs), so a scalar loop shows in the step time.
 static inline int quantize_block(const float* src, float inv, int8_t* dst) {
   __m256i q[4];
   for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + 8 * j), _mm256_set1_ps(inv)));
@@ -126,10 +127,9 @@ static void dot_tile(const uint8_t* const* w, const P* const* ws, const int8_t* 
 
 // dot_tile<BITS, true, 2, 1> plus the int4 mins' share, for one activation row against two weight rows,
 // with the per-block scale products x_scale * w_scale and the mins' share formed eight blocks at a time
-// before the dot loop instead of a scalar half-to-float per block (1.5-1.8x faster at one row, measured on
-// SmolLM2's shapes; calling mins_share afterwards, through wxa8_rows' finish, measured 2-8% slower in
-// decode). Same operations per pair in the same order as dot_tile and mins_share, so the results are
-// bit-identical to the tiled path.
+// before the dot loop instead of a scalar half-to-float per block (markedly faster at one row; calling
+// mins_share afterwards, through wxa8_rows' finish, was slower in decode). Same operations per pair in the
+// same order as dot_tile and mins_share, so the results are bit-identical to the tiled path.
 template <int BITS, typename P>
 static void pair_dot_per1(const uint8_t* const* w, const P* const* ws, const P* const* wm, const int8_t* x,
                           const float* xs, const float* gsum, int64_t blocks, int64_t ahead, float* out) {
@@ -204,7 +204,7 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
   };
   const int64_t tiled_m = M < 4 ? 0 : M - M % 4;
   // The few-rows path prefetches at least the next pair's rows ahead of the dot: without it a thread
-  // streamed 576 x 1536 int4 from memory at 7 GB/s, with it 12 (576 x 3072: 11.4 -> 13).
+  // streams the weights from memory markedly slower.
   const int64_t ahead = std::max<int64_t>(2 * row_bytes, 1024);
   at::parallel_for(0, (N + 1) / 2, M < 4 ? 8 : 2, [&](int64_t p0, int64_t p1) {
     float out[8];
@@ -218,8 +218,8 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
           for (int i = 0; i < 4; ++i) finish(n + r, m + i, out[4 * r + i]);
       }
       // The last 1-3 rows after tiles run as one narrower tile (the pair's weight rows are in L1 by now):
-      // row by row, each cost as much as a whole tile's four (per-channel int8, 30 layers: 11 rows 20.0 ->
-      // 17.5 ms, 12 rows 18.0). A lone row with one block per group stays on pair_dot_per1 (measured faster).
+      // row by row, each costs about as much as a whole tile of four. A lone row with one block per group
+      // stays on pair_dot_per1 (faster there).
       const int64_t tail = M - tiled_m;
       if (tiled_m && (tail >= 2 || (tail == 1 && !PER1))) {
         const int8_t* xm = X + tiled_m * K;
@@ -240,8 +240,8 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
           for (int64_t r = 0; r < rows; ++r) y[m * ldy + n + r] = out[r] + (bias ? bias[n + r] : 0.f);
           continue;
         }
-        // one row at a time: one sequential stream from memory (per-channel int8, measured again with
-        // both rows' accumulators in registers and prefetching: 2 threads 23.5 GB/s one row, 17.5 two)
+        // one row at a time: one sequential stream from memory (two interleaved streams were slower, even
+        // with both rows' accumulators in registers and prefetching)
         for (int64_t r = 0; r < rows; ++r) dot_tile<BITS, PER1, 1, 1>(w + r, s + r, xm, xsm, K, groups, per, out + r);
         for (int64_t r = 0; r < rows; ++r) finish(n + r, m, out[r]);
       }
@@ -316,8 +316,8 @@ static inline void block_f32(const uint8_t* wrow, int64_t b, __m256* out) {
 }
 
 // w [N, K] = q * scale (+ min) for a packed weight, as ember.ops.quant.dequantize computes it (a multiply,
-// then an add: the same float32 results), into `out`, which the caller reuses: a fresh 7 MB tensor per
-// call cost more in page faults than the conversion (SmolLM2's gate_up: 5.1 ms of 5.6 a layer).
+// then an add: the same float32 results), into `out`, which the caller reuses: a fresh multi-megabyte
+// tensor per call costs more in page faults than the conversion itself.
 template <int BITS, typename P>
 static void dequantize_raw(const uint8_t* wq, const P* ws, const P* wm, int64_t N, int64_t K, int64_t group, float* out) {
   const int64_t groups = K / group, per = group / G, row_bytes = BITS == 4 ? K / 2 : K;
