@@ -158,8 +158,10 @@ class LLMEngine:
         self._schedule_failures = 0  # scheduling failures in a row
         self.last_step = StepShape(0, ())  # what the latest step scheduled (traces and benchmarks read it)
         # step_s / forward_s: wall time of whole steps and of the model inside them (engine overhead).
+        # spec_*: candidate tokens scored, and kept (set_candidates).
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
-                                        "step_s": 0.0, "forward_s": 0.0}
+                                        "step_s": 0.0, "forward_s": 0.0, "spec_draft_tokens": 0,
+                                        "spec_accepted_tokens": 0}
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
                  num_blocks, args.block_size, num_blocks * args.block_size,
                  num_blocks * args.block_size * per_token / 2**20, kv.name, self.max_model_len)
@@ -249,7 +251,7 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens but this model's context is {self.max_model_len} "
                 "tokens (prompt plus output); shorten the prompt", "prompt")
         room = self.max_model_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
+        if not whole_context and params.max_tokens is not None and params.max_tokens > room:
             raise PromptTooLongError(
                 f"max_tokens {params.max_tokens} plus the prompt's {len(ids)} tokens exceeds the "
                 f"context of {self.max_model_len} tokens; ask for at most {room} tokens", "max_tokens")
@@ -293,7 +295,9 @@ class LLMEngine:
         Trimmed to what the context and max_tokens leave room for."""
         req = self.requests.get(request_id)
         seq = req.seqs[index] if req is not None and 0 <= index < len(req.seqs) else None
-        if seq is None or seq.status is not Status.RUNNING or seq.in_prefill or seq.pooling is not None:
+        # Decoding: its prompt computed and its first token sampled (which also forks the n > 1 completions).
+        if (seq is None or seq.status is not Status.RUNNING or seq.in_prefill or seq.pooling is not None
+                or not seq.output_ids or seq.fork_children):
             raise InvalidParameterError(f"request {request_id!r} has no decoding completion {index}", "request_id")
         vocab = self.config.vocab_size
         if not all(is_int(t) and 0 <= t < vocab for t in tokens):
@@ -477,8 +481,8 @@ class LLMEngine:
             if seq.finished or i == len(candidates) or seq.output_ids[-1] != candidates[i]:
                 break
             accepted += 1
-        self.stats["spec_draft_tokens"] = self.stats.get("spec_draft_tokens", 0) + len(candidates)
-        self.stats["spec_accepted_tokens"] = self.stats.get("spec_accepted_tokens", 0) + accepted
+        self.stats["spec_draft_tokens"] += len(candidates)
+        self.stats["spec_accepted_tokens"] += accepted
         seq.spec_tokens = []
         if not seq.finished:
             self.blocks.truncate(seq, seq.num_computed - (len(candidates) - accepted))

@@ -47,9 +47,10 @@ class PoolingParams:
                                         f"got {self.attention_layers!r}", "attention_layers")
         return PoolingParams(self.pooling, self.normalize, self.attention_span, sorted(set(layers)))
 
-    @property
-    def first_computed(self) -> int:
-        """The first prompt position whose rows must be computed (not taken from the prefix cache)."""
+    def first_computed(self, num_prompt_tokens: int) -> int:
+        """The first prompt position whose rows must be computed (not taken from the prefix cache): all for
+        mean pooling, the span's for attention, else the last token's."""
         if self.pooling == "mean":
             return 0
-        return self.attention_span[0] if self.attention_span is not None else 1 << 62
+        last = num_prompt_tokens - 1
+        return min(last, self.attention_span[0]) if self.attention_span is not None else last

@@ -87,6 +87,7 @@ class ModelRunner:
         plan = self.backend.plan(spans, self.window, [c for _, c in captures])
         began = time.perf_counter()
         hidden = self.model(torch.tensor(tokens), plan.positions, self.backend, plan)
+        self.backend.finish(plan)
         result.forward_s = time.perf_counter() - began
         result.num_logit_rows = len(logit_rows)
         for seq, first, row, count in pool:

@@ -215,31 +215,40 @@ class Scheduler:
         return min(seq.num_remaining, budget, cap if cap > 0 else budget)
 
     def _schedule_decodes(self, budget: int | None) -> dict[Sequence, int]:
-        """One token for every decoding sequence (plus its candidate tokens where budget and free blocks allow),
-        preempting the newest when blocks run out."""
+        """One token for every decoding sequence, preempting the newest when blocks run out; then candidate
+        tokens from the budget and blocks left (candidates never cost another sequence its token)."""
         batch: dict[Sequence, int] = {}
-        used = 0
         for seq in list(self.running):
             if seq.in_prefill or seq.status is not Status.RUNNING:
                 continue
-            if budget is not None and used >= budget:
+            if budget is not None and len(batch) >= budget:
                 break
             while not self.blocks.can_allocate(seq, 1):
                 victim = self.running[-1]
                 self._preempt(victim)
-                used -= batch.pop(victim, 0)
+                batch.pop(victim, None)
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
-                n = 1 + len(seq.spec_tokens)
-                if budget is not None:
-                    n = min(n, budget - used)
-                while n > 1 and not self.blocks.can_allocate(seq, n):  # candidates never preempt anyone
-                    n -= 1
-                self.blocks.allocate(seq, n)
-                batch[seq] = n
-                used += n
+                self.blocks.allocate(seq, 1)
+                batch[seq] = 1
+        self._add_candidates(batch, budget)
         return batch
+
+    def _add_candidates(self, batch: dict[Sequence, int], budget: int | None) -> None:
+        """Grow each decode to 1 + its candidates, oldest first, within the budget and the free blocks."""
+        left = None if budget is None else budget - len(batch)
+        for seq in batch:
+            k = len(seq.spec_tokens)
+            if left is not None:
+                k = min(k, left)
+            while k > 0 and not self.blocks.can_allocate(seq, 1 + k):
+                k -= 1
+            if k > 0:
+                self.blocks.allocate(seq, 1 + k)  # the block for its first token is already there
+                batch[seq] = 1 + k
+                if left is not None:
+                    left -= k
 
     def _admit(self, batch: dict[Sequence, int], budget: int, whole_prompts: bool) -> None:
         """Move waiting sequences to running while budget, sequence slots and blocks allow."""

@@ -79,7 +79,7 @@ class Sequence:
         if self.wants_prompt_logprobs:
             return 0
         if self.pooling is not None:
-            return min(len(self) - 1, self.pooling.first_computed)
+            return self.pooling.first_computed(len(self))
         return len(self) - 1
 
     @property

@@ -24,7 +24,9 @@ class RowSpan:
 
     @property
     def decode(self) -> bool:
-        """One token continuing a sequence (as opposed to a prompt chunk or a multi-token step)."""
+        """One token continuing a sequence (as opposed to a prompt chunk or a multi-token step). A backend may
+        still attend other spans as one-query rows (the float one does chunks), or a decode through its chunk
+        path (KIVI does, for a span whose attention is captured)."""
         return self.n == 1 and self.start > 0
 
 
@@ -104,6 +106,10 @@ class AttentionBackend:
                       scale: float) -> torch.Tensor | None:
         """Every layer in the C++ DecodeModel `fused` when the plan allows (one-query rows only), else None."""
         return None
+
+    def finish(self, plan: Any) -> None:
+        """The step planned by `plan` ran to the end (a failed one is planned and run again: plan must not
+        change what a replay reads)."""
 
     def copy_block(self, src: int, dst: int) -> None:
         """Give dst the contents of src (a partly filled block being forked)."""

@@ -169,7 +169,6 @@ class FloatPagedBackend(AttentionBackend):
             cache[:, dst] = cache[:, src]
 
 
-
 def dense_backend(num_layers: int, n: int, n_kv: int, head_dim: int, dtype: torch.dtype
                   ) -> tuple[FloatPagedBackend, FloatPlan]:
     """Scratch caches (one block of n slots per layer) and the plan for one causal sequence of n tokens: the

@@ -40,6 +40,7 @@ class KiviPlan(StepPlan):
     res_rows: torch.Tensor = EMPTY  # [Tr] new rows kept in float
     res_index: torch.Tensor = EMPTY  # [Tr] residual flat indices they are written to
     fill: BlockFill | None = None  # blocks quantized at the end of each layer's step
+    filled: list[int] = field(default_factory=list)  # their ids: residual slots retire once the step ran
     chunks: list[KiviChunk] = field(default_factory=list)
     rows: torch.Tensor | None = None  # [B] decode rows
     full: torch.Tensor | None = None  # [B, W] full blocks of each decoding sequence (padded 0)
@@ -62,7 +63,6 @@ class KiviBackend(AttentionBackend):
         self.residual_of: dict[int, int] = {}  # block -> slot
         self.free_residual: list[int] = list(range(num_residual - 1, -1, -1))
         self.num_residual = num_residual
-        self._retiring: list[int] = []  # slots of blocks quantized in the running step: free from the next
 
     @staticmethod
     def bytes_per_token(num_layers: int, n_kv: int, head_dim: int, bits: int, block_size: int) -> float:
@@ -72,8 +72,8 @@ class KiviBackend(AttentionBackend):
 
     @property
     def free_slots(self) -> list[int]:
-        """Residual slots no block holds (some retire only when the next step is planned)."""
-        return self.free_residual + self._retiring
+        """Residual slots no block holds."""
+        return list(self.free_residual)
 
     def _slot(self, block: int) -> int:
         if block not in self.residual_of:
@@ -84,11 +84,6 @@ class KiviBackend(AttentionBackend):
                     cache.ensure_residual(self.num_residual)
             self.residual_of[block] = self.free_residual.pop()
         return self.residual_of[block]
-
-    def _retire(self, block: int) -> None:
-        slot = self.residual_of.pop(block, None)
-        if slot is not None:
-            self._retiring.append(slot)
 
     def block_freed(self, block: int) -> None:
         slot = self.residual_of.pop(block, None)
@@ -114,15 +109,13 @@ class KiviBackend(AttentionBackend):
 
     def plan(self, spans: list[RowSpan], window: KeyWindow | None = None,
              captures: list[AttentionCapture] | None = None) -> KiviPlan:
-        self.free_residual += self._retiring
-        self._retiring = []
         captured = {c.span for c in captures or []}
         idx: dict[str, list[int]] = {k: [] for k in ("res_rows", "res", "blocks", "pos_res", "fres",
                                                      "pos_new", "rows")}
         plan = KiviPlan(spans, torch.cat([torch.arange(s.start, s.start + s.n) for s in spans]), window,
                         captures or [])
         decodes: list[RowSpan] = []
-        filled: list[int] = []  # blocks quantized in this step: their slots retire once the plan is built
+        filled: list[int] = []  # blocks quantized in this step: their slots retire once it ran (finish)
         for i, sp in enumerate(spans):
             as_row = sp.decode and not sp.candidates and i not in captured
             filled += self._span_indices(sp, as_row, idx)
@@ -138,9 +131,14 @@ class KiviBackend(AttentionBackend):
         plan.fill = BlockFill(t["blocks"], t["pos_res"], t["fres"], t["pos_new"], t["rows"])
         if decodes:
             self._decode_meta(plan, decodes)
-        for block in filled:
-            self._retire(block)
+        plan.filled = filled
         return plan
+
+    def finish(self, plan: KiviPlan) -> None:
+        """The blocks the step filled are quantized now: their residual slots are free. (Not earlier, in plan: a
+        failed step is replayed, and the replay reads those slots again.)"""
+        for block in plan.filled:
+            self.block_freed(block)
 
     def _span_indices(self, sp: RowSpan, as_row: bool, idx: dict[str, list[int]]) -> list[int]:
         """Which of the span's tokens go to residual slots, and which blocks fill and are quantized in this step
@@ -273,7 +271,6 @@ class KiviBackend(AttentionBackend):
         for cache in self.caches:
             cache.quantize_filled(None, None, plan.fill)
         return hidden
-
 
 
 def _pad(probs: torch.Tensor, cap: AttentionCapture, rows: slice, start: int) -> torch.Tensor:

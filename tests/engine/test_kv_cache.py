@@ -32,7 +32,7 @@ def _check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     if isinstance(kivi, KiviBackend):  # exactly the incomplete tail blocks hold residual slots, each its own
         tails = {s.block_table[s.num_computed // bm.block_size] for s in live if s.num_computed % bm.block_size}
         assert set(kivi.residual_of) == tails
-        slots = list(kivi.residual_of.values()) + kivi.free_residual + kivi._retiring
+        slots = list(kivi.residual_of.values()) + kivi.free_slots
         assert sorted(slots) == list(range(kivi.num_residual))
 
 
@@ -45,7 +45,7 @@ def _run_prompt(bm: BlockManager, seq: Sequence, chunk: int) -> bool:
             return False
         bm.allocate(seq, n)
         if isinstance(bm.events, KiviBackend):  # the KV layout assigns residual slots when it plans a step
-            bm.events.plan([RowSpan(seq.block_table, seq.num_computed, n, 0)])
+            bm.events.finish(bm.events.plan([RowSpan(seq.block_table, seq.num_computed, n, 0)]))
         seq.num_computed += n
         bm.commit(seq)
     return True

@@ -9,6 +9,7 @@ import torch
 from ember import LLM, SamplingParams
 from ember.bench.perplexity import _window_nll, _window_nll_cached
 from ember.errors import InvalidParameterError
+from ember.models.llama import LlamaModel
 from ember.models.loader import load_model
 from tests.conftest import TEXT
 from tests.engine.test_batching import assert_no_leaks
@@ -137,3 +138,29 @@ def test_bfloat16_model_with_a_quantized_cache(tiny_llama3: Path) -> None:
     assert len(runs["int8"][0]) == 20
     # int8 keys and values are within bfloat16's own rounding: the two caches agree closely.
     assert sum(a == b for a, b in zip(runs["auto"][0], runs["int8"][0])) >= 15
+
+
+@pytest.mark.parametrize("fail_at", [3, 8, 13, 21])
+def test_a_failed_step_is_replayed_exactly(tiny_llama3: Path, monkeypatch, fail_at: int) -> None:
+    """A forward that fails part-way (some layers have written and quantized) is run again request by request:
+    planning a step must not change what its replay reads (residual slots of the blocks it fills)."""
+    def run(fail: int | None) -> dict[str, list[int]]:
+        llm = LLM(tiny_llama3, kv_cache_dtype="int4", block_size=4, kv_cache_memory=0.004)
+        backend = llm.engine.runner.backend
+        calls, forward = [0], backend.forward
+
+        def flaky(*args):
+            calls[0] += 1
+            if calls[0] == fail:
+                raise RuntimeError("boom")
+            return forward(*args)
+
+        monkeypatch.setattr(backend, "forward", flaky)
+        monkeypatch.setattr(LlamaModel, "_fused_decoder", lambda *a: None)  # every layer through forward
+        outs = llm.generate([{"prompt_token_ids": list(range(10, 17))}, {"prompt_token_ids": list(range(30, 41))}],
+                            SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        assert_no_leaks(llm.engine)
+        assert not backend.residual_of and sorted(backend.free_slots) == list(range(backend.num_residual))
+        return {o.request_id: o.outputs[0].token_ids for o in outs}
+
+    assert run(fail_at) == run(None)

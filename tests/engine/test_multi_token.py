@@ -165,3 +165,50 @@ def test_truncate_frees_blocks_but_never_hashed_ones(tiny_llama3: Path) -> None:
         bm.truncate(seq, 3)
     bm.free_seq(seq)
     assert bm.num_free_blocks == 8
+
+
+def test_candidates_never_cost_another_decode_its_token() -> None:
+    """Every decoding sequence gets its one token first; candidates take only the budget and blocks left."""
+    from ember.engine.kv_cache import BlockManager
+    from ember.engine.scheduler import Scheduler, SchedulerConfig
+    from ember.engine.sequence import Status
+
+    def decoding(blocks: BlockManager, sched: Scheduler, n: int) -> Sequence:
+        seq = Sequence(f"r{n}", 0, list(range(n)), SamplingParams(), 0.0)
+        blocks.allocate(seq, n)
+        seq.num_computed, seq.output_ids = n, [1]
+        sched.add_running(seq)
+        return seq
+
+    blocks = BlockManager(4, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), blocks)
+    a, b = decoding(blocks, sched, 3), decoding(blocks, sched, 8)  # a: 1 block, b: 2 (+1 for its next token)
+    a.spec_tokens = [5, 6]
+    batch = sched.schedule()
+    assert batch == {a: 1, b: 1} and sched.num_preemptions == 0  # no block left for a's candidates
+    assert all(s.status is Status.RUNNING for s in (a, b))
+
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8), blocks)
+    seqs = [decoding(blocks, sched, 5 + i) for i in range(4)]
+    seqs[0].spec_tokens = list(range(7))
+    assert list(sched.schedule().values()) == [5, 1, 1, 1]  # the budget's 4 spare tokens go to candidates
+
+
+def test_candidates_wait_for_the_first_token_and_the_forks(tiny_llama3: Path, prompt: list[int]) -> None:
+    """n > 1 completions are forked when the prompt's first token is sampled: candidates before that (the
+    prompt's last token still to compute) are refused, not allowed to skip the fork."""
+    engine = LLM(tiny_llama3, max_num_batched_tokens=len(prompt) - 1).engine
+    engine.add_request("r", {"prompt_token_ids": prompt}, SamplingParams(n=2, max_tokens=6, temperature=0))
+    engine.step()
+    seq = engine.requests["r"].seqs[0]
+    assert seq.num_remaining == 1 and not seq.in_prefill
+    with pytest.raises(Exception, match="no decoding completion"):
+        engine.set_candidates("r", [1, 2])
+    engine.step()
+    engine.set_candidates("r", [1, 2], index=1)
+    out = None
+    while engine.has_unfinished_requests():
+        out = engine.step()[-1]
+    assert [len(c.token_ids) for c in out.outputs] == [6, 6] and out.outputs[0].token_ids == out.outputs[1].token_ids
+    assert_no_leaks(engine)

@@ -147,3 +147,14 @@ def test_llm_encode(tiny_llama3: Path, case) -> None:
     outs = llm.encode([{"prompt_token_ids": ids}, {"prompt_token_ids": ids[:9]}], PublicPoolingParams("last"))
     torch.testing.assert_close(outs[0].pooled.data, hidden[-1], rtol=0, atol=1e-4)
     assert outs[1].pooled.data.shape == hidden[0].shape and outs[0].outputs == []
+
+
+def test_a_pooling_prompt_may_fill_the_context(tiny_llama3: Path) -> None:
+    """Nothing is generated, so the prompt may take every position (a generating request may not)."""
+    from ember.errors import PromptTooLongError
+
+    engine = LLM(tiny_llama3, max_model_len=32).engine
+    ids = list(range(10, 42))
+    assert _run(engine, ids, PoolingParams("mean")).data.shape == (64,)
+    with pytest.raises(PromptTooLongError):
+        engine.add_request("g", {"prompt_token_ids": ids}, SamplingParams(max_tokens=1))
