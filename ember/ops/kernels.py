@@ -75,6 +75,22 @@ def _announce(folder: Path) -> Iterator[None]:
         print(f"{end}{msg}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
 
 
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """One process at a time builds or loads the extension in `folder`. torch's own lock is a file whose mere
+    presence makes every later load wait forever, and a build that was killed (Ctrl-C, OOM) leaves it behind;
+    an flock is released by the OS when its holder dies, so under it a leftover torch lock is stale."""
+    import fcntl
+
+    with open(folder / "ember.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @lru_cache(maxsize=1)
 def cpu_kernels() -> Any | None:
     """The compiled extension, or None (no AVX2, no compiler, or EMBER_NO_KERNELS=1): callers then
@@ -97,12 +113,13 @@ def cpu_kernels() -> Any | None:
         from torch.utils.cpp_extension import load
 
         folder.mkdir(parents=True, exist_ok=True)
-        built = (folder / f"{name}.so").is_file()
-        with _announce(folder) if not built else nullcontext():
-            _LOADED[name] = load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(folder),
-                                 extra_include_paths=[str(SOURCES[0].parent)], extra_cflags=list(CFLAGS),
-                                 extra_ldflags=list(LDFLAGS), verbose=False)
-            return _LOADED[name]
+        with _build_lock(folder):
+            built = (folder / f"{name}.so").is_file()
+            with _announce(folder) if not built else nullcontext():
+                _LOADED[name] = load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(folder),
+                                     extra_include_paths=[str(SOURCES[0].parent)], extra_cflags=list(CFLAGS),
+                                     extra_ldflags=list(LDFLAGS), verbose=False)
+                return _LOADED[name]
     except Exception as e:  # a failed build must not stop the engine
         log.warning("could not build ember's CPU kernels (%s); using the slower PyTorch fallbacks", e)
         return None
