@@ -383,7 +383,7 @@ class LLMEngine:
         for part in result.prompt_rows:
             self._guard(part.seq.request_id, self._prompt_logprobs, result, part)
         pooling.collect(result, self._guard)
-        for seq in {s for s in batch if s.pooling is not None}:
+        for seq in [s for s in batch if s.pooling is not None]:
             self._guard(seq.request_id, self._finish_pooling, seq)
         self._sample(result)
 

@@ -40,7 +40,6 @@ class KiviPlan(StepPlan):
     res_rows: torch.Tensor = EMPTY  # [Tr] new rows kept in float
     res_index: torch.Tensor = EMPTY  # [Tr] residual flat indices they are written to
     fill: BlockFill | None = None  # blocks quantized at the end of each layer's step
-    filled: list[int] = field(default_factory=list)  # their ids: residual slots retire once the step ran
     chunks: list[KiviChunk] = field(default_factory=list)
     rows: torch.Tensor | None = None  # [B] decode rows
     full: torch.Tensor | None = None  # [B, W] full blocks of each decoding sequence (padded 0)
@@ -115,10 +114,9 @@ class KiviBackend(AttentionBackend):
         plan = KiviPlan(spans, torch.cat([torch.arange(s.start, s.start + s.n) for s in spans]), window,
                         captures or [])
         decodes: list[RowSpan] = []
-        filled: list[int] = []  # blocks quantized in this step: their slots retire once it ran (finish)
         for i, sp in enumerate(spans):
             as_row = sp.decode and not sp.candidates and i not in captured
-            filled += self._span_indices(sp, as_row, idx)
+            self._span_indices(sp, as_row, idx)
             if as_row:
                 decodes.append(sp)
             else:
@@ -131,16 +129,16 @@ class KiviBackend(AttentionBackend):
         plan.fill = BlockFill(t["blocks"], t["pos_res"], t["fres"], t["pos_new"], t["rows"])
         if decodes:
             self._decode_meta(plan, decodes)
-        plan.filled = filled
         return plan
 
     def finish(self, plan: KiviPlan) -> None:
         """The blocks the step filled are quantized now: their residual slots are free. (Not earlier, in plan: a
         failed step is replayed, and the replay reads those slots again.)"""
-        for block in plan.filled:
+        assert plan.fill is not None
+        for block in plan.fill.blocks.tolist():
             self.block_freed(block)
 
-    def _span_indices(self, sp: RowSpan, as_row: bool, idx: dict[str, list[int]]) -> list[int]:
+    def _span_indices(self, sp: RowSpan, as_row: bool, idx: dict[str, list[int]]) -> None:
         """Which of the span's tokens go to residual slots, and which blocks fill and are quantized in this step
         (those full of tokens sure to stay; the rest wait in the residual until accepted: block_filled)."""
         bs, table, start, end = self.block_size, sp.block_table, sp.start, sp.start + sp.n
@@ -163,7 +161,6 @@ class KiviBackend(AttentionBackend):
                 idx["fres"].extend(range(slot, slot + first_new - i * bs))
             idx["pos_new"].extend(range(base + first_new - i * bs, base + bs))
             idx["rows"].extend(range(sp.row0 + first_new - start, sp.row0 + (i + 1) * bs - start))
-        return table[start // bs: kept_end // bs]
 
     def _cached_context(self, table: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Full (quantized) blocks and residual indices holding positions [0, start) of a sequence."""
