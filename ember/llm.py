@@ -1,10 +1,13 @@
-"""LLM: the offline Python API in vLLM's shape (generate, encode, chat, get_tokenizer)."""
+"""LLM: the offline Python API in vLLM's shape (generate, encode, embed, rerank, chat, get_tokenizer)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from ember.apps.plan import Job, Usage, drive
+from ember.apps.rerank import Ranking, Reranker, RerankOptions, RerankResult, top_results
 from ember.engine.engine import EngineArgs, LLMEngine, Prompt
 from ember.engine.engine import load_for as engine_load_for
 from ember.engine.outputs import RequestOutput
@@ -27,6 +30,7 @@ class LLM:
         """kwargs are EngineArgs; `loaded`: a model already loaded (see load_for) to run instead of loading one."""
         self.engine = LLMEngine(EngineArgs(model=model, **kwargs), loaded=loaded)
         self._ids = itertools.count()
+        self._reranker_obj: Reranker | None = None
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
@@ -58,6 +62,34 @@ class LLM:
         output's `pooled.data` is the pooled hidden state, `pooled.attention` the captured span's attention."""
         return self.generate(prompts, pooling_params or PoolingParams())  # type: ignore[arg-type]
 
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling: str = "last", normalize: bool = True
+              ) -> list[list[float]]:
+        """One vector per prompt: the hidden state of the last token ("last", vLLM's default for decoder
+        models) or the mean over its tokens ("mean"), L2-normalised unless normalize=False."""
+        outs = self.encode(prompts, PoolingParams(pooling=pooling, normalize=normalize))
+        return [o.pooled.data.tolist() for o in outs]  # type: ignore[union-attr]
+
+    def rerank(self, query: str, documents: Sequence[str], method: str = "icr", top_n: int | None = None,
+               return_documents: bool = True, **options: Any) -> "RerankOutput":
+        """Rank documents (first-stage order, best first) for query: `results` best first, as the rerank
+        APIs answer. method: icr (default) | listwise | pairwise | pointwise | embedding; options are
+        RerankOptions (max_tokens_per_doc, layers, calibration, pooling)."""
+        opts = RerankOptions(method=method, **options)
+        reranker = self._reranker()
+        usage = Usage()
+        ranking = drive(reranker.plan(query, documents, opts), self._run_jobs, usage)
+        return RerankOutput(top_results(ranking, documents, top_n, return_documents), ranking, usage)
+
+    def _reranker(self) -> Reranker:
+        if self._reranker_obj is None:
+            e = self.engine
+            self._reranker_obj = Reranker(e.tokenizer, e.max_model_len, e.config.num_layers)
+        return self._reranker_obj
+
+    def _run_jobs(self, jobs: list[Job]) -> list[RequestOutput]:
+        return self.generate([{"prompt_token_ids": j.prompt_ids} for j in jobs],
+                             [j.params for j in jobs])  # type: ignore[misc]
+
     def _run(self, ids: list[str], on_output: Callable[[RequestOutput], None] | None) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
@@ -80,3 +112,13 @@ class LLM:
                                                          tokenize=True)}
             for c in conversations]
         return self.generate(prompts, sampling_params, **kwargs)
+
+
+@dataclass
+class RerankOutput:
+    """LLM.rerank's answer: `results` best first (index, relevance_score, document), the full `ranking`
+    and what it cost (`usage`)."""
+
+    results: list[RerankResult]
+    ranking: Ranking
+    usage: Usage
