@@ -211,7 +211,7 @@ class Reranker:
     def _listwise(self, query: str, docs: list[Ids], _texts: Sequence[str], opts: RerankOptions
                   ) -> Plan[Ranking]:
         size = min(LISTWISE_WINDOW, self._fitting(docs, lambda ds: len(self.listwise_prompt(query, ds))
-                                                   + _listwise_max_tokens(len(ds))))
+                                                   + _listwise_max_tokens(len(ds)), least=2))
         stride = LISTWISE_STRIDE if size == LISTWISE_WINDOW else max(1, size // 2)
         return (yield from self._sliding(docs, size, stride, lambda idx: self._listwise_window(query, docs, idx)))
 
@@ -300,16 +300,17 @@ class Reranker:
             raise PromptTooLongError(f"a prompt of {len(prompt)} tokens does not fit in the context of "
                                      f"{self.max_model_len} tokens; set max_tokens_per_doc", "documents")
 
-    def _fitting(self, docs: list[Ids], length: Callable[[list[Ids]], int]) -> int:
-        """How many documents one prompt can hold (counting the longest ones); a 400 if not even one."""
+    def _fitting(self, docs: list[Ids], length: Callable[[list[Ids]], int], least: int = 1) -> int:
+        """How many documents one prompt can hold (counting the longest ones); a 400 if fewer than `least`."""
         longest = sorted(docs, key=len, reverse=True)
         k = len(docs)
         while k > 0 and length(longest[:k]) > self.max_model_len:
             k -= 1
-        if k == 0:
+        least = min(least, len(docs))
+        if k < least:
             raise PromptTooLongError(
-                f"a document of {len(longest[0])} tokens does not fit in one prompt in the context of "
-                f"{self.max_model_len} tokens; set max_tokens_per_doc", "documents")
+                f"{least} document(s) of up to {len(longest[0])} tokens do not fit in one prompt in the context "
+                f"of {self.max_model_len} tokens; set max_tokens_per_doc", "documents")
         return k
 
     def _sliding(self, docs: list[Ids], size: int, stride: int,

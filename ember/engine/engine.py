@@ -217,7 +217,9 @@ class LLMEngine:
         if pooling is not None:
             pooling = pooling.resolve(len(ids), self.config.num_layers)
         now = time.monotonic()
-        seqs = [Sequence(request_id, i, ids, params, now, generator=self._generator(params, i), pooling=pooling)
+        depth = pooling.depth(self.config.num_layers) if pooling is not None else None
+        seqs = [Sequence(request_id, i, ids, params, now, generator=self._generator(params, i), pooling=pooling,
+                         depth=depth)
                 for i in range(params.n)]
         self._check_token_ids(params)
         stop = set(params.stop_token_ids or ())

@@ -71,7 +71,7 @@ class BlockManager:
             return
         tokens = seq.token_ids
         bs = self.block_size
-        parent: int | None = None
+        parent = seq.cache_salt
         # The rows the sequence needs (at least the last token's, for logits) must be computed.
         for i in range(seq.first_computed // bs):
             key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
@@ -95,7 +95,7 @@ class BlockManager:
         bs = self.block_size
         tokens = seq.token_ids
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
             key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
             h = hash(key)
             seq.block_hashes.append(h)

@@ -47,6 +47,13 @@ class PoolingParams:
                                         f"got {self.attention_layers!r}", "attention_layers")
         return PoolingParams(self.pooling, self.normalize, self.attention_span, sorted(set(layers)))
 
+    def depth(self, num_layers: int) -> int | None:
+        """How many layers the forward must run for this (resolved) request: a request that reads only
+        attention stops after its last captured layer; None: all of them."""
+        if self.pooling is not None or not self.attention_layers or max(self.attention_layers) + 1 >= num_layers:
+            return None
+        return max(self.attention_layers) + 1
+
     def first_computed(self, num_prompt_tokens: int) -> int:
         """The first prompt position whose rows must be computed (not taken from the prefix cache): all for
         mean pooling, the span's for attention, else the last token's."""

@@ -86,7 +86,9 @@ class ModelRunner:
                 self._pooling_rows(seq, len(spans) - 1, start, n, row0, pool, captures)
         plan = self.backend.plan(spans, self.window, [c for _, c in captures])
         began = time.perf_counter()
-        hidden = self.model(torch.tensor(tokens), plan.positions, self.backend, plan)
+        depths = [seq.depth for seq in batch]
+        depth = None if None in depths else max(depths)  # type: ignore[type-var]
+        hidden = self.model(torch.tensor(tokens), plan.positions, self.backend, plan, depth)
         self.backend.finish(plan)
         result.forward_s = time.perf_counter() - began
         result.num_logit_rows = len(logit_rows)

@@ -49,6 +49,8 @@ class Sequence:
     # engine trims them to what fits and clears them after the step.
     spec_tokens: list[int] = field(default_factory=list)
     pooling: PoolingParams | None = None  # set: read the prompt's hidden states / attention, generate nothing
+    # Layers its steps must run (None: all): a request reading attention from early layers stops there.
+    depth: int | None = None
     pooled: "torch.Tensor | None" = None  # the running sum (mean) or the last hidden row
     attention: "torch.Tensor | None" = None  # captured attention, [span, span end]
 
@@ -81,6 +83,12 @@ class Sequence:
         if self.pooling is not None:
             return self.pooling.first_computed(len(self))
         return len(self) - 1
+
+    @property
+    def cache_salt(self) -> int | None:
+        """Seeds the hashes of its blocks: blocks computed through fewer layers only match requests that stop
+        at the same layer (their later layers' KV was never written)."""
+        return None if self.depth is None else hash(("depth", self.depth))
 
     @property
     def finished(self) -> bool:

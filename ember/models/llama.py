@@ -128,10 +128,16 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(inv, self.max_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
-                plan: StepPlan) -> torch.Tensor:
-        """input_ids, positions: [T]; the step's KV layout and its plan. Returns final hidden states [T, hidden]."""
+                plan: StepPlan, depth: int | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]; the step's KV layout and its plan. Returns final hidden states [T, hidden];
+        with `depth`, only the first `depth` layers run (their KV is written) and the hidden states returned
+        are those layers' output, not normalised: for steps that only read attention."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions, x.dtype)
+        if depth is not None and depth < len(self.layers):
+            for layer in self.layers[:depth]:
+                x = layer(x, rope, backend, plan)
+            return x
         fused = self._fused_decoder(x)
         if fused is not None:  # all layers in one C++ call, where the backend's plan allows it
             hidden = backend.fused_forward(fused, x, *rope, plan, self.layers[0].self_attn.scale)
