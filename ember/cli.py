@@ -182,7 +182,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ember.server.serve import serve
 
     limits = ServerLimits(max_request_bytes=a.max_request_bytes, max_request_tokens=a.max_request_tokens)
-    serve(_engine_kwargs(a), a.model, a.host, a.port, a.api_key, a.served_model_name, limits, a.shutdown_grace)
+    serve(_engine_kwargs(a), a.model, a.host, a.port, a.api_key, a.served_model_name, limits, a.shutdown_grace,
+          a.pooling)
     return 0
 
 
@@ -478,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                         description="Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, "
-                                    "/v1/completions, /v1/models, /tokenize, /detokenize, /health, /metrics).")
+                                    "/v1/completions, /v1/embeddings, /v1/rerank, /v1/score, /v1/models, "
+                                    "/tokenize, /detokenize, /health, /metrics).")
     _model_args(sv)
     _engine_flags(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -496,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--shutdown-grace", type=_seconds, default=60.0, metavar="SECONDS",
                     help="on SIGTERM/SIGINT, how long requests in flight may run before they end with an error "
                          "(default 60); a second signal ends them at once")
+    sv.add_argument("--pooling", choices=["last", "mean"], default="last",
+                    help="how /v1/embeddings pools a text's hidden states unless the request sends pooling: the "
+                         "last token's (default, as vLLM for decoder models) or the mean over its tokens")
     sv.set_defaults(func=cmd_serve, parser=sv)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit)",

@@ -1,22 +1,30 @@
-"""FastAPI app: OpenAI-compatible chat/completions (streaming too), models, tokenize, health, metrics."""
+"""FastAPI app: OpenAI-compatible chat/completions (streaming too), embeddings, rerank (Jina, Cohere, TEI shapes)
+and score (vLLM's), models, tokenize, health, metrics."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import itertools
 import json
 import logging
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, TypeVar
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ember.apps.plan import Job, Plan, Usage, drive_async
+from ember.apps.rerank import Ranking, Reranker, RerankOptions, top_results
 from ember.engine.async_engine import AsyncEngine, RequestFailedError, RequestStream
 from ember.engine.engine import Prompt, Request as EngineRequest
 from ember.engine.outputs import RequestOutput
+from ember.engine.pooling_params import PoolingParams
 from ember.engine.sampling_params import SamplingParams
 from ember.errors import EmberError, InvalidParameterError
 from ember.server import protocol as P
@@ -25,6 +33,7 @@ from ember.server.middleware import ServerGuard
 from ember.server.render import ChoiceState, chat_chunk, chat_final, completion_final
 
 log = logging.getLogger("ember")
+T = TypeVar("T")
 
 
 class APIError(Exception):
@@ -72,14 +81,18 @@ class ServerLimits:
 
 
 def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: str | None = None,
-              limits: ServerLimits | None = None) -> FastAPI:
+              limits: ServerLimits | None = None, pooling: str = "last") -> FastAPI:
+    """`pooling`: how /v1/embeddings (and the embedding method) pool a text's hidden states unless the
+    request says: "last" (the final token's, vLLM's default for decoder models) or "mean"."""
     limits = limits or ServerLimits()
+    PoolingParams(pooling)  # checked before serving
     app = FastAPI(title="ember", description="OpenAI-compatible LLM server", responses=ERROR_RESPONSES)
     app.add_middleware(ServerGuard, api_key=api_key, max_request_bytes=limits.max_request_bytes)
     _error_handlers(app)
     _openapi_without_422(app)
     core = engine.engine
     tok, max_len = core.tokenizer, core.max_model_len
+    rerankers: list[Reranker] = []  # built on first use: a model without a usable chat template still embeds
 
     def check_model(name: str | None) -> None:
         if name not in (None, served_name):
@@ -187,6 +200,113 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
             return _sse(_completion_stream(rid, served_name, streams, states, req))
         return completion_final(rid, served_name, await _collect(streams, raw), states)
 
+    # -- retrieval: embeddings, rerank, score ---------------------------------------------------
+
+    def reranker() -> Reranker:
+        if not rerankers:
+            rerankers.append(Reranker(tok, max_len, core.config.num_layers))
+        return rerankers[0]
+
+    def prepare_inputs(items: list[tuple[str, Prompt, PoolingParams]]) -> list[EngineRequest]:
+        """The embedding inputs as engine requests; an error names the input (on a preparation thread)."""
+        reqs = []
+        for i, (rid, prompt, params) in enumerate(items):
+            try:
+                if isinstance(prompt, str):
+                    core.check_text(prompt, "input")
+                reqs.append(core.prepare(rid, prompt, params))
+            except InvalidParameterError as e:
+                where = f"input {i}: " if len(items) > 1 else ""
+                raise type(e)(where + str(e).replace("prompt", "input"), "input") from None
+        return reqs
+
+    async def run_plan(plan: Plan[T], rid: str, raw: Request, usage: Usage, sent_as: dict[str, str]) -> T:
+        """Run an application's plan: each batch of jobs as engine requests f"{rid}-{k}", prepared off the event
+        loop and submitted together, all aborted if the client leaves. The plan's first step (tokenizing the
+        documents) runs off the event loop too. Errors name the fields as sent (`sent_as`)."""
+        ids = itertools.count()
+
+        async def run(jobs: list[Job]) -> list[RequestOutput]:
+            items = [(f"{rid}-{next(ids)}", {"prompt_token_ids": j.prompt_ids}, j.params) for j in jobs]
+            reqs = await engine.prepare(items)  # type: ignore[arg-type]
+            limits.check_work(reqs, max_len)
+            return await _collect(engine.submit(reqs), raw)
+
+        with _named_as_sent(sent_as):
+            first = await engine.run_blocking(_first_step, plan)
+            if isinstance(first, _Done):
+                return first.value
+            return await drive_async(_resumed(first, plan), run, usage)
+
+    def rerank_options(req: P._RetrievalOptions) -> RerankOptions:
+        return RerankOptions(method=req.method or "icr", max_tokens_per_doc=req.max_tokens_per_doc,
+                             layers=req.layers, calibration=req.calibration is not False,
+                             pooling=req.pooling or pooling)
+
+    @app.post("/v1/embeddings", responses=RETRIEVAL_RESPONSES)
+    async def embeddings(req: P.EmbeddingRequest, raw: Request) -> dict[str, Any]:
+        check_model(req.model)
+        hidden = core.config.hidden_size
+        if req.dimensions is not None and req.dimensions != hidden:
+            raise APIError(400, f"dimensions: this model's embeddings have {hidden} dimensions and this server "
+                           f"does not shorten them; leave dimensions out (or send {hidden})", "dimensions")
+        params = PoolingParams(req.pooling or pooling, normalize=True)
+        rid = P.new_id("embd")
+        log_user(rid, req)
+        items = [(f"{rid}-{i}", p, params) for i, p in enumerate(_embedding_inputs(req.input))]
+        outs = await _collect(engine.submit(await engine.run_blocking(prepare_inputs, items)), raw)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _vector(o.pooled.data, req.encoding_format)}  # type: ignore[union-attr]
+                for i, o in enumerate(outs)]
+        tokens = sum(len(o.prompt_token_ids) for o in outs)
+        return {"object": "list", "data": data, "model": served_name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/rerank", responses=RETRIEVAL_RESPONSES)
+    @app.post("/v2/rerank", responses=RETRIEVAL_RESPONSES)
+    @app.post("/rerank", include_in_schema=False)
+    async def rerank(req: P.RerankRequest, raw: Request) -> Any:
+        """Jina's and Cohere's rerank; with `texts` instead of `documents`, TEI's (a list of {index, score,
+        text?})."""
+        check_model(req.model)
+        docs, tei = req.document_texts(), req.texts is not None
+        opts = rerank_options(req)
+        rid, usage = P.new_id("rerank"), Usage()
+        sent_as = {"attention_layers": "layers", **({"documents": "texts"} if tei else {})}
+        ranking = await run_plan(reranker().plan(req.query, docs, opts), rid, raw, usage, sent_as)
+        results = top_results(ranking, docs, req.top_n)
+        if tei:
+            return [{"index": r.index, "score": r.relevance_score, **({"text": r.document} if req.return_text
+                                                                        else {})} for r in results]
+        return {"id": rid, "model": served_name,
+                "usage": {"prompt_tokens": usage.prompt_tokens,
+                          "total_tokens": usage.prompt_tokens + usage.generated_tokens},
+                "results": [{"index": r.index, "relevance_score": r.relevance_score,
+                             **({"document": {"text": r.document}} if req.return_documents else {})}
+                            for r in results],
+                "meta": _rerank_meta(opts, ranking, usage)}
+
+    @app.post("/v1/score", responses=RETRIEVAL_RESPONSES)
+    @app.post("/score", include_in_schema=False)
+    async def score(req: P.ScoreRequest, raw: Request) -> dict[str, Any]:
+        """vLLM's score: 1:1, 1:N (one rerank of the N in input order) or N:N (one per pair, run together)."""
+        check_model(req.model)
+        first, second = req.pairs()
+        names = ("text_1", "text_2") if req.text_1 is not None else ("queries", "documents")
+        if (len(second) == 1 or len(first) > 1) and req.method in ("listwise", "pairwise"):
+            raise APIError(400, f"method {req.method} compares documents with each other, and here each "
+                           f"{names[0]} has one {names[1]} to score; use icr, pointwise or embedding", "method")
+        opts = rerank_options(req)
+        rid, usage = P.new_id("score"), Usage()
+        plans = ([reranker().plan(first[0], second, opts)] if len(first) == 1 else
+                 [reranker().plan(q, [d], opts) for q, d in zip(first, second)])
+        sent_as = {"attention_layers": "layers", "query": names[0], "documents": names[1]}
+        rankings = await run_plan(_together(plans), rid, raw, usage, sent_as)
+        scores = rankings[0].scores if len(first) == 1 else [r.scores[0] for r in rankings]
+        return {"id": rid, "object": "list", "created": int(time.time()), "model": served_name,
+                "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+                "usage": P.usage(usage.prompt_tokens, usage.generated_tokens)}
+
     return app
 
 
@@ -200,6 +320,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: _error("Unknown model or route"),
     413: _error("Request body over --max-request-bytes"),
     500: _error("The engine failed this request; other requests were not affected"),
+}
+RETRIEVAL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: _error("The server is shutting down and ended this request"),
 }
 GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "A JSON response, or with `stream: true` server-sent events ending in `data: [DONE]`",
@@ -292,10 +415,11 @@ def _messages(messages: list[P.ChatMessage], names: bool = True) -> list[dict[st
              **({"name": m.name} if names and m.name is not None else {})} for m in messages]
 
 
-def log_user(rid: str, req: P._Sampling) -> None:
+def log_user(rid: str, req: P._Sampling | P.EmbeddingRequest) -> None:
     """OpenAI's `user` (`safety_identifier`) names the end user behind a request, for the operator: logged."""
-    if req.user or req.safety_identifier:
-        log.info("%s: user %.200r", rid, req.safety_identifier or req.user)
+    who = getattr(req, "safety_identifier", None) or req.user
+    if who:
+        log.info("%s: user %.200r", rid, who)
 
 
 @contextmanager
@@ -344,6 +468,89 @@ def _completion_prompts(prompt: Any) -> list[Any]:
     if all(isinstance(p, int) for p in prompt):
         return [{"prompt_token_ids": list(prompt)}]
     return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
+
+
+def _embedding_inputs(value: Any) -> list[Prompt]:
+    """OpenAI's `input`: a string, strings, token ids or lists of token ids (pydantic checked which)."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(t, int) for t in value):
+        return [{"prompt_token_ids": list(value)}]
+    return [v if isinstance(v, str) else {"prompt_token_ids": v} for v in value]
+
+
+def _vector(v: torch.Tensor, encoding: str | None) -> list[float] | str:
+    """An embedding as JSON floats, or (OpenAI's and vLLM's base64) its little-endian float32 bytes."""
+    v = v.detach().float().cpu()
+    if encoding == "base64":
+        return base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii")
+    return v.tolist()
+
+
+def _rerank_meta(opts: RerankOptions, ranking: Ranking, usage: Usage) -> dict[str, Any]:
+    """Cohere's meta (billed_units, warnings), and what the ranking cost and did (ember's)."""
+    warnings = []
+    if ranking.truncated:
+        cut = ranking.truncated
+        warnings.append(f"document{'s' * (len(cut) > 1)} {', '.join(map(str, cut))} "
+                        f"{'were' if len(cut) > 1 else 'was'} cut to {opts.max_tokens_per_doc} tokens "
+                        "(max_tokens_per_doc)")
+    if ranking.malformed:
+        warnings.append(f"{ranking.malformed} of {ranking.generations} generated rankings were not well formed; "
+                        "the documents they left out kept their earlier order")
+    return {"billed_units": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.generated_tokens},
+            "warnings": warnings, "method": opts.method, "truncated_documents": ranking.truncated,
+            "windows": ranking.windows, "requests": usage.requests, "forward_passes": usage.forward_passes,
+            "cached_tokens": usage.prompt_tokens - usage.computed_tokens}
+
+
+@dataclass
+class _Done:
+    value: Any
+
+
+def _first_step(plan: Plan[Any]) -> list[Job] | _Done:
+    """A plan's first batch, or its result if it needs none (a StopIteration cannot cross a future)."""
+    try:
+        return next(plan)
+    except StopIteration as done:
+        return _Done(done.value)
+
+
+def _resumed(first: list[Job], plan: Plan[T]) -> Plan[T]:
+    """The rest of a plan whose first batch was taken already."""
+    outs = yield first
+    while True:
+        try:
+            jobs = plan.send(outs)
+        except StopIteration as done:
+            return done.value
+        outs = yield jobs
+
+
+def _together(plans: list[Plan[T]]) -> Plan[list[T]]:
+    """Plans side by side: each round is one batch, every unfinished plan's next jobs (so the engine runs
+    them in the same steps); the result is their results in order."""
+    results: list[Any] = [None] * len(plans)
+    batches: dict[int, list[Job]] = {}
+
+    def advance(i: int, outs: list[RequestOutput] | None) -> None:
+        try:
+            batches[i] = plans[i].send(outs)  # type: ignore[arg-type]  (None starts it)
+        except StopIteration as done:
+            results[i] = done.value
+            batches.pop(i, None)
+
+    for i in range(len(plans)):
+        advance(i, None)
+    while batches:
+        current = list(batches.items())
+        outs = yield [job for _, jobs in current for job in jobs]
+        pos = 0
+        for i, jobs in current:
+            advance(i, outs[pos:pos + len(jobs)])
+            pos += len(jobs)
+    return results
 
 
 async def _collect(streams: list[RequestStream], raw: Request) -> list[RequestOutput]:

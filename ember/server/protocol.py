@@ -12,7 +12,9 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from ember.apps.rerank import METHODS
 from ember.engine import sampling_params as S
+from ember.engine.pooling_params import POOLING_TYPES
 from ember.engine.sampling_params import check_utf8
 
 
@@ -26,6 +28,8 @@ Text = Annotated[str, AfterValidator(_utf8)]
 # The schema says the ranges the engine accepts (SamplingParams checks them again, for the Python API too).
 MAX_N = 128  # OpenAI's cap on n
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MAX_EMBED_INPUTS = 2048  # OpenAI's cap on inputs in one /v1/embeddings request
+MAX_DOCUMENTS = 1000  # Cohere's cap on documents in one rerank request (and texts of a /v1/score side)
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0)]
 StopText = Annotated[Text, Field(min_length=1, max_length=S.MAX_STOP_STRING_CHARS)]
@@ -241,6 +245,122 @@ TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
 class DetokenizeRequest(_Request):
     model: Text | None = None
     tokens: list[TokenId]
+
+
+class EmbeddingRequest(_Request):
+    """OpenAI's /v1/embeddings; `pooling` (extra) overrides the server's --pooling."""
+
+    unsupported = {"truncate_prompt_tokens": NO, "request_id": NO, "embed_dtype": Unsupported(("float32",)),
+                   "use_activation": Unsupported((True,)), "normalize": Unsupported((True,)),
+                   "add_special_tokens": Unsupported((True,)), "priority": Unsupported((0,))}
+    model: Text | None = None
+    input: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+            | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBED_INPUTS)])
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: Annotated[int, Field(ge=1, description="only the model's hidden size: vectors are not "
+                                                        "shortened")] | None = None
+    pooling: Literal[POOLING_TYPES] | None = Field(None, description="last or mean (default: the server's "
+                                                                     "--pooling); vectors are L2-normalised")
+    user: Text | None = None
+
+
+class _RetrievalOptions(_Request):
+    """How documents are scored (ember's extras): `method`, ICR's `layers` and `calibration`, the embedding
+    method's `pooling`, and `max_tokens_per_doc` (Cohere's: each document cut to that many tokens)."""
+
+    unsupported = {"truncate_prompt_tokens": NO, "request_id": NO, "priority": Unsupported((0,))}
+    model: Text | None = None
+    max_tokens_per_doc: Annotated[int, Field(ge=1)] | None = None
+    method: Literal[METHODS] | None = "icr"
+    layers: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = Field(
+        None, description="ICR: the layers whose attention is scored (default: all)")
+    calibration: bool | None = Field(True, description="ICR: subtract a content-free query's attention")
+    pooling: Literal[POOLING_TYPES] | None = Field(None, description="method embedding: last or mean (default: "
+                                                                     "the server's --pooling)")
+
+    @model_validator(mode="after")
+    def _options_of_the_method(self) -> "_RetrievalOptions":
+        if self.method != "icr":
+            if self.layers is not None:
+                raise refused("layers", f"only method icr scores layers (method is {self.method})")
+            if self.calibration is False:
+                raise refused("calibration", f"only method icr calibrates (method is {self.method})")
+        if self.method != "embedding" and self.pooling is not None:
+            raise refused("pooling", f"only method embedding pools (method is {self.method})")
+        return self
+
+
+class RerankDocument(_Request):
+    text: Text
+
+
+class RerankRequest(_RetrievalOptions):
+    """Jina's and Cohere's rerank (vLLM's /rerank, /v1/rerank, /v2/rerank); with `texts` instead of
+    `documents`, TEI's (answered in TEI's shape, a list of {index, score, text?})."""
+
+    unsupported = {**_RetrievalOptions.unsupported, "rank_fields": NO, "truncate": Unsupported((False,))}
+    # TEI's raw_scores: the methods' scores pass through no sigmoid either way
+    inert = frozenset({"raw_scores", "truncation_direction"})
+    query: Text
+    documents: Annotated[list[Text | RerankDocument], Field(min_length=1, max_length=MAX_DOCUMENTS)] | None = None
+    texts: Annotated[list[Text], Field(min_length=1, max_length=MAX_DOCUMENTS)] | None = None
+    top_n: Annotated[int, Field(ge=0, description="the best top_n results (0 or null: all)")] | None = None
+    return_documents: bool | None = True
+    return_text: bool | None = Field(False, description="with texts (TEI): each result's text")
+
+    @model_validator(mode="after")
+    def _documents_or_texts(self) -> "RerankRequest":
+        if self.documents is None and self.texts is None:
+            raise refused("documents", "required: a list of strings or {\"text\": ...} objects (or texts, TEI's "
+                                       "name, for TEI's response shape)")
+        if self.documents is not None and self.texts is not None:
+            raise refused("texts", "send documents or texts, not both")
+        return self
+
+    def document_texts(self) -> list[str]:
+        docs = self.texts if self.texts is not None else self.documents or []
+        return [d if isinstance(d, str) else d.text for d in docs]
+
+
+class ScoreRequest(_RetrievalOptions):
+    """vLLM's /score: text_1 and text_2 (or queries and documents), each a string or a list; paired 1:1, 1:N
+    (one text_1) or N:N (lists of equal length). Default method: embedding (cosine of the pooled vectors)."""
+
+    method: Literal[METHODS] | None = Field("embedding", description="embedding: the cosine of the two texts' "
+                                                                      "pooled vectors")
+    text_1: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_DOCUMENTS)] | None = None
+    text_2: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_DOCUMENTS)] | None = None
+    queries: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_DOCUMENTS)] | None = None
+    documents: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_DOCUMENTS)] | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "ScoreRequest":
+        legacy = self.text_1 is not None or self.text_2 is not None
+        if legacy and (self.queries is not None or self.documents is not None):
+            raise refused("queries" if self.queries is not None else "documents",
+                          "send text_1 and text_2, or queries and documents, not both")
+        names = ("text_1", "text_2") if legacy else ("queries", "documents")
+        sides = []
+        for name in names:
+            value = getattr(self, name)
+            if value is None:
+                raise refused(name, f"required (a string or a list of strings, paired with {names[names[0] == name]})")
+            items = [value] if isinstance(value, str) else value
+            empty = next((i for i, t in enumerate(items) if not t.strip()), None)
+            if empty is not None:
+                raise refused(name, "must not be empty" if isinstance(value, str) else f"item {empty} is empty")
+            sides.append(items)
+        first, second = sides
+        if len(first) != 1 and len(first) != len(second):
+            raise refused(names[1], f"{names[0]} has {len(first)} texts and {names[1]} {len(second)}: pair them 1:1, "
+                                    f"1:N (one {names[0]}) or N:N (lists of equal length)")
+        return self
+
+    def pairs(self) -> tuple[list[str], list[str]]:
+        """Both sides as lists (text_1 / queries first)."""
+        first, second = (self.text_1, self.text_2) if self.text_1 is not None else (self.queries, self.documents)
+        return ([first] if isinstance(first, str) else list(first or []),
+                [second] if isinstance(second, str) else list(second or []))
 
 
 class ErrorInfo(BaseModel):

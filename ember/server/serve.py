@@ -19,8 +19,10 @@ log = logging.getLogger("ember")
 
 
 def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int, api_key: str | None,
-          served_name: str | None = None, limits: ServerLimits | None = None, shutdown_grace: float = 60.0) -> None:
-    """Load the model, start the engine thread and run uvicorn until SIGINT/SIGTERM."""
+          served_name: str | None = None, limits: ServerLimits | None = None, shutdown_grace: float = 60.0,
+          pooling: str = "last") -> None:
+    """Load the model, start the engine thread and run uvicorn until SIGINT/SIGTERM. `pooling`: the default
+    pooling of /v1/embeddings (last or mean)."""
     import uvicorn
 
     from ember.engine.engine import EngineArgs, LLMEngine
@@ -35,7 +37,7 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int
     except BaseException:
         sock.close()
         raise
-    app = build_app(engine, name, metrics, api_key, limits)
+    app = build_app(engine, name, metrics, api_key, limits, pooling)
     log.info("serving %s on http://%s:%d/v1 (OpenAI-compatible)%s", name, host, port,
              " with an API key" if api_key else "")
     # uvicorn's own deadline only backs ours up: at shutdown_grace the requests still running end with an
