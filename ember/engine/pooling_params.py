@@ -55,9 +55,9 @@ class PoolingParams:
         return max(self.attention_layers) + 1
 
     def first_computed(self, num_prompt_tokens: int) -> int:
-        """The first prompt position whose rows must be computed (not taken from the prefix cache): all for
-        mean pooling, the span's for attention, else the last token's."""
-        if self.pooling == "mean":
+        """The first prompt position whose rows must be computed (not taken from the prefix cache): all for a
+        pooled vector (its value must not depend on what the cache held: the last token computed alone rounds
+        differently from the same token in its prompt's chunk), else the attention span's."""
+        if self.pooling is not None or self.attention_span is None:
             return 0
-        last = num_prompt_tokens - 1
-        return min(last, self.attention_span[0]) if self.attention_span is not None else last
+        return min(num_prompt_tokens - 1, self.attention_span[0])
