@@ -1,4 +1,4 @@
-"""The `ember` command line: serve, generate, chat, bench, eval, compress, pull, models."""
+"""The `ember` command line: serve, generate, chat, rerank, bench, eval, compress, pull, models."""
 from __future__ import annotations
 
 import argparse
@@ -386,7 +386,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _eval_parsers(sub: Any) -> None:
-    ev = sub.add_parser("eval", help="evaluate a model: perplexity on a text file",
+    ev = sub.add_parser("eval", help="evaluate a model: perplexity on a text file, re-ranking on a retrieval set",
                         description="Evaluate MODEL (any model ember loads, compressed ones included).")
     kinds = ev.add_subparsers(dest="kind", required=True, metavar="KIND")
     ppl = kinds.add_parser("ppl", help="perplexity on a text file, in fixed-length windows",
@@ -408,6 +408,180 @@ def _eval_parsers(sub: Any) -> None:
     ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=cmd_eval, parser=ppl)
+
+    rr = kinds.add_parser("rerank", help="re-ranking methods on a retrieval set, after a BM25 first stage",
+                          description="Retrieve each query's top-k documents with BM25 (bm25s) from the corpus of "
+                                      "FILE (every line's document is `title. abstract`; a line's query has one "
+                                      "relevant document, its own), re-rank them with each method and MODEL, and "
+                                      "report MRR@10, nDCG@10 and R@1 (ir-measures) beside seconds, forward passes "
+                                      "and tokens per query. Rows: random (a seeded random order of the top-k), "
+                                      "bm25 and the methods; --fuse adds bm25+METHOD (reciprocal-rank fusion, "
+                                      "k=60). Needs the eval extra: pip install 'ember[eval]'.")
+    _model_args(rr)
+    rr.add_argument("--data", required=True, metavar="FILE",
+                    help='JSON lines {"id", "title", "abstract", "query"} (e.g. shared/data/papers/dev.jsonl)')
+    rr.add_argument("--first-stage", default="bm25", choices=["bm25"], help="first-stage retriever (bm25)")
+    rr.add_argument("--top-k", type=_positive_int, default=20,
+                    help="documents the first stage hands each re-ranker (default 20); a relevant document "
+                         "outside them stays missing")
+    rr.add_argument("--shuffle", action="store_true",
+                    help="give the re-rankers the top-k in a seeded random order instead of BM25's, so each "
+                         "must rank by its own signal")
+    rr.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
+    rr.add_argument("--methods", default="icr,listwise,pairwise,pointwise,embedding,bm25", metavar="M[,M]",
+                    help="comma-separated: icr, listwise, pairwise, pointwise, embedding, bm25 (default: all; "
+                         "pairwise compares every pair in both orders: k(k-1) prompts per query)")
+    rr.add_argument("--fuse", action="store_true", help="add a bm25+METHOD row per method: reciprocal-rank "
+                                                        "fusion (k=60) of BM25's order and the method's")
+    rr.add_argument("--queries", type=_positive_int, default=None, metavar="N",
+                    help="evaluate the first N queries (default: all); the corpus is always every line")
+    rr.add_argument("--max-tokens-per-doc", type=_positive_int, default=None, metavar="N",
+                    help="cut each document to N tokens (default: not cut)")
+    rr.add_argument("--layers", default=None, metavar="L[,L]",
+                    help="ICR's scored layers, numbers and ranges such as 0-7,12 (default: all)")
+    rr.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    rr.add_argument("--json", action="store_true", help="print one JSON object")
+    _engine_flags(rr)
+    rr.set_defaults(func=cmd_eval_rerank, parser=rr)
+
+
+def cmd_eval_rerank(a: argparse.Namespace) -> int:
+    import json
+
+    from ember.apps.rerank import METHODS
+    from ember.bench.rerank import evaluate, format_table, load_dataset, parse_layers, parse_methods, \
+        require_eval_deps
+
+    require_eval_deps()  # every input checked before the model loads
+    methods, layers, data = parse_methods(a.methods), parse_layers(a.layers), load_dataset(a.data)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    llm = None
+    if any(m in METHODS for m in methods):
+        from ember import LLM
+
+        llm = LLM(a.model, **_engine_kwargs(a))
+    result = {"data": a.data, "model": str(llm.engine.loaded.path) if llm else None, "methods": methods,
+              **evaluate(llm, data, methods, a.top_k, a.shuffle, a.seed, a.fuse, a.queries, a.max_tokens_per_doc,
+                         layers, progress=not a.json)}
+    if a.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"model {result['model'] or '-'}; data {a.data}")
+        print(format_table(result))
+    return 0
+
+
+def _read_documents(path: str) -> list[str]:
+    """`ember rerank --docs FILE` ("-": stdin): JSON lines, each a string, {"text"} or {"title", "abstract"}."""
+    import json
+    from pathlib import Path
+
+    from ember.bench.rerank import document_text
+    from ember.errors import InvalidParameterError
+
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise InvalidParameterError(f"documents file {path!r} not found", "docs")
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise InvalidParameterError(f"documents file {path} is not UTF-8 text ({e})", "docs") from None
+    docs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidParameterError(f"{path}:{n}: not JSON ({e.msg}); each line is a JSON string, "
+                                        '{"text": ...} or {"title": ..., "abstract": ...}', "docs") from None
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            row = row["text"]
+        elif isinstance(row, dict) and isinstance(row.get("title"), str) and isinstance(row.get("abstract"), str):
+            row = document_text(row["title"], row["abstract"])
+        if not isinstance(row, str):
+            raise InvalidParameterError(f'{path}:{n}: expected a JSON string, {{"text": ...}} or '
+                                        '{"title": ..., "abstract": ...}', "docs")
+        docs.append(row)
+    if not docs:
+        raise InvalidParameterError(f"documents file {path} has no documents", "docs")
+    return docs
+
+
+def cmd_rerank(a: argparse.Namespace) -> int:
+    import json
+
+    from ember import LLM
+    from ember.apps.rerank import RerankOptions
+    from ember.errors import InvalidParameterError
+
+    RerankOptions(method=a.method, max_tokens_per_doc=a.max_tokens_per_doc)  # a bad method fails before loading
+    if not a.query.strip():
+        raise InvalidParameterError("the query is empty", "query")
+    if a.documents and a.docs:
+        raise InvalidParameterError("give the documents after QUERY or with --docs FILE, not both", "docs")
+    docs = _read_documents(a.docs) if a.docs else a.documents
+    if not docs:
+        raise InvalidParameterError("no documents: give them after QUERY or with --docs FILE", "docs")
+    empty = [i for i, d in enumerate(docs) if not d.strip()]
+    if empty:
+        raise InvalidParameterError(f"document {empty[0]} is empty", "docs")
+    llm = LLM(a.model, **_engine_kwargs(a))
+    start = time.perf_counter()
+    out = llm.rerank(a.query, docs, method=a.method, top_n=a.top_n, max_tokens_per_doc=a.max_tokens_per_doc)
+    elapsed = time.perf_counter() - start
+    u, r = out.usage, out.ranking
+    if a.json:
+        print(json.dumps({
+            "model": str(llm.engine.loaded.path), "method": a.method, "query": a.query,
+            "results": [{"index": x.index, "relevance_score": x.relevance_score, "document": {"text": x.document}}
+                        for x in out.results],
+            "usage": {"prompt_tokens": u.prompt_tokens, "total_tokens": u.prompt_tokens + u.generated_tokens,
+                      "computed_tokens": u.computed_tokens, "generated_tokens": u.generated_tokens,
+                      "requests": u.requests, "forward_passes": u.forward_passes},
+            "meta": {"windows": r.windows, "truncated_documents": r.truncated, "generations": r.generations,
+                     "malformed": r.malformed, "seconds": elapsed}}, indent=1))
+        return 0
+    print(f"{'rank':>4}  {'index':>5}  {'score':>10}  document")
+    for rank, x in enumerate(out.results, 1):
+        text = " ".join((x.document or "").split())
+        print(f"{rank:>4}  {x.index:>5}  {x.relevance_score:>10.4g}  {text[:80] + ('...' if len(text) > 80 else '')}")
+    notes = [f"{len(r.truncated)} cut to {a.max_tokens_per_doc} tokens"] if r.truncated else []
+    notes += [f"{r.malformed} of {r.generations} generated rankings malformed"] if r.malformed else []
+    print(f"[{a.method}: {len(docs)} documents, {u.forward_passes} forward passes, {u.prompt_tokens} prompt tokens "
+          f"({u.computed_tokens} computed), {r.windows} window{'s' * (r.windows > 1)}, {elapsed:.2f} s"
+          f"{'; ' + '; '.join(notes) if notes else ''}]", file=sys.stderr)
+    return 0
+
+
+def _rerank_parser(sub: Any) -> None:
+    from ember.apps.rerank import METHODS
+
+    rr = sub.add_parser("rerank", help="rank documents for a query with a model (ICR and baselines)",
+                        description="Rank DOCs (first-stage order, best first) for QUERY with MODEL: `ember rerank "
+                                    "QUERY DOC... [--model MODEL]` or `ember rerank QUERY --docs FILE`. Prints "
+                                    "the ranking best first; --json prints the rerank API's shape.")
+    rr.add_argument("query", metavar="QUERY", help="the query")
+    rr.add_argument("documents", nargs="*", metavar="DOC", help="the documents, best first by a first stage")
+    rr.add_argument("--model", "-m", dest="model_opt", default=None, metavar="MODEL", help=MODEL_HELP)
+    rr.add_argument("--docs", default=None, metavar="FILE",
+                    help='documents as JSON lines, each a string, {"text": ...} or {"title": ..., "abstract": ...} '
+                         '("-": stdin)')
+    rr.add_argument("--method", default="icr", metavar="METHOD",
+                    help=f"one of {', '.join(METHODS)} (default icr: the attention the query pays each document, "
+                         "two forward passes)")
+    rr.add_argument("--top-n", type=_positive_int, default=None, metavar="N", help="print the best N (default all)")
+    rr.add_argument("--max-tokens-per-doc", type=_positive_int, default=None, metavar="N",
+                    help="cut each document to N tokens (default: not cut)")
+    rr.add_argument("--json", action="store_true", help="print one JSON object in the rerank API's shape")
+    _engine_flags(rr)
+    rr.set_defaults(func=cmd_rerank, parser=rr, model=None)
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
@@ -513,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _bench_parsers(sub)
     _eval_parsers(sub)
+    _rerank_parser(sub)
     _compress_parser(sub)
 
     md = sub.add_parser("models", help="list models in the local cache")
