@@ -438,7 +438,8 @@ def _eval_parsers(sub: Any) -> None:
     rr.add_argument("--max-tokens-per-doc", type=_positive_int, default=None, metavar="N",
                     help="cut each document to N tokens (default: not cut)")
     rr.add_argument("--layers", default=None, metavar="L[,L]",
-                    help="ICR's scored layers, numbers and ranges such as 0-7,12 (default: all)")
+                    help="ICR's scored layers, numbers and ranges such as 0-7,12, or all (default: a band "
+                         "from a fifth to a third of the depth, 6-9 of 30 layers)")
     rr.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     rr.add_argument("--json", action="store_true", help="print one JSON object")
     _engine_flags(rr)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -31,14 +31,30 @@ _SENTINEL = "\x00ember-content\x00"
 Ids = list[int]
 
 
+def default_icr_layers(num_layers: int) -> list[int]:
+    """ICR's default scored layers: the band from a fifth to a third of the depth (layers 6-9 of 30). Relevance
+    is not spread over all layers but peaks in a band (Selective-ICR); this band is where it peaks for the
+    default model in ember's layer sweep (BENCHMARKS.md), and the forward stops after its last layer."""
+    lo = round(num_layers / 5)
+    return list(range(lo, max(lo + 1, round(num_layers / 3))))
+
+
+def icr_layers(layers: list[int] | Literal["all"] | None, num_layers: int) -> list[int]:
+    """The layers ICR scores for RerankOptions.layers."""
+    if layers == "all":
+        return list(range(num_layers))
+    return default_icr_layers(num_layers) if layers is None else list(layers)
+
+
 @dataclass
 class RerankOptions:
-    """`layers`: ICR's scored layers (None: all); `calibration`: ICR's N/A pass; `max_tokens_per_doc`: each
+    """`layers`: ICR's scored layers (None: default_icr_layers; "all": every layer, as the ICR paper);
+    `calibration`: ICR's N/A pass; `max_tokens_per_doc`: each
     document is cut to this many tokens (None: not cut); `pooling`: the embedding method's pooling."""
 
     method: str = "icr"
     max_tokens_per_doc: int | None = None
-    layers: list[int] | None = None
+    layers: list[int] | Literal["all"] | None = None
     calibration: bool = True
     pooling: str = "last"
 
@@ -49,6 +65,9 @@ class RerankOptions:
         if self.max_tokens_per_doc is not None and self.max_tokens_per_doc < 1:
             raise InvalidParameterError(f"max_tokens_per_doc must be >= 1, got {self.max_tokens_per_doc}",
                                         "max_tokens_per_doc")
+        if isinstance(self.layers, str) and self.layers != "all":
+            raise InvalidParameterError(f'layers must be a list of layer indices or "all", got {self.layers!r}',
+                                        "layers")
 
 
 @dataclass
@@ -174,10 +193,11 @@ class Reranker:
         """Scores for docs given best first: placed in reverse (the best nearest the query), as the paper."""
         placed = list(reversed(range(len(docs))))
         context, spans, q_start = self.icr_prompt(query, [docs[i] for i in placed])
+        layers = icr_layers(opts.layers, self.num_layers)
 
         def job(q: str) -> Job:
             ids = context + self.icr_tail(q)
-            return Job(ids, PoolingParams(None, False, (q_start, len(ids)), opts.layers))
+            return Job(ids, PoolingParams(None, False, (q_start, len(ids)), layers))
 
         (real,) = yield [job(query)]
         base = _span_attention(real)

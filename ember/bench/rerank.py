@@ -13,9 +13,9 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Sequence, TypeVar
+from typing import Any, Hashable, Literal, Sequence, TypeVar
 
-from ember.apps.rerank import METHODS
+from ember.apps.rerank import METHODS, icr_layers
 from ember.errors import EmberError, InvalidParameterError
 
 H = TypeVar("H", bound=Hashable)
@@ -105,10 +105,10 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """--layers: comma-separated layer numbers and ranges (`0-7,12`), or None for all."""
-    if text is None:
-        return None
+def parse_layers(text: str | None) -> list[int] | Literal["all"] | None:
+    """--layers: comma-separated layer numbers and ranges (`0-7,12`), "all", or None (ICR's default band)."""
+    if text is None or text.strip() == "all":
+        return None if text is None else "all"
     layers: list[int] = []
     try:
         for part in text.split(","):
@@ -180,7 +180,7 @@ class _Cost:
 
 def evaluate(llm: Any, data: Sequence[Example], methods: Sequence[str], top_k: int = 20, shuffle: bool = False,
              seed: int = 0, fuse: bool = False, queries: int | None = None, max_tokens_per_doc: int | None = None,
-             layers: list[int] | None = None, progress: bool = False) -> dict[str, Any]:
+             layers: list[int] | Literal["all"] | None = None, progress: bool = False) -> dict[str, Any]:
     """Evaluate `methods` (EVAL_METHODS) on `data`'s first `queries` queries over its whole corpus.
 
     Protocol: BM25 retrieves each query's top_k; a query whose relevant document is not among them scores 0
@@ -226,12 +226,14 @@ def evaluate(llm: Any, data: Sequence[Example], methods: Sequence[str], top_k: i
     recall = sum(e.id in orders["bm25"][e.id] for e in evaluated) / len(evaluated)
     return {"queries": len(evaluated), "corpus": len(data), "first_stage": "bm25", "top_k": min(top_k, len(data)),
             "first_stage_recall": recall, "shuffle": shuffle, "seed": seed, "fuse_k": RRF_K if fuse else None,
-            "max_tokens_per_doc": max_tokens_per_doc, "layers": layers, "rows": rows}
+            "max_tokens_per_doc": max_tokens_per_doc, "rows": rows,
+            "layers": icr_layers(layers, llm.engine.config.num_layers) if "icr" in model_methods else None}
+
 
 
 def _rerank_all(llm: Any, method: str, evaluated: Sequence[Example], inputs: list[list[int]], corpus: list[str],
-                ids: list[str], max_tokens_per_doc: int | None, layers: list[int] | None, progress: bool
-                ) -> tuple[dict[str, list[str]], _Cost]:
+                ids: list[str], max_tokens_per_doc: int | None, layers: list[int] | Literal["all"] | None,
+                progress: bool) -> tuple[dict[str, list[str]], _Cost]:
     """One method over every query: each query's order (document ids best first) and the summed cost."""
     from tqdm import tqdm
 

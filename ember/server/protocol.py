@@ -272,8 +272,9 @@ class _RetrievalOptions(_Request):
     model: Text | None = None
     max_tokens_per_doc: Annotated[int, Field(ge=1)] | None = None
     method: Literal[METHODS] | None = "icr"
-    layers: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = Field(
-        None, description="ICR: the layers whose attention is scored (default: all)")
+    layers: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | Literal["all"] | None = Field(
+        None, description='ICR: the layers whose attention is scored (default: a band from a fifth to a third '
+                          'of the depth; "all": every layer)')
     calibration: bool | None = Field(True, description="ICR: subtract a content-free query's attention")
     pooling: Literal[POOLING_TYPES] | None = Field(None, description="method embedding: last or mean (default: "
                                                                      "the server's --pooling)")

@@ -11,7 +11,8 @@ import torch
 from ember import LLM, PoolingParams
 from ember.apps.plan import drive
 from ember.apps.rerank import (ICR_INSTRUCTION, ICR_OPENING, NA_QUERY, PAIRWISE_ALL_PAIRS_MAX, Reranker,
-                               RerankOptions, icr_scores, parse_permutation)
+                               RerankOptions, default_icr_layers, icr_layers, icr_scores,
+                               parse_permutation)
 from ember.errors import InvalidParameterError, PromptTooLongError
 from tests.conftest import TEXT
 from tests.engine.test_batching import assert_no_leaks
@@ -72,10 +73,11 @@ def _reference_scores(folder: Path, query: str, docs: list[str], layers: list[in
     return scores
 
 
-@pytest.mark.parametrize("layers,calibration", [(None, True), (None, False), ([0], True)])
-def test_icr_scores_equal_the_eager_reference(llm: LLM, tiny_llama3: Path, layers, calibration) -> None:
+@pytest.mark.parametrize("layers,scored,calibration", [("all", [0, 1], True), ("all", [0, 1], False),
+                                                      ([1], [1], True), (None, [0], True)])
+def test_icr_scores_equal_the_eager_reference(llm: LLM, tiny_llama3: Path, layers, scored, calibration) -> None:
     out = llm.rerank(QUERY, DOCS, layers=layers, calibration=calibration)
-    want = _reference_scores(tiny_llama3, QUERY, DOCS, layers or [0, 1], calibration)
+    want = _reference_scores(tiny_llama3, QUERY, DOCS, scored, calibration)
     assert out.ranking.scores == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert [r.index for r in out.results] == sorted(range(len(DOCS)), key=lambda i: -want[i])
     assert out.usage.forward_passes == (2 if calibration else 1)
@@ -184,6 +186,13 @@ def test_a_list_that_does_not_fit_is_ranked_in_windows(tiny_llama3: Path) -> Non
     assert_no_leaks(llm.engine)
 
 
+def test_the_default_layers_are_a_band_a_fifth_to_a_third_deep() -> None:
+    assert default_icr_layers(30) == [6, 7, 8, 9]
+    assert default_icr_layers(16) == [3, 4]
+    assert default_icr_layers(2) == [0] and default_icr_layers(1) == [0]
+    assert icr_layers("all", 3) == [0, 1, 2] and icr_layers([2, 0], 3) == [2, 0]
+
+
 def test_bad_input_is_refused_clearly(tiny_llama3: Path, llm: LLM) -> None:
     with pytest.raises(InvalidParameterError, match="query"):
         llm.rerank("  ", DOCS)
@@ -195,6 +204,8 @@ def test_bad_input_is_refused_clearly(tiny_llama3: Path, llm: LLM) -> None:
         llm.rerank(QUERY, DOCS, method="magic")
     with pytest.raises(InvalidParameterError, match="attention_layers"):
         llm.rerank(QUERY, DOCS, layers=[7])
+    with pytest.raises(InvalidParameterError, match='"all"'):
+        llm.rerank(QUERY, DOCS, layers="some")
     small = LLM(tiny_llama3, max_model_len=100)
     with pytest.raises(PromptTooLongError, match="max_tokens_per_doc"):
         small.rerank(QUERY, [TEXT[:2000]])

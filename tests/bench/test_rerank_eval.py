@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_parse_methods_and_layers() -> None:
     assert parse_methods(",".join(EVAL_METHODS)) == list(EVAL_METHODS)
     with pytest.raises(InvalidParameterError, match="unknown method 'bm52'"):
         parse_methods("icr,bm52")
-    assert parse_layers(None) is None and parse_layers("4-6,1,5") == [1, 4, 5, 6]
+    assert parse_layers(None) is None and parse_layers("4-6,1,5") == [1, 4, 5, 6] and parse_layers("all") == "all"
     with pytest.raises(InvalidParameterError, match="layers"):
         parse_layers("1-x")
 
@@ -111,6 +112,7 @@ class FakeLLM:
 
     def __init__(self, reverse: bool = False) -> None:
         self.reverse, self.calls = reverse, []
+        self.engine = SimpleNamespace(config=SimpleNamespace(num_layers=30))
 
     def rerank(self, query: str, documents: list[str], method: str, **options) -> object:
         self.calls.append((query, list(documents), method))
@@ -129,7 +131,9 @@ class FakeLLM:
 
 def test_input_order_reaches_the_method_as_documented(data: list[Example]) -> None:
     llm = FakeLLM()
-    plain = _rows(evaluate(llm, data, ["icr", "bm25"], top_k=5))
+    result = evaluate(llm, data, ["icr", "bm25"], top_k=5)
+    assert result["layers"] == [6, 7, 8, 9]  # the default band, as scored
+    plain = _rows(result)
     corpus = {e.text: e.id for e in data}
     hits = first_stage([e.text for e in data], [e.query for e in data], 5)
     calls = [c for c in llm.calls if c[0] != "warm-up"]

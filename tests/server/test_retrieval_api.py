@@ -230,6 +230,8 @@ def test_score_1_n_and_n_n(server, method: str) -> None:
         rr = _ok(server, "/v1/rerank", {"query": QUERY, "documents": DOCS})["results"]
         assert one_n == pytest.approx([r["relevance_score"] for r in sorted(rr, key=lambda r: r["index"])],
                                       rel=1e-4)
+        every = _ok(server, "/v1/rerank", {"query": QUERY, "documents": DOCS, "layers": "all"})["results"]
+        assert [r["relevance_score"] for r in every] != [r["relevance_score"] for r in rr]
     queries = [QUERY, "What did Mr. Bennet say?", "How rich is he?"]
     n_n = _scores(_ok(server, "/v1/score", {"queries": queries, "documents": DOCS[:3], "method": method}))
     singles = [_scores(_ok(server, "/v1/score", {"text_1": q, "text_2": d, "method": method}))[0]
@@ -267,6 +269,7 @@ BAD = [
     ("too-long-pointwise", RR, {"query": "q", "documents": [LONG], "method": "pointwise"}, "documents",
      "max_tokens_per_doc"),
     ("bad-layers", RR, {"query": "q", "documents": ["a"], "layers": [7]}, "layers", "layers"),
+    ("layers-word", RR, {"query": "q", "documents": ["a"], "layers": "most"}, "layers", "all"),
     ("layers-not-icr", RR, {"query": "q", "documents": ["a"], "method": "pointwise", "layers": [0]}, "layers",
      "icr"),
     ("pooling-not-embedding", RR, {"query": "q", "documents": ["a"], "pooling": "mean"}, "pooling", "embedding"),
