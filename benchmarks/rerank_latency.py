@@ -8,7 +8,7 @@ import statistics
 import time
 
 from ember import LLM
-from ember.bench.rerank import load_dataset
+from ember.bench.rerank import load_dataset, parse_layers
 
 
 def main() -> None:
@@ -17,17 +17,14 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--ns", default="5,10,20,40", help="document counts")
     ap.add_argument("--methods", default="icr,listwise")
-    ap.add_argument("--layers", default=None, help="ICR layers, e.g. 0-14 (default: the method's default)")
+    ap.add_argument("--layers", default=None, help="ICR layers, e.g. 0-14,20 or all (default: the method's default band)")
     ap.add_argument("--max-tokens-per-doc", type=int, default=None)
     ap.add_argument("--queries", type=int, default=2, help="queries timed per cell (each a different one)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     data = load_dataset(a.data)
     llm = LLM(a.model)
-    layers = None
-    if a.layers:
-        lo, hi = (int(x) for x in a.layers.split("-"))
-        layers = list(range(lo, hi + 1))
+    layers = parse_layers(a.layers)
     rows = []
     for method in a.methods.split(","):
         opts = {"max_tokens_per_doc": a.max_tokens_per_doc, **({"layers": layers} if method == "icr" else {})}
