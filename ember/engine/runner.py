@@ -69,7 +69,9 @@ class ModelRunner:
         self.backend.copy_block(src, dst)
 
     @torch.inference_mode()
-    def run(self, batch: dict[Sequence, int]) -> StepResult:
+    def run(self, batch: dict[Sequence, int], skip: frozenset[int] | None = None) -> StepResult:
+        """One forward of the batch (sequence -> tokens this step); `skip`: sub-layers to leave out (2i: layer
+        i's attention, 2i + 1: its MLP), as SWIFT's drafter runs."""
         tokens: list[int] = []
         spans: list[RowSpan] = []
         captures: list[tuple[Sequence, AttentionCapture]] = []
@@ -85,6 +87,7 @@ class ModelRunner:
             if seq.pooling is not None:
                 self._pooling_rows(seq, len(spans) - 1, start, n, row0, pool, captures)
         plan = self.backend.plan(spans, self.window, [c for _, c in captures])
+        plan.skip = skip
         began = time.perf_counter()
         depths = [seq.depth for seq in batch]
         depth = None if None in depths else max(depths)  # type: ignore[type-var]

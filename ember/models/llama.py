@@ -73,9 +73,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
-                plan: StepPlan) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, backend, plan)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                plan: StepPlan, attn: bool = True, mlp: bool = True) -> torch.Tensor:
+        """attn / mlp False: that sub-layer is left out (its residual passes through; no KV is written)."""
+        if attn:
+            x = x + self.self_attn(self.input_layernorm(x), rope, backend, plan)
+        return x + self.mlp(self.post_attention_layernorm(x)) if mlp else x
 
 
 def _projections(layer: DecoderLayer) -> tuple[nn.Module, ...]:
@@ -143,8 +145,9 @@ class LlamaModel(nn.Module):
             hidden = backend.fused_forward(fused, x, *rope, plan, self.layers[0].self_attn.scale)
             if hidden is not None:
                 return hidden
-        for layer in self.layers:
-            x = layer(x, rope, backend, plan)
+        skip = plan.skip or frozenset()
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, backend, plan, 2 * i not in skip, 2 * i + 1 not in skip)
         return self.norm(x)
 
     def _fused_decoder(self, x: torch.Tensor) -> Any:

@@ -75,6 +75,8 @@ class StepPlan:
     window: KeyWindow | None = None
     captures: list[AttentionCapture] = field(default_factory=list)
     starts: torch.Tensor | None = None  # [B] first key of each one-query row's window (with a KeyWindow)
+    # Sub-layers the step leaves out (2i: layer i's attention, 2i + 1: its MLP): a self-speculative draft.
+    skip: frozenset[int] | None = None
 
     def captures_at(self, layer: int) -> list[AttentionCapture]:
         return [c for c in self.captures if layer in c.layers]

@@ -52,6 +52,13 @@ class FloatPlan(StepPlan):
     def all_rows(self) -> bool:
         return not self.chunks and self.rows is not None
 
+    @property
+    def alone(self) -> bool:
+        """One sequence checking candidates: its rows attend as its one-token steps would, bit for bit (the
+        kernel splits work by the rows of a call, and the rounding with it). A batch of sequences gets the
+        batched split: as without candidates, its rounding depends on its company."""
+        return len(self.spans) == 1 and self.spans[0].candidates > 0
+
 
 class FloatPagedBackend(AttentionBackend):
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int,
@@ -139,6 +146,12 @@ class FloatPagedBackend(AttentionBackend):
 
     def _rows(self, q: torch.Tensor, cache: torch.Tensor, plan: FloatPlan, scale: float) -> torch.Tensor:
         kern = rows_kernel(q.dtype, cache.dtype)
+        if kern is not None and plan.alone:  # row by row, as its one-token steps ran (see FloatPlan.alone)
+            args = plan.window_args()
+            return torch.cat([kern.paged_decode_attention(q[i:i + 1], cache[0], cache[1], plan.tables[i:i + 1],
+                                                          plan.lens[i:i + 1], scale,
+                                                          *((args[0][i:i + 1], args[1]) if args else ()))
+                              for i in range(q.shape[0])])
         if kern is not None:  # reads K/V in place from the blocks instead of gathering a padded copy
             return kern.paged_decode_attention(q, cache[0], cache[1], plan.tables, plan.lens, scale,
                                                *plan.window_args())
@@ -162,11 +175,20 @@ class FloatPagedBackend(AttentionBackend):
         if not plan.all_rows or plan.captures:
             return None
         return fused.forward(x, cos, sin, self.caches, plan.slots, plan.tables, plan.lens, scale,
-                             *plan.window_args())
+                             *plan.window_args(), alone=plan.alone, skip=skip_mask(plan.skip, len(self.caches)))
 
     def copy_block(self, src: int, dst: int) -> None:
         for cache in self.caches:
             cache[:, dst] = cache[:, src]
+
+
+def skip_mask(skip: frozenset[int] | None, num_layers: int) -> torch.Tensor | None:
+    """The fused kernel's uint8 [2 * layers] of sub-layers to leave out (None: none)."""
+    if not skip:
+        return None
+    mask = torch.zeros(2 * num_layers, dtype=torch.uint8)
+    mask[list(skip)] = 1
+    return mask
 
 
 def dense_backend(num_layers: int, n: int, n_kv: int, head_dim: int, dtype: torch.dtype

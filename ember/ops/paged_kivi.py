@@ -260,7 +260,7 @@ class KiviBackend(AttentionBackend):
 
     def fused_forward(self, fused: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: KiviPlan,
                       scale: float) -> torch.Tensor | None:
-        if not plan.all_rows or plan.captures:
+        if not plan.all_rows or plan.captures or plan.skip:
             return None
         # Each token goes to its residual slot (rows are the decodes in order, as res_index is).
         hidden = fused.forward_kivi(x, cos, sin, [c.tensors() for c in self.caches], plan.res_index, plan.full,

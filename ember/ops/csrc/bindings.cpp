@@ -27,7 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &DecodeModel::add_layer)
       .def("forward", &DecodeModel::forward, "all layers for a batch of decode tokens", py::arg("x"),
            py::arg("cos"), py::arg("sin"), py::arg("caches"), py::arg("slots"), py::arg("tables"),
-           py::arg("ctx_lens"), py::arg("scale"), py::arg("starts") = py::none(), py::arg("sink") = 0, release())
+           py::arg("ctx_lens"), py::arg("scale"), py::arg("starts") = py::none(), py::arg("sink") = 0,
+           py::arg("alone") = false, py::arg("skip") = py::none(), release())
       .def("forward_kivi", &DecodeModel::forward_kivi, "all layers for a batch of decode tokens, KIVI caches",
            py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("caches"), py::arg("res_index"),
            py::arg("tables"), py::arg("ctx_lens"), py::arg("res_slots"), py::arg("bits"), py::arg("scale"),

@@ -57,16 +57,27 @@ class DecodeModel {
 
   // x [B, hidden] embeddings; cos/sin [B, D]; caches[i] [2, blocks, block_size, KVH, D] float32 or float16;
   // slots [B]; tables [B, W]; ctx_lens [B] (including this token); starts [B] or None: row b sees keys t < sink
-  // and starts[b] <= t (None: all of its context). Returns the final-normed hidden states.
+  // and starts[b] <= t (None: all of its context). alone: each row's attention as a one-row call computes it
+  // (how the work is split depends on the rows in a call, and with it the rounding), so a sequence's rows
+  // checking speculative candidates give the bits its one-token steps would. skip: uint8 [2 * layers] or None,
+  // sub-layers left out (2i: layer i's attention, which then writes no KV; 2i + 1: its MLP), as a
+  // self-speculative drafter runs. Returns the final-normed hidden states.
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> caches,
                         torch::Tensor slots, torch::Tensor tables, torch::Tensor ctx_lens, double scale,
-                        c10::optional<torch::Tensor> starts, int64_t sink) {
+                        c10::optional<torch::Tensor> starts, int64_t sink, bool alone,
+                        c10::optional<torch::Tensor> skip) {
     TORCH_CHECK(caches.size() == layers.size());
     tables = tables.contiguous(); slots = slots.contiguous(); ctx_lens = ctx_lens.contiguous();
     const torch::Tensor window = window_starts(starts, ctx_lens, sink);
     const int64_t kv_size = KVH * D;
     const int64_t* SL = slots.data_ptr<int64_t>();
-    return run(x, cos, sin, [&](size_t i, float* QKV, int64_t B, int64_t ld, float* A) {
+    torch::Tensor skips;
+    if (skip.has_value()) {
+      skips = skip->contiguous();
+      TORCH_CHECK(skips.dtype() == torch::kUInt8 && skips.numel() == 2 * (int64_t)layers.size(), "skip: uint8 [2L]");
+    }
+    return run(x, cos, sin, skips.defined() ? skips.data_ptr<uint8_t>() : nullptr,
+               [&](size_t i, float* QKV, int64_t B, int64_t ld, float* A) {
       torch::Tensor& cache = caches[i];
       TORCH_CHECK(cache.is_contiguous() && cache.size(2) * cache.size(1) > 0);
       const int64_t plane = cache.size(1) * cache.size(2) * kv_size;
@@ -77,9 +88,17 @@ class DecodeModel {
           store_row(QKV + b * ld + H * D, KC + SL[b] * kv_size, kv_size);
           store_row(QKV + b * ld + H * D + kv_size, KC + plane + SL[b] * kv_size, kv_size);
         }
-        const PagedKV<T> kv{KC, KC + plane, tables.data_ptr<int64_t>(), ctx_lens.data_ptr<int64_t>(),
-                            tables.size(1), cache.size(2), KVH, D, starts_ptr(window), sink};
-        decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
+        const int64_t *TB = tables.data_ptr<int64_t>(), *LN = ctx_lens.data_ptr<int64_t>(), W = tables.size(1);
+        const int64_t* ST = starts_ptr(window);
+        if (!alone) {
+          const PagedKV<T> kv{KC, KC + plane, TB, LN, W, cache.size(2), KVH, D, ST, sink};
+          decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
+          return;
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          const PagedKV<T> kv{KC, KC + plane, TB + b * W, LN + b, W, cache.size(2), KVH, D, ST ? ST + b : nullptr, sink};
+          decode_attention_raw(QKV + b * ld, 1, H, ld, kv, (float)scale, A + b * H * D);
+        }
       });
     });
   }
@@ -97,7 +116,7 @@ class DecodeModel {
     const torch::Tensor window = window_starts(starts, ctx_lens, sink);
     const int64_t kv_size = KVH * D;
     const int64_t* RI = res_index.data_ptr<int64_t>();
-    return run(x, cos, sin, [&](size_t i, float* QKV, int64_t B, int64_t ld, float* A) {
+    return run(x, cos, sin, nullptr, [&](size_t i, float* QKV, int64_t B, int64_t ld, float* A) {
       const KiviKV kv = kivi_view(caches[i], tables, ctx_lens, res_slots, bits, starts_ptr(window), sink);
       float *RK = const_cast<float*>(kv.RK), *RV = const_cast<float*>(kv.RV);
       for (int64_t b = 0; b < B; ++b) {
@@ -110,9 +129,9 @@ class DecodeModel {
 
  private:
   // Every layer for B decode tokens; attend(layer, QKV, B, ld, A) stores the new K/V and writes attention
-  // outputs [B, H*D] to A.
+  // outputs [B, H*D] to A. skip (2 per layer: attention, MLP) or nullptr: sub-layers left out.
   template <typename Attend>
-  torch::Tensor run(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, Attend attend) {
+  torch::Tensor run(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, const uint8_t* skip, Attend attend) {
     TORCH_CHECK(x.dtype() == torch::kFloat32);
     x = x.contiguous().clone();
     cos = cos.contiguous(); sin = sin.contiguous();
@@ -126,13 +145,16 @@ class DecodeModel {
     const int64_t ld = q_size + 2 * kv_size;
     for (size_t i = 0; i < layers.size(); ++i) {
       const DecodeLayer& L = layers[i];
-      rms_norm_raw(X, L.in_norm.data_ptr<float>(), B, hidden, eps, Hb);
-      L.qkv.run(Hb, B, QKV);
-      rope_raw(QKV, B, H, D, ld, cos.data_ptr<float>(), sin.data_ptr<float>());
-      rope_raw(QKV + q_size, B, KVH, D, ld, cos.data_ptr<float>(), sin.data_ptr<float>());
-      attend(i, QKV, B, ld, A);
-      L.o.run(A, B, Tb);
-      for (int64_t j = 0; j < B * hidden; ++j) X[j] += Tb[j];
+      if (!skip || !skip[2 * i]) {
+        rms_norm_raw(X, L.in_norm.data_ptr<float>(), B, hidden, eps, Hb);
+        L.qkv.run(Hb, B, QKV);
+        rope_raw(QKV, B, H, D, ld, cos.data_ptr<float>(), sin.data_ptr<float>());
+        rope_raw(QKV + q_size, B, KVH, D, ld, cos.data_ptr<float>(), sin.data_ptr<float>());
+        attend(i, QKV, B, ld, A);
+        L.o.run(A, B, Tb);
+        for (int64_t j = 0; j < B * hidden; ++j) X[j] += Tb[j];
+      }
+      if (skip && skip[2 * i + 1]) continue;
       rms_norm_raw(X, L.post_norm.data_ptr<float>(), B, hidden, eps, Hb);
       L.gate_up.run(Hb, B, GU);
       silu_mul_raw(GU, B, inter, ACT);
