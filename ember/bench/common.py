@@ -5,7 +5,10 @@ import json
 import os
 import platform
 import random
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
+
+from ember.errors import InvalidParameterError
 
 WORDS = ("time river light garden window morning letter answer question country village evening "
          "history family season mountain silence journey promise kingdom harbour candle").split()
@@ -62,3 +65,26 @@ def emit(result: dict[str, Any], as_json: bool, title: str) -> None:
         elif isinstance(value, dict):
             value = json.dumps(value)
         print(f"{key:<{width}}  {value}")
+
+
+def read_lines(path: str | Path, what: str, param: str) -> list[str]:
+    """A UTF-8 text file's lines; a one-line error naming `what` when it is missing or not UTF-8."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidParameterError(f"{what} {str(path)!r} not found", param)
+    try:
+        return p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InvalidParameterError(f"{what} {path} is not UTF-8 text ({e})", param) from None
+
+
+def json_lines(lines: list[str], source: str | Path, param: str, hint: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line parsed as JSON; an error naming the line (plus `hint`, what
+    a line should hold) at the first that is not."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidParameterError(f"{source}:{n}: not JSON ({e.msg}){hint}", param) from None

@@ -7,7 +7,6 @@ one relevant document, its own line's. A document's text is `title + ". " + abst
 punctuation kept), so first stage and re-rankers see the same text."""
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Hashable, Literal, Sequence, TypeVar
 
 from ember.apps.rerank import METHODS, icr_layers
+from ember.bench.common import json_lines, read_lines
 from ember.errors import EmberError, InvalidParameterError
 
 H = TypeVar("H", bound=Hashable)
@@ -62,21 +62,10 @@ def load_dataset(path: str | Path) -> list[Example]:
     """The data file's lines as examples; a clear error for a missing file, bad JSON, missing fields or a
     repeated id."""
     p = Path(path)
-    if not p.is_file():
-        raise InvalidParameterError(f"data file {str(p)!r} not found", "data")
     examples: list[Example] = []
     seen: set[str] = set()
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise InvalidParameterError(f"data file {p} is not UTF-8 text ({e})", "data") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidParameterError(f"{p}:{n}: not a JSON object ({e.msg})", "data") from None
+    for n, row in json_lines(read_lines(p, "data file", "data"), p, "data",
+                             '; each line is a JSON object {"id", "title", "abstract", "query"}'):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("id", "title", "abstract",
                                                                                       "query")):
             raise InvalidParameterError(f'{p}:{n}: expected {{"id", "title", "abstract", "query"}} as strings',

@@ -37,7 +37,7 @@ def test_load_dataset_builds_title_dot_abstract(data: list[Example], tmp_path: P
                                                   first["query"])
     assert document_text("Why?", "Because.") == "Why? Because." and document_text("", "Only.") == "Only."
     bad = tmp_path / "bad.jsonl"
-    for text, message in (("{not json\n", "bad.jsonl:1: not a JSON object"),
+    for text, message in (("{not json\n", "bad.jsonl:1: not JSON"),
                           ('{"id": "a", "title": "t"}\n', "expected"),
                           (PAPERS.read_text().splitlines()[0] + "\n" + PAPERS.read_text().splitlines()[0],
                            "appears twice"),
