@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
 import time
 from typing import Any
 
-from ember.errors import EmberError
+from ember.errors import EmberError, InvalidParameterError
 from ember.ops.formats import KV_CACHE_DTYPES, QUANT_METHODS
 
 log = logging.getLogger("ember")
@@ -69,6 +70,21 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "or int4 (groups of 32, LM head int8; fastest decode) (default: none)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help=KV_HELP)
+    g.add_argument("--speculative-config", type=_speculative_config, default=None, metavar="JSON",
+                   help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 5, '
+                        '"prompt_lookup_max": 4}\' (prompt lookup), \'{"method": "draft", "model": PATH}\' (a draft '
+                        'model with the same tokenizer; "quantization": "int4" quantizes it) or \'{"method": '
+                        '"swift"}\' (the model drafts for itself, skipping layers); outputs are unchanged '
+                        '(default: off)')
+
+
+def _speculative_config(text: str) -> Any:
+    from ember.spec import parse_speculative_config
+
+    try:
+        return parse_speculative_config(text)
+    except InvalidParameterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_itl_target(text: str) -> float | str | None:
@@ -126,7 +142,7 @@ def _engine_kwargs(a: argparse.Namespace, seqs: int | None = None, tokens: int |
     --kv-cache-memory, the KV cache then holds just that (max_model_len rounded up to whole blocks)."""
     keys = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
             "enable_prefix_caching", "scheduler", "itl_target", "quantization", "kv_cache_dtype",
-            "long_prefill_token_threshold")
+            "long_prefill_token_threshold", "speculative_config")
     kwargs = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     if seqs is not None:
         kwargs.setdefault("max_num_seqs", seqs)
@@ -235,6 +251,18 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
         result = run_mixed(a.url, a.served_model, a.streams, a.stream_output, a.long_prompts, a.long_prompt_len,
                            a.interval, a.seed, a.api_key)
+    elif a.kind == "spec":
+        from ember.bench.spec import compare_outputs, run_spec
+
+        result = run_spec(a.url, a.prompts, a.streams, a.max_tokens, a.served_model, a.api_key)
+        if a.reference:
+            result.update(compare_outputs(result, a.reference))
+        if a.save_outputs:
+            from pathlib import Path
+
+            Path(a.save_outputs).write_text(json.dumps(result, indent=1))
+        if not a.json:
+            result.pop("outputs")
     elif a.kind == "serve":
         from ember.bench.serve import run_serve
 
@@ -274,9 +302,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _bench_parsers(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, serve, mixed, soak",
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, serve, spec, mixed, soak",
                            description="Measure ember (or any OpenAI-compatible server). KIND is throughput or "
-                                       "latency (a model loaded here), serve, mixed or soak (a running server); "
+                                       "latency (a model loaded here), serve, spec, mixed or soak (a running server); "
                                        "`ember bench KIND --help` for its options.")
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
     common = argparse.ArgumentParser(add_help=False)
@@ -311,6 +339,21 @@ def _bench_parsers(sub: Any) -> None:
     sv.add_argument("--slo-scale", type=float, default=8.0,
                     help="prompt-latency SLA: prompt_tokens/512*SCALE seconds (DeepSpeed-FastGen uses 1 on GPUs)")
     sv.add_argument("--slo-gen-rate", type=float, default=2.0, help="generation SLA in tok/s")
+    sp = kinds.add_parser("spec", parents=[common],
+                          help="a prompt set's greedy chat completions, 1 or N streams (speculative decoding)",
+                          description="Send a JSONL prompt set ({\"messages\": [...]} per line, e.g. from "
+                                      "benchmarks/spec_prompts.py) as greedy chat completions to a running server, "
+                                      "--streams at a time; report output tok/s, per-request decode tok/s and, "
+                                      "from ember's /metrics or llama-server's timings, draft acceptance.")
+    sp.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    sp.add_argument("--prompts", required=True, metavar="FILE", help="JSONL prompt set")
+    sp.add_argument("--streams", type=_positive_int, default=1, help="requests in flight at once (default 1)")
+    sp.add_argument("--max-tokens", type=_positive_int, default=256, help="per request, unless the prompt sets it")
+    sp.add_argument("--served-model", default=None)
+    sp.add_argument("--api-key", default=None)
+    sp.add_argument("--save-outputs", default=None, metavar="FILE", help="write the result with every output")
+    sp.add_argument("--reference", default=None, metavar="FILE",
+                    help="a saved result (--save-outputs) to count identical outputs against")
     mx = kinds.add_parser("mixed", parents=[common],
                           help="decode streams while long prompts arrive (SplitFuse vs prefill-first)")
     mx.add_argument("--url", required=True)
@@ -352,7 +395,7 @@ def _bench_parsers(sub: Any) -> None:
     sk.add_argument("--allow-remote", action="store_true", help="allow a URL whose host is not loopback")
     sk.add_argument("--seed", type=int, default=0)
     sk.add_argument("--json", action="store_true", help="print one JSON object (interval lines go to stderr)")
-    for p in (tp, lat, sv, mx, sk):
+    for p in (tp, lat, sv, sp, mx, sk):
         p.set_defaults(func=cmd_bench, parser=p)
 
 
@@ -477,31 +520,14 @@ def cmd_eval_rerank(a: argparse.Namespace) -> int:
 
 def _read_documents(path: str) -> list[str]:
     """`ember rerank --docs FILE` ("-": stdin): JSON lines, each a string, {"text"} or {"title", "abstract"}."""
-    import json
-    from pathlib import Path
-
+    from ember.bench.common import json_lines, read_lines
     from ember.bench.rerank import document_text
     from ember.errors import InvalidParameterError
 
-    if path == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise InvalidParameterError(f"documents file {path!r} not found", "docs")
-        try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise InvalidParameterError(f"documents file {path} is not UTF-8 text ({e})", "docs") from None
+    lines = sys.stdin.read().splitlines() if path == "-" else read_lines(path, "documents file", "docs")
     docs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidParameterError(f"{path}:{n}: not JSON ({e.msg}); each line is a JSON string, "
-                                        '{"text": ...} or {"title": ..., "abstract": ...}', "docs") from None
+    for n, row in json_lines(lines, path, "docs", '; each line is a JSON string, {"text": ...} or '
+                                                  '{"title": ..., "abstract": ...}'):
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             row = row["text"]
         elif isinstance(row, dict) and isinstance(row.get("title"), str) and isinstance(row.get("abstract"), str):

@@ -39,12 +39,12 @@ def _save_tokenizer(folder: Path) -> int:
     return tok.get_vocab_size()
 
 
-def _build(folder: Path, kind: str) -> Path:
+def _build(folder: Path, kind: str, layers: int = 2) -> Path:
     import transformers as tf
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _save_tokenizer(folder)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   initializer_range=0.25, eos_token_id=2, bos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
@@ -71,6 +71,12 @@ def _build(folder: Path, kind: str) -> Path:
 def tiny_llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random Llama-3-style model (llama3 rope scaling, GQA, tied embeddings) as an HF folder."""
     return _build(tmp_path_factory.mktemp("tiny") / "llama3", "llama3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_deep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_llama3 with 6 layers: enough for layer skipping (SWIFT never skips the first and the last)."""
+    return _build(tmp_path_factory.mktemp("tiny") / "llama3-deep", "llama3", layers=6)
 
 
 @pytest.fixture(scope="session")

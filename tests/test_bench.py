@@ -89,3 +89,42 @@ def test_bench_mixed_against_a_real_server(tiny_llama3: Path, tmp_path: Path) ->
     assert r["completed"] == 5 and r["failed"] == 0
     for key in ("decode_itl_ms_p95", "decode_itl_ms_max", "long_prompt_ttft_ms_p50", "output_throughput"):
         assert key in r
+
+
+def test_bench_spec_and_a_speculating_server_against_the_openai_client(tiny_llama3: Path, tmp_path: Path) -> None:
+    """`bench spec` on a prompt set against a server without speculation, then one whose model drafts for
+    itself: the same outputs (counted by --reference), every draft accepted (read from /metrics), and the
+    official client gets the same answers, streamed or not."""
+    import openai
+
+    prompts = tmp_path / "prompts.jsonl"
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": text[:n]}], "max_tokens": 24})
+                               + "\n" for n in (30, 60, 90)))
+    ref = tmp_path / "ref.json"
+    chat = dict(messages=[{"role": "user", "content": text}], max_tokens=20, temperature=0)
+    answers = []
+    for spec in (None, json.dumps({"method": "draft", "model": str(tiny_llama3), "num_speculative_tokens": 3})):
+        srv = start_server(tiny_llama3, tmp_path, *(["--speculative-config", spec] if spec else []))
+        try:
+            args = ["spec", "--url", srv.url, "--prompts", str(prompts), "--streams", "2"]
+            r = _bench(*args, *(["--reference", str(ref)] if spec else ["--save-outputs", str(ref)]))
+            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x")
+            whole = client.chat.completions.create(model=srv.model, **chat).choices[0].message.content
+            streamed = "".join(c.choices[0].delta.content or "" for c in
+                               client.chat.completions.create(model=srv.model, stream=True, **chat) if c.choices)
+            answers.append((whole, streamed))
+        finally:
+            stop_server(srv)
+        assert r["completed"] == 3 and r["failed"] == 0 and r["output_tokens"] > 0 and r["output_throughput"] > 0
+    assert r["identical_outputs"] == r["compared_outputs"] == 3
+    assert r["draft_tokens"] > 0 and r["acceptance_rate"] == 1.0 and r["mean_acceptance_length"] > 1
+    assert answers[0] == answers[1] and answers[0][0] == answers[0][1]
+
+
+def test_bench_spec_refuses_a_bad_prompt_set(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "no messages"}\n')
+    proc = subprocess.run([sys.executable, "-m", "ember.cli", "bench", "spec", "--url", "http://127.0.0.1:9",
+                           "--prompts", str(bad)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and 'each line needs "messages"' in proc.stderr and "Traceback" not in proc.stderr

@@ -98,6 +98,8 @@ def run_latency(llm: Any, pp: int, tg: int, repetitions: int = 3, seed: int = 0,
     if tg:
         result["achieved_bandwidth_gb_s"] = weights * result[f"tg{tg}_tok_s"] / 1e9
     result.update(memory_usage())
+    if llm.engine.speculator is not None:  # random tokens: prompt lookup rarely finds anything to draft
+        result.update({f"spec_{k}": v for k, v in llm.engine.speculator.summary().items()})
     if membw and tg:
         bw = measure_read_bandwidth()
         bar.update()

@@ -20,6 +20,8 @@ class Result:
     chunk_times: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    text: str = ""
+    timings: dict[str, Any] = field(default_factory=dict)  # llama-server's own counters, when it sends them
 
     @property
     def ttft(self) -> float:
@@ -44,9 +46,13 @@ async def _one(session: Any, url: str, body: dict[str, Any], res: Result) -> Non
                 if event.get("usage"):
                     res.prompt_tokens = event["usage"].get("prompt_tokens")
                     res.output_tokens = event["usage"].get("completion_tokens") or res.output_tokens
+                if event.get("timings"):
+                    res.timings = event["timings"]
                 for choice in event.get("choices") or []:
-                    if choice.get("text"):
+                    piece = choice.get("text") or (choice.get("delta") or {}).get("content")  # completions, chat
+                    if piece:
                         res.chunk_times.append(time.perf_counter())
+                        res.text += piece
         res.output_tokens = max(res.output_tokens, len(res.chunk_times))
         res.ok = bool(res.chunk_times)
     except Exception as e:  # a benchmark reports failures, it does not stop on them

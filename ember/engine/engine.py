@@ -24,6 +24,7 @@ from ember.models.loader import LoadedModel, available_memory, load_model, parse
 from ember.models.quantize import apply as apply_quantization
 from ember.ops.backends import KVSpec
 from ember.ops.formats import KV_CACHE_DTYPES, QUANT_METHODS
+from ember.spec import SpeculativeConfig, Speculator, build_speculator, parse_speculative_config
 
 log = logging.getLogger("ember")
 GiB = 1 << 30
@@ -59,8 +60,11 @@ class EngineArgs:
     # max_num_batched_tokens.
     itl_target: float | str | None = None
     long_prefill_token_threshold: int = 0  # most prompt tokens one sequence takes per step (0: no cap), as vLLM
+    # Speculative decoding (ember.spec): a SpeculativeConfig, its dict or JSON text, as vLLM's; None: off.
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
 
     def validate(self) -> None:
+        self.speculative_config = parse_speculative_config(self.speculative_config)
         checks = [
             (self.scheduler in POLICIES, "scheduler", f"must be one of {', '.join(POLICIES)}"),
             (self.quantization in QUANT_METHODS, "quantization", f"must be one of {', '.join(QUANT_METHODS)}"),
@@ -153,15 +157,16 @@ class LLMEngine:
                                    self.blocks)
         self.runner = ModelRunner(model, backend)
         self.sampler = Sampler()
+        self.speculator: Speculator | None = build_speculator(args.speculative_config, self)
         self.requests: dict[str, Request] = {}
         self._failed: list[Request] = []  # failed in this step; their outputs go out with the step's
         self._schedule_failures = 0  # scheduling failures in a row
         self.last_step = StepShape(0, ())  # what the latest step scheduled (traces and benchmarks read it)
         # step_s / forward_s: wall time of whole steps and of the model inside them (engine overhead).
-        # spec_*: candidate tokens scored, and kept (set_candidates).
+        # spec_*: candidate tokens scored, kept, and the steps that verified any (set_candidates, the speculator).
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                                         "step_s": 0.0, "forward_s": 0.0, "spec_draft_tokens": 0,
-                                        "spec_accepted_tokens": 0}
+                                        "spec_accepted_tokens": 0, "spec_verifications": 0}
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
                  num_blocks, args.block_size, num_blocks * args.block_size,
                  num_blocks * args.block_size * per_token / 2**20, kv.name, self.max_model_len)
@@ -286,6 +291,7 @@ class LLMEngine:
             if not seq.finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+        self._release(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -297,17 +303,36 @@ class LLMEngine:
         Trimmed to what the context and max_tokens leave room for."""
         req = self.requests.get(request_id)
         seq = req.seqs[index] if req is not None and 0 <= index < len(req.seqs) else None
-        # Decoding: its prompt computed and its first token sampled (which also forks the n > 1 completions).
-        if (seq is None or seq.status is not Status.RUNNING or seq.in_prefill or seq.pooling is not None
-                or not seq.output_ids or seq.fork_children):
+        if seq is None or not self._decoding(seq):
             raise InvalidParameterError(f"request {request_id!r} has no decoding completion {index}", "request_id")
         vocab = self.config.vocab_size
         if not all(is_int(t) and 0 <= t < vocab for t in tokens):
             raise InvalidParameterError(f"candidate tokens must be token ids in [0, {vocab})", "tokens")
+        seq.spec_tokens = list(tokens[:self._candidate_room(seq)])
+
+    @staticmethod
+    def _decoding(seq: Sequence) -> bool:
+        """Its prompt computed and its first token sampled (which also forks the n > 1 completions)."""
+        return (seq.status is Status.RUNNING and not seq.in_prefill and seq.pooling is None
+                and bool(seq.output_ids) and not seq.fork_children)
+
+    def _candidate_room(self, seq: Sequence) -> int:
+        """Most candidates the context and max_tokens leave room for (the last one's successor is sampled too)."""
         room = self.max_model_len - len(seq)
-        if seq.params.max_tokens is not None:  # the last one would be sampled past max_tokens
+        if seq.params.max_tokens is not None:
             room = min(room, seq.params.max_tokens - len(seq.output_ids) - 1)
-        seq.spec_tokens = list(tokens[:max(0, room)])
+        return max(0, room)
+
+    def _propose(self) -> None:
+        """The proposer's drafts for the decoding sequences that carry none yet (set_candidates may have)."""
+        assert self.speculator is not None
+        decoding = [s for s in self.scheduler.running if self._decoding(s) and not s.spec_tokens]
+        try:
+            self.speculator.propose(decoding, {s: self._candidate_room(s) for s in decoding})
+        except Exception:  # drafts only ever save time: a failing proposer costs its drafts, never a request
+            log.exception("the speculative proposer failed; this step runs without drafts")
+            for seq in decoding:
+                seq.spec_tokens = []
 
     # -- the step ----------------------------------------------------------------------------
     # A step serves many requests; an exception caused by one of them must fail that request alone. The
@@ -316,6 +341,8 @@ class LLMEngine:
     # fail, so a request that breaks them is found and failed while the others run on as they would have.
 
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self._propose()
         start = time.perf_counter()
         batch = self._schedule()
         self.last_step = StepShape(sum(1 for s in batch if not s.in_prefill),
@@ -329,6 +356,9 @@ class LLMEngine:
             self.stats["step_s"] += seconds
             if len(runs) == 1 and runs[0][0] is batch:  # replayed steps would skew the step-cost model
                 self.scheduler.observe(batch, seconds)
+                if self.speculator is not None:
+                    self.speculator.step_done(sum(batch.values()), not self.last_step.chunks, seconds,
+                                              [s for s in batch if not s.finished and s.pooling is None])
         return self._outputs({seq.request_id for seq in batch})
 
     def state(self) -> EngineState:
@@ -437,8 +467,17 @@ class LLMEngine:
                 outputs.append(out)
                 if req.finished:
                     del self.requests[rid]
+                    self._release(req)
         failed, self._failed = self._failed, []
+        for req in failed:
+            self._release(req)
         return outputs + [self._error_output(req) for req in failed]
+
+    def _release(self, req: Request) -> None:
+        """A request is gone: the proposer forgets its sequences (a draft model frees their KV)."""
+        if self.speculator is not None:
+            for seq in req.seqs:
+                self.speculator.release(seq)
 
     def _error_output(self, req: Request) -> RequestOutput:
         try:
@@ -485,6 +524,9 @@ class LLMEngine:
             accepted += 1
         self.stats["spec_draft_tokens"] += len(candidates)
         self.stats["spec_accepted_tokens"] += accepted
+        self.stats["spec_verifications"] += 1
+        if self.speculator is not None:
+            self.speculator.verified(seq, len(candidates), accepted)
         seq.spec_tokens = []
         if not seq.finished:
             self.blocks.truncate(seq, seq.num_computed - (len(candidates) - accepted))

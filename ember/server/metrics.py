@@ -95,7 +95,15 @@ class Metrics:
                     ("ember_engine_step_seconds_total", "Wall time inside engine steps.",
                      round(stats.get("step_s", 0.0), 6)),
                     ("ember_model_forward_seconds_total", "Wall time of the model forward within steps.",
-                     round(stats.get("forward_s", 0.0), 6))]
+                     round(stats.get("forward_s", 0.0), 6)),
+                    # Speculative decoding, as vLLM's spec_decode counters: acceptance rate = accepted / draft
+                    # tokens, mean acceptance length = 1 + accepted / drafts.
+                    ("ember_spec_decode_num_drafts_total", "Verification steps of sequences carrying drafts.",
+                     stats.get("spec_verifications", 0)),
+                    ("ember_spec_decode_num_draft_tokens_total", "Draft tokens verified.",
+                     stats.get("spec_draft_tokens", 0)),
+                    ("ember_spec_decode_num_accepted_tokens_total", "Draft tokens accepted.",
+                     stats.get("spec_accepted_tokens", 0))]
         for name, help_, value in counters:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value}"]
         with self._lock:

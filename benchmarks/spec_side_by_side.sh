@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Speculative decoding side by side: ember serve without speculation and with each proposer, llama-server
+# without and with its own speculation, each under `ember bench spec` on the same two prompt sets, one stream
+# and 16 streams. Outputs of every ember run are compared with ember's run without speculation.
+#   usage: benchmarks/spec_side_by_side.sh TEXT OUT [N]
+#     TEXT: a public-domain text for the prompt sets (e.g. ../shared/data/austen/emma.txt); N prompts per set
+#   env: M (the GGUF, default: the default model), LLAMA (the peer's runner, default ../shared/tools/peer-llamacpp),
+#        CONFIGS (which runs, default "base ngram draft swift llama llama-draft")
+set -u
+TEXT=$1; OUT=$2; N=${3:-16}
+M=${M:-$(python -c 'from ember.loading.registry import pull; print(pull(progress=False))')}
+LLAMA=${LLAMA:-../shared/tools/peer-llamacpp}
+CONFIGS=${CONFIGS:-"base ngram draft swift llama llama-draft"}
+PORT=8123
+mkdir -p "$OUT"
+python benchmarks/spec_prompts.py --text "$TEXT" --out "$OUT/prompts" --n "$N" >/dev/null
+
+wait_up() { for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && return 0; sleep 1; done; return 1; }
+
+measure() {  # name
+  for set in input_grounded open_ended; do
+    for streams in 1 16; do
+      ref=()
+      [ "$1" != base ] && [ -f "$OUT/base-$set-$streams.json" ] && ref=(--reference "$OUT/base-$set-$streams.json")
+      ember bench spec --url "http://127.0.0.1:$PORT" --prompts "$OUT/prompts/$set.jsonl" --streams "$streams" \
+        --json --save-outputs "$OUT/$1-$set-$streams.json" "${ref[@]}" > "$OUT/$1-$set-$streams.summary.json" \
+        || echo "bench failed: $1 $set $streams" >&2
+    done
+  done
+}
+
+for name in $CONFIGS; do
+  case $name in
+    base)  args=() ;;
+    ngram) args=(--speculative-config '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}') ;;
+    draft) args=(--speculative-config "{\"method\": \"draft\", \"model\": \"$M\", \"quantization\": \"int4\"}") ;;
+    swift) args=(--speculative-config '{"method": "swift"}') ;;
+  esac
+  case $name in
+    llama) "$LLAMA" llama-server -m "$M" -t 2 -c 8192 --parallel 16 --host 127.0.0.1 --port $PORT >"$OUT/$name.log" 2>&1 & ;;
+    llama-draft) "$LLAMA" llama-server -m "$M" -md "$M" -t 2 -c 8192 --parallel 16 --host 127.0.0.1 --port $PORT \
+                 >"$OUT/$name.log" 2>&1 & ;;
+    *) ember serve "$M" --port $PORT --max-num-seqs 16 "${args[@]}" >"$OUT/$name.log" 2>&1 & ;;
+  esac
+  pid=$!
+  if wait_up; then measure "$name"; else echo "$name did not start (see $OUT/$name.log)" >&2; fi
+  kill "$pid"; wait "$pid" 2>/dev/null
+done
+python - "$OUT" <<'EOF'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+print("| run | set | streams | output tok/s | decode tok/s (mean per request) | acceptance | identical to base |")
+print("|---|---|---|---|---|---|---|")
+for f in sorted(out.glob("*.summary.json")):
+    try:
+        r = json.loads(f.read_text())
+    except ValueError:
+        continue
+    name = f.name.split("-input_grounded")[0].split("-open_ended")[0]
+    acc = r.get("acceptance_rate")
+    same = f"{r['identical_outputs']}/{r['compared_outputs']}" if "identical_outputs" in r else "-"
+    print(f"| {name} | {pathlib.Path(r['prompts']).stem} | {r['streams']} | {r['output_throughput']:.1f} | "
+          f"{r['decode_tok_s_mean']:.1f} | {'-' if acc is None else f'{acc:.2f}'} | {same} |")
+EOF
