@@ -172,9 +172,12 @@ class SwiftProposer(Proposer):
     def skip(self) -> frozenset[int]:
         return self.tuner.best
 
-    def propose(self, seqs: dict[Sequence, int]) -> dict[Sequence, list[int]]:
+    def observe(self, seqs: list[Sequence]) -> None:
+        """While the skip set is not tuned: one try per step, whether or not drafting paid this step."""
         if not self.tuner.done:
-            self._tune(list(seqs))
+            self._tune([s for s in seqs if s.output_ids])
+
+    def propose(self, seqs: dict[Sequence, int]) -> dict[Sequence, list[int]]:
         shadows = {}
         for seq, k in seqs.items():
             if k > 0 and len(seq) + k <= self.max_len:
