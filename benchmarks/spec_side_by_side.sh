@@ -5,12 +5,12 @@
 #   usage: benchmarks/spec_side_by_side.sh TEXT OUT [N]
 #     TEXT: a public-domain text for the prompt sets (e.g. ../shared/data/austen/emma.txt); N prompts per set
 #   env: M (the GGUF, default: the default model), LLAMA (the peer's runner, default ../shared/tools/peer-llamacpp),
-#        CONFIGS (which runs, default "base ngram draft swift llama llama-draft")
+#        CONFIGS (which runs, default: every one below; base-int8 is the reference of the -int8 runs)
 set -u
 TEXT=$1; OUT=$2; N=${3:-16}
 M=${M:-$(python -c 'from ember.loading.registry import pull; print(pull(progress=False))')}
 LLAMA=${LLAMA:-../shared/tools/peer-llamacpp}
-CONFIGS=${CONFIGS:-"base ngram draft swift llama llama-draft"}
+CONFIGS=${CONFIGS:-"base ngram swift base-int8 ngram-int8 draft-int8 llama llama-ngram-simple llama-ngram-mod llama-draft"}
 PORT=8123
 mkdir -p "$OUT"
 python benchmarks/spec_prompts.py --text "$TEXT" --out "$OUT/prompts" --n "$N" >/dev/null
@@ -21,7 +21,8 @@ measure() {  # name
   for set in input_grounded open_ended; do
     for streams in 1 16; do
       ref=()
-      [ "$1" != base ] && [ -f "$OUT/base-$set-$streams.json" ] && ref=(--reference "$OUT/base-$set-$streams.json")
+      base=base; case $1 in *-int8) base=base-int8 ;; esac
+      [ "$1" != $base ] && [ -f "$OUT/$base-$set-$streams.json" ] && ref=(--reference "$OUT/$base-$set-$streams.json")
       ember bench spec --url "http://127.0.0.1:$PORT" --prompts "$OUT/prompts/$set.jsonl" --streams "$streams" \
         --json --save-outputs "$OUT/$1-$set-$streams.json" "${ref[@]}" > "$OUT/$1-$set-$streams.summary.json" \
         || echo "bench failed: $1 $set $streams" >&2
@@ -29,17 +30,20 @@ measure() {  # name
   done
 }
 
+NGRAM='{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}'
 for name in $CONFIGS; do
-  case $name in
-    base)  args=() ;;
-    ngram) args=(--speculative-config '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}') ;;
-    draft) args=(--speculative-config "{\"method\": \"draft\", \"model\": \"$M\", \"quantization\": \"int4\"}") ;;
+  args=()
+  case $name in  # ember: -int8 runs re-quantize the weights to int8 (per channel), whose extra rows cost less
+    ngram|ngram-int8) args=(--speculative-config "$NGRAM") ;;
+    draft-int8) args=(--speculative-config "{\"method\": \"draft\", \"model\": \"$M\", \"quantization\": \"int4\"}") ;;
     swift) args=(--speculative-config '{"method": "swift"}') ;;
   esac
+  case $name in *-int8) args+=(-q int8) ;; esac
+  srv=("$LLAMA" llama-server -m "$M" -t 2 -c 8192 --parallel 16 --host 127.0.0.1 --port $PORT)
   case $name in
-    llama) "$LLAMA" llama-server -m "$M" -t 2 -c 8192 --parallel 16 --host 127.0.0.1 --port $PORT >"$OUT/$name.log" 2>&1 & ;;
-    llama-draft) "$LLAMA" llama-server -m "$M" -md "$M" -t 2 -c 8192 --parallel 16 --host 127.0.0.1 --port $PORT \
-                 >"$OUT/$name.log" 2>&1 & ;;
+    llama) "${srv[@]}" >"$OUT/$name.log" 2>&1 & ;;
+    llama-ngram-simple|llama-ngram-mod|llama-ngram-cache) "${srv[@]}" --spec-type "${name#llama-}" >"$OUT/$name.log" 2>&1 & ;;
+    llama-draft) "${srv[@]}" -md "$M" --spec-type draft-simple >"$OUT/$name.log" 2>&1 & ;;
     *) ember serve "$M" --port $PORT --max-num-seqs 16 "${args[@]}" >"$OUT/$name.log" 2>&1 & ;;
   esac
   pid=$!

@@ -66,8 +66,10 @@ def _intervals(rng: random.Random, n: int, rate: float, burstiness: float) -> li
     return [rng.gammavariate(burstiness, theta) for _ in range(n)]
 
 
-def _client(api_key: str | None) -> Any:
-    """An HTTP session without connection limits (the load is the point) and with long timeouts.
+def _client(api_key: str | None, fresh_connections: bool = False) -> Any:
+    """An HTTP session without connection limits (the load is the point) and with long timeouts;
+    fresh_connections: a new connection per request (llama-server closes a kept-alive one between a
+    client's sequential requests, which aiohttp then finds dead).
 
     aiohttp (as vLLM's benchmark): the client shares the CPU with the server it measures, and reading
     16 streams of 128 chunks took it 0.31 s of CPU where httpx took 0.58-0.61 (measured here).
@@ -76,7 +78,7 @@ def _client(api_key: str | None) -> Any:
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=3600),
-                                 connector=aiohttp.TCPConnector(limit=0))
+                                 connector=aiohttp.TCPConnector(limit=0, force_close=fresh_connections))
 
 
 async def _first_model(session: Any, url: str) -> str:

@@ -50,7 +50,7 @@ async def _metrics(session: Any, url: str) -> dict[str, float]:
 
 async def _drive(url: str, model: str | None, prompts: list[dict[str, Any]], streams: int, max_tokens: int,
                  api_key: str | None) -> tuple[list[Result], float, str, dict[str, float]]:
-    async with _client(api_key) as client:
+    async with _client(api_key, fresh_connections=True) as client:
         model = model or await _first_model(client, url)
         before = await _metrics(client, url)
         results = [Result(prompt_words=0) for _ in prompts]
