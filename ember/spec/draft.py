@@ -11,7 +11,7 @@ from ember.engine.kv_cache import BlockManager
 from ember.engine.runner import ModelRunner
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.sequence import Sequence, Status
-from ember.errors import InvalidParameterError
+from ember.errors import EmberError, InvalidParameterError
 from ember.spec.config import SpeculativeConfig
 from ember.spec.proposer import Proposer
 
@@ -118,7 +118,10 @@ class DraftProposer(Proposer):
         same = (_same_path(config.model, target.model) and config.quantization == target.quantization)
         if same:  # the target's weights as it runs them (already quantized, if it is)
             args.quantization = "none"
-        loaded = engine.loaded if same else load_for(args)
+        try:
+            loaded = engine.loaded if same else load_for(args)
+        except EmberError as e:
+            raise type(e)(f"speculative_config: the draft model: {e}") from None
         _check_vocab(engine, loaded.tokenizer, config.model)
         args.max_model_len = min(engine.max_model_len, loaded.model.max_positions)
         draft = LLMEngine(args, loaded=loaded)

@@ -346,3 +346,10 @@ def test_swift_refuses_a_quantized_kv_cache_and_a_too_shallow_model(tiny_llama_d
         _llm(tiny_llama_deep, SWIFT, kv_cache_dtype="int8")
     with pytest.raises(InvalidParameterError, match="at least 4 layers"):
         _llm(tiny_llama3, SWIFT)
+
+
+def test_a_missing_draft_model_is_named_as_the_draft(tiny_llama3: Path, tmp_path: Path) -> None:
+    from ember.errors import EmberError
+
+    with pytest.raises(EmberError, match="speculative_config: the draft model: .*nope"):
+        _llm(tiny_llama3, {"method": "draft", "model": str(tmp_path / "nope.gguf")})
