@@ -37,6 +37,9 @@ class SpeculativeConfig:
     context_window: int = 32  # generated tokens the skip set is scored on
     max_score: float = 0.95  # tuning stops when the skip set predicts this share of them
     max_optimization_steps: int = 1000  # ... or after this many tried sets
+    # Tuning tries (each a teacher-forced forward over context_window tokens: on a CPU about a prompt chunk's
+    # cost) run only while they have taken at most this share of the time since generation began.
+    max_tuning_share: float = 0.25
     draft_confidence: float = 0.8  # drafting stops when the top-1 probability falls below this
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -65,6 +68,8 @@ class SpeculativeConfig:
             (_int_at_least(self.context_window, 4), "context_window", "must be an integer >= 4"),
             (isinstance(self.max_score, (int, float)) and 0 < self.max_score <= 1, "max_score", "must be in (0, 1]"),
             (_int_at_least(self.max_optimization_steps, 0), "max_optimization_steps", "must be an integer >= 0"),
+            (isinstance(self.max_tuning_share, (int, float)) and 0 < self.max_tuning_share <= 1, "max_tuning_share",
+             "must be in (0, 1]"),
             (isinstance(self.draft_confidence, (int, float)) and 0 <= self.draft_confidence < 1,
              "draft_confidence", "must be in [0, 1)"),
         ]

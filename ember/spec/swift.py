@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -142,6 +143,9 @@ class SwiftProposer(Proposer):
         self.runner, self.blocks, self.max_len = runner, blocks, max_len
         self.window = config.context_window
         self.confidence = config.draft_confidence
+        self.tuning_share = config.max_tuning_share
+        self.tuning_s = 0.0  # seconds spent scoring candidate sets
+        self.started: float | None = None  # when the first sequence was observed
         cands = candidate_sublayers(num_layers)
         count = int(len(cands) * config.skip_ratio)
         self.tuner = SkipTuner(cands, count, config.max_score, config.max_optimization_steps, config.seed)
@@ -173,9 +177,16 @@ class SwiftProposer(Proposer):
         return self.tuner.best
 
     def observe(self, seqs: list[Sequence]) -> None:
-        """While the skip set is not tuned: one try per step, whether or not drafting paid this step."""
-        if not self.tuner.done:
-            self._tune([s for s in seqs if s.output_ids])
+        """While the skip set is not tuned: one try per step, whether or not drafting paid this step, as long as
+        tuning has taken at most `tuning_share` of the time since the first step observed."""
+        if self.tuner.done:
+            return
+        now = time.perf_counter()
+        self.started = self.started or now
+        if self.tuning_s > self.tuning_share * (now - self.started):
+            return
+        self._tune([s for s in seqs if s.output_ids])
+        self.tuning_s += time.perf_counter() - now
 
     def propose(self, seqs: dict[Sequence, int]) -> dict[Sequence, list[int]]:
         shadows = {}

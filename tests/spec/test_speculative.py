@@ -273,7 +273,7 @@ def _run_chat(llm: LLM, messages: list[dict[str, str]], params: SamplingParams) 
 # -- SWIFT ---------------------------------------------------------------------------------------------------
 
 SWIFT = {"method": "swift", "num_speculative_tokens": 4, "context_window": 16, "draft_confidence": 0.0,
-         "max_optimization_steps": 40, "adaptive": False}
+         "max_optimization_steps": 40, "adaptive": False, "max_tuning_share": 1.0}
 
 
 def test_swift_greedy_outputs_are_identical_and_its_tuner_runs(tiny_llama_deep: Path) -> None:
@@ -339,6 +339,17 @@ def test_the_tuner_improves_on_its_first_set_on_a_repetitive_input(tiny_llama_de
     assert tuner.tries == 60
     first = tuner.history[0]
     assert tuner.best_score > first
+
+
+def test_tuning_keeps_to_its_share_of_the_time(tiny_llama_deep: Path) -> None:
+    """With max_tuning_share 0.01 a try waits until the others took at most 1% of the time generating: far
+    fewer tries than steps (each try costs about a prompt chunk's forward)."""
+    llm = _llm(tiny_llama_deep, {**SWIFT, "max_optimization_steps": 1000, "max_tuning_share": 0.01})
+    ids = llm.get_tokenizer().encode(TEXT)
+    llm.generate([{"prompt_token_ids": ids[50:60] * 4}], SamplingParams(max_tokens=160, temperature=0,
+                                                                         ignore_eos=True))
+    tuner = llm.engine.speculator.proposer.tuner  # type: ignore[attr-defined]
+    assert 0 < tuner.tries < 30
 
 
 def test_swift_refuses_a_quantized_kv_cache_and_a_too_shallow_model(tiny_llama_deep: Path, tiny_llama3: Path) -> None:
