@@ -212,6 +212,8 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
       const int64_t n = 2 * p, rows = std::min<int64_t>(2, N - n);
       const uint8_t* w[2] = {row(n), row(n + rows - 1)};
       const P* s[2] = {ws + n * groups, ws + (n + rows - 1) * groups};
+      if (tiled_m && p + 1 < (N + 1) / 2)  // the next pair's weight rows, on their way while these tiles run
+        for (int64_t off = 0; off < 2 * row_bytes; off += 64) _mm_prefetch((const char*)row(n + 2) + off, _MM_HINT_T0);
       for (int64_t m = 0; m < tiled_m; m += 4) {
         dot_tile<BITS, PER1, 2, 4>(w, s, X + m * K, XS + m * blocks, K, groups, per, out);
         for (int64_t r = 0; r < rows; ++r)
