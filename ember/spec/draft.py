@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from ember.engine.kv_cache import BlockManager
 from ember.engine.runner import ModelRunner
 from ember.engine.sampling_params import SamplingParams
@@ -18,12 +16,12 @@ from ember.spec.proposer import Proposer
 if TYPE_CHECKING:
     from ember.engine.engine import LLMEngine
 
-_GREEDY = SamplingParams(max_tokens=None, temperature=0)
+GREEDY = SamplingParams(max_tokens=None, temperature=0)  # what a drafting stand-in sequence carries
 
 
 class GreedyDrafter:
-    """Mirrors of target sequences in a runner's KV cache, extended greedily: the mechanics both the draft
-    model and SWIFT's skipping model draft with. `catch_up` chunk size bounds the first (prompt) pass."""
+    """Mirrors of target sequences in a runner's KV cache, extended greedily (the draft model's mechanics).
+    `catch_up` chunk size bounds the first (prompt) pass."""
 
     def __init__(self, runner: ModelRunner, blocks: BlockManager, max_len: int, catch_up: int = 512) -> None:
         self.runner, self.blocks, self.max_len, self.catch_up = runner, blocks, max_len, catch_up
@@ -34,7 +32,7 @@ class GreedyDrafter:
         tokens = seq.token_ids
         m = self.mirrors.get(seq)
         if m is None:
-            m = self.mirrors[seq] = Sequence(seq.request_id, 0, [], _GREEDY, 0.0)
+            m = self.mirrors[seq] = Sequence(seq.request_id, 0, [], GREEDY, 0.0)
             m.status = Status.RUNNING
         keep = _common_prefix(m.prompt_ids, tokens, m.num_computed)
         if keep < m.num_computed:
@@ -47,10 +45,9 @@ class GreedyDrafter:
         if m is not None:
             self.blocks.free_seq(m)
 
-    def draft(self, ks: dict[Sequence, int], confidence: float = 0.0) -> dict[Sequence, list[int]]:
-        """Up to k greedy tokens per sequence; a sequence stops early where the top-1 probability falls below
-        `confidence`, or where its mirror gets no KV blocks (then it drafts nothing). A mirror first catches up
-        on what the target accepted (the first time, its whole prompt) in chunks of at most `catch_up`."""
+    def draft(self, ks: dict[Sequence, int]) -> dict[Sequence, list[int]]:
+        """Up to k greedy tokens per sequence; none where its mirror gets no KV blocks. A mirror first catches
+        up on what the target accepted (the first time, its whole prompt) in chunks of at most `catch_up`."""
         mirrors = {self.sync(seq): seq for seq, k in ks.items() if k > 0 and len(seq) + k <= self.max_len}
         out: dict[Sequence, list[int]] = {seq: [] for seq in mirrors.values()}
         while mirrors:
@@ -65,11 +62,7 @@ class GreedyDrafter:
                 if m.num_remaining or logits is None:  # still catching up
                     continue
                 seq = mirrors[m]
-                row = logits[result.sample_rows[m][-1]]
-                token = int(row.argmax())
-                if confidence > 0 and float(torch.softmax(row, dim=-1)[token]) < confidence:
-                    del mirrors[m]
-                    continue
+                token = int(logits[result.sample_rows[m][-1]].argmax())
                 out[seq].append(token)
                 m.prompt_ids.append(token)
                 if len(out[seq]) >= ks[seq]:

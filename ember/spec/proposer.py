@@ -19,10 +19,7 @@ class Proposer:
         """After a step: these sequences have new tokens (a proposer that learns from generation reads them)."""
 
     def release(self, seq: Sequence) -> None:
-        """The sequence finished, was aborted or was preempted: drop whatever is kept for it."""
-
-    def stats(self) -> dict[str, object]:
-        return {}
+        """The sequence finished or was aborted: drop whatever is kept for it."""
 
 
 @dataclass

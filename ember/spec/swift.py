@@ -17,13 +17,13 @@ from ember.engine.sequence import Sequence, Status
 from ember.errors import InvalidParameterError
 from ember.ops.formats import KV_CACHE_DTYPES
 from ember.spec.config import SpeculativeConfig
+from ember.spec.draft import GREEDY
 from ember.spec.proposer import Proposer
 
 if TYPE_CHECKING:
     from ember.engine.engine import LLMEngine
 
 log = logging.getLogger("ember")
-_GREEDY = SamplingParams(max_tokens=None, temperature=0)
 _SCORING = SamplingParams(max_tokens=None, temperature=0, prompt_logprobs=0)  # logits for every row
 BAYES_INTERVAL = 25  # every this many tried sets, a Bayesian-optimisation suggestion instead of a random one
 PATIENCE = 300  # tuning also stops after this many tries without a better set
@@ -264,7 +264,7 @@ class SwiftProposer(Proposer):
 def _shadow(seq: Sequence) -> Sequence:
     """A stand-in for a decoding sequence that drafts on its KV blocks: the same block table (list) and
     progress, its own token list; blocks it takes are the sequence's."""
-    s = Sequence(seq.request_id, 0, list(seq.token_ids), _GREEDY, 0.0)
+    s = Sequence(seq.request_id, 0, list(seq.token_ids), GREEDY, 0.0)
     s.status = Status.RUNNING
     s.block_table, s.num_computed = seq.block_table, seq.num_computed
     return s
