@@ -12,6 +12,10 @@
 
 static constexpr int G = 32;  // activation block
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define EMBER_VNNI 1  // 256-bit vpdpbusd (ember/ops/kernels.py compiles it in where the CPU has it)
+#endif
+
 static inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);

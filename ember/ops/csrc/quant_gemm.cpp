@@ -65,14 +65,42 @@ static inline __m256i load_block(const uint8_t* wrow, int64_t b) {
   return BITS == 4 ? load_u4(wrow + b * G / 2) : _mm256_loadu_si256((const __m256i*)(wrow + b * G));
 }
 
-// One block's integer dot as 8 float lanes. int8: maddubs needs an unsigned operand, so |x| (`ax`, hoisted:
-// it serves every weight row) times w with x's sign; int4 codes are unsigned already (no saturation:
-// 2 * 15 * 127 fits in int16).
+// One block's integer dot as 8 float lanes, each lane the exact integer sum of its 4 products, so every
+// path below gives the same bits. With AVX-512 VNNI (compiled in where the CPU has it, see kernels.py) one
+// vpdpbusd does the multiply-adds: int4 codes are unsigned already; int8 weights are made unsigned (w + 128,
+// `dot_weights`) and the excess 128 * sum(x) per lane taken off by starting the sum from its negation
+// (`aux`, once per activation block). Without VNNI, maddubs + madd: maddubs needs an unsigned operand, so
+// |x| (`aux`) times w with x's sign (no saturation: 2 * 127 * 127 and 2 * 15 * 127 fit in int16).
 template <int BITS>
-static inline __m256 block_dot(__m256i xv, __m256i ax, __m256i wv) {
+static inline __m256i dot_weights(const uint8_t* wrow, int64_t b) {
+  const __m256i w = load_block<BITS>(wrow, b);
+#ifdef EMBER_VNNI
+  if (BITS == 8) return _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+#endif
+  return w;
+}
+
+// What block_dot needs of an activation block beside its codes (hoisted: it serves every weight row).
+template <int BITS>
+static inline __m256i dot_aux(__m256i xv) {
+  if (BITS == 4) return _mm256_setzero_si256();
+#ifdef EMBER_VNNI
+  const __m256i excess = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80), xv);
+  return _mm256_sub_epi32(_mm256_setzero_si256(), excess);
+#else
+  return _mm256_sign_epi8(xv, xv);
+#endif
+}
+
+template <int BITS>
+static inline __m256 block_dot(__m256i xv, __m256i aux, __m256i wv) {
+#ifdef EMBER_VNNI
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(aux, wv, xv));
+#else
   const __m256i ones = _mm256_set1_epi16(1);
   if (BITS == 4) return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(aux, _mm256_sign_epi8(wv, xv)), ones));
+#endif
 }
 
 // The int4 mins' share of one output: sum over groups of min_g * (sum of the dequantized x in group g).
@@ -105,10 +133,10 @@ static void dot_tile(const uint8_t* const* w, const P* const* ws, const int8_t* 
         for (int c = 0; c < C; ++c) gacc[r][c] = _mm256_setzero_ps();
     for (int64_t j = 0; j < (PER1 ? 1 : per); ++j, ++b) {
       __m256i wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = load_block<BITS>(w[r], b);
+      for (int r = 0; r < R; ++r) wv[r] = dot_weights<BITS>(w[r], b);
       for (int c = 0; c < C; ++c) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + c * K + b * G));
-        const __m256i ax = BITS == 4 ? xv : _mm256_sign_epi8(xv, xv);
+        const __m256i ax = dot_aux<BITS>(xv);
         const __m256 xsv = _mm256_broadcast_ss(xs + c * blocks + b);
         for (int r = 0; r < R; ++r) {
           const __m256 d = block_dot<BITS>(xv, ax, wv[r]);
@@ -163,9 +191,9 @@ static void pair_dot_per1(const uint8_t* const* w, const P* const* ws, const P* 
         _mm_prefetch((const char*)(w1 + b * BITS * 4 + ahead), _MM_HINT_T0);
       }
       const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + b * G));
-      const __m256i ax = BITS == 4 ? xv : _mm256_sign_epi8(xv, xv);
-      acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(cs0 + j), block_dot<BITS>(xv, ax, load_block<BITS>(w0, b)), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(cs1 + j), block_dot<BITS>(xv, ax, load_block<BITS>(w1, b)), acc1);
+      const __m256i ax = dot_aux<BITS>(xv);
+      acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(cs0 + j), block_dot<BITS>(xv, ax, dot_weights<BITS>(w0, b)), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(cs1 + j), block_dot<BITS>(xv, ax, dot_weights<BITS>(w1, b)), acc1);
     }
   }
   float mins0 = 0.f, mins1 = 0.f;
@@ -212,18 +240,18 @@ static void wxa8_rows(const QuantAct& a, int64_t M, int64_t K, const void* wq, c
       const int64_t n = 2 * p, rows = std::min<int64_t>(2, N - n);
       const uint8_t* w[2] = {row(n), row(n + rows - 1)};
       const P* s[2] = {ws + n * groups, ws + (n + rows - 1) * groups};
-      if (tiled_m && p + 1 < (N + 1) / 2)  // the next pair's weight rows, on their way while these tiles run
+      if (M >= 2 && p + 1 < (N + 1) / 2)  // the next pair's weight rows, on their way while these tiles run
         for (int64_t off = 0; off < 2 * row_bytes; off += 64) _mm_prefetch((const char*)row(n + 2) + off, _MM_HINT_T0);
       for (int64_t m = 0; m < tiled_m; m += 4) {
         dot_tile<BITS, PER1, 2, 4>(w, s, X + m * K, XS + m * blocks, K, groups, per, out);
         for (int64_t r = 0; r < rows; ++r)
           for (int i = 0; i < 4; ++i) finish(n + r, m + i, out[4 * r + i]);
       }
-      // The last 1-3 rows after tiles run as one narrower tile (the pair's weight rows are in L1 by now):
-      // row by row, each costs about as much as a whole tile of four. A lone row with one block per group
-      // stays on pair_dot_per1 (faster there).
+      // The last 1-3 rows after tiles (or 2-3 rows alone) run as one narrower tile: row by row, each costs
+      // about as much as a whole tile of four. A lone row with one block per group stays on pair_dot_per1
+      // (faster there), and a single row on the streaming paths below.
       const int64_t tail = M - tiled_m;
-      if (tiled_m && (tail >= 2 || (tail == 1 && !PER1))) {
+      if (tail >= 2 || (tiled_m && tail == 1 && !PER1)) {
         const int8_t* xm = X + tiled_m * K;
         const float* xsm = XS + tiled_m * blocks;
         if (tail == 1) dot_tile<BITS, PER1, 2, 1>(w, s, xm, xsm, K, groups, per, out);
