@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ember.ops.kernels import AVX2_CAPABILITIES, cpu_kernels
+from ember.ops.quant import QuantLinear
 
 pytestmark = pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() not in AVX2_CAPABILITIES or shutil.which("c++") is None,
@@ -336,3 +337,43 @@ def test_decode_model_takes_an_optional_window(k) -> None:
     assert torch.equal(model.forward_kivi(*kargs, None, 0), plain)
     assert torch.equal(model.forward_kivi(*kargs, starts=None), plain)
     assert not torch.allclose(model.forward_kivi(*kargs, torch.tensor([50, 3, 0]), 2), plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("first", [200, 62, 20])  # pieces for every row; across the split threshold; none
+@pytest.mark.parametrize("window", [False, True])
+def test_decode_model_alone_rows_are_their_one_row_calls(k, dtype: torch.dtype, first: int, window: bool) -> None:
+    """alone=True (one sequence checking speculative candidates): each of its rows gives the bits of its own
+    one-row forward, however the call shares the work out (one parallel region for rows whose one-row calls
+    would split their contexts alike, row by row otherwise)."""
+    torch.manual_seed(first)
+    H, kvh, D, hidden, inter, layers, rows, nb = HEADS, KVH, 64, 96, 128, 2, 6, 40
+    model = k.DecodeModel(H, kvh, D, 1e-5, torch.rand(hidden) + 0.5)
+    none = torch.empty(0)
+
+    def linear(n: int, m: int):  # int8: its rows do not round with their company (float GEMMs do)
+        q = QuantLinear.from_float(torch.randn(n, m) / m ** 0.5, bits=8, group=32)
+        return k.DecodeLinear(8, q.qweight, q.scales, none, none)
+
+    for _ in range(layers):
+        model.add_layer(torch.rand(hidden) + 0.5, torch.rand(hidden) + 0.5, linear((H + 2 * kvh) * D, hidden),
+                        linear(hidden, H * D), linear(2 * inter, hidden), linear(hidden, inter))
+    x = torch.randn(rows, hidden)
+    ang = torch.randn(rows, D // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    table = torch.randperm(nb)[:16]
+    lens = torch.arange(first, first + rows)
+    slots = torch.stack([table[(n - 1) // BS] * BS + (n - 1) % BS for n in lens.tolist()])
+    caches = [torch.randn(2, nb, BS, kvh, D).to(dtype) for _ in range(layers)]
+    starts = (lens - 40).clamp(min=1) if window else None
+
+    def forward(i: slice, alone: bool, caches: list[torch.Tensor]) -> torch.Tensor:
+        return model.forward(x[i], cos[i], sin[i], caches, slots[i],
+                             table.expand(i.stop - i.start, -1), lens[i], SCALE,
+                             None if starts is None else starts[i], 4 if window else 0, alone, None)
+
+    with threads(2):  # one step per row, each writing its K/V for the next, as decoding does
+        stepped = [c.clone() for c in caches]
+        one_by_one = torch.cat([forward(slice(r, r + 1), False, stepped) for r in range(rows)])
+        together = forward(slice(0, rows), True, [c.clone() for c in caches])
+    assert torch.equal(together, one_by_one)

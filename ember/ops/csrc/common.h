@@ -227,6 +227,10 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 template <typename T>
 void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV<T>& kv, float scale,
                           float* O);
+// As a decode_attention_raw call per row (speculative candidates' rows; see DecodeModel::forward), in one go.
+template <typename T>
+void decode_attention_alone_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV<T>& kv, float scale,
+                                float* O);
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor tables, torch::Tensor ctx_lens, double scale,
                                      c10::optional<torch::Tensor> starts, int64_t sink);

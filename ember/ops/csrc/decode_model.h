@@ -90,15 +90,9 @@ class DecodeModel {
         }
         const int64_t *TB = tables.data_ptr<int64_t>(), *LN = ctx_lens.data_ptr<int64_t>(), W = tables.size(1);
         const int64_t* ST = starts_ptr(window);
-        if (!alone) {
-          const PagedKV<T> kv{KC, KC + plane, TB, LN, W, cache.size(2), KVH, D, ST, sink};
-          decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
-          return;
-        }
-        for (int64_t b = 0; b < B; ++b) {
-          const PagedKV<T> kv{KC, KC + plane, TB + b * W, LN + b, W, cache.size(2), KVH, D, ST ? ST + b : nullptr, sink};
-          decode_attention_raw(QKV + b * ld, 1, H, ld, kv, (float)scale, A + b * H * D);
-        }
+        const PagedKV<T> kv{KC, KC + plane, TB, LN, W, cache.size(2), KVH, D, ST, sink};
+        if (alone) decode_attention_alone_raw(QKV, B, H, ld, kv, (float)scale, A);
+        else decode_attention_raw(QKV, B, H, ld, kv, (float)scale, A);
       });
     });
   }

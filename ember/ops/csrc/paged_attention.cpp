@@ -475,6 +475,25 @@ void decode_attention_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, con
   });
 }
 
+// Each row as a one-row decode_attention_raw call computes it, bit for bit, in one parallel region: a
+// one-row call over a context long enough splits it into pieces, and rows that would all get the same
+// split are that many (row, piece) items of one decode_attention_split (every item and the merge depend on
+// their own row only). Others go row by row. One parallel region instead of one per row: at 8 rows and 30
+// layers the per-call thread start-ups were a sizeable share of a speculative verification step.
+template <typename T>
+void decode_attention_alone_raw(const float* Q, int64_t B, int64_t H, int64_t ldq, const PagedKV<T>& kv,
+                                float scale, float* O) {
+  auto row = [&](int64_t b) {
+    return PagedKV<T>{kv.K, kv.V, kv.tables + b * kv.W, kv.lens + b, kv.W, kv.BS, kv.KVH, kv.D,
+                      kv.starts ? kv.starts + b : nullptr, kv.sink};
+  };
+  const int64_t pieces = B ? context_pieces(1, row(0)) : 1;
+  bool same = pieces > 1;
+  for (int64_t b = 1; b < B && same; ++b) same = context_pieces(1, row(b)) == pieces;
+  if (same) return decode_attention_split(Q, B, H, ldq, kv, scale, pieces, O);
+  for (int64_t b = 0; b < B; ++b) decode_attention_raw(Q + b * ldq, 1, H, ldq, row(b), scale, O + b * H * kv.D);
+}
+
 // Flash-decoding for few sequences: (sequence, KV head) pairs alone leave threads idle or unevenly loaded
 // (one sequence of a 3-KV-head model is 3 items for 2 threads: one waits a third of the time), so each
 // context is cut into equal pieces attended in parallel, each keeping its max, exp-sum and unnormalised
@@ -616,5 +635,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 }
 
 template void decode_attention_raw<float>(const float*, int64_t, int64_t, int64_t, const PagedKV<float>&, float, float*);
+template void decode_attention_alone_raw<float>(const float*, int64_t, int64_t, int64_t, const PagedKV<float>&, float,
+                                               float*);
+template void decode_attention_alone_raw<at::Half>(const float*, int64_t, int64_t, int64_t, const PagedKV<at::Half>&,
+                                                  float, float*);
 template void decode_attention_raw<at::Half>(const float*, int64_t, int64_t, int64_t, const PagedKV<at::Half>&, float,
                                               float*);
