@@ -137,9 +137,7 @@ class BlockManager:
         """Let `child` share `parent`'s blocks; a partial last block is copied (returns (src, dst))."""
         bs = self.block_size
         full = parent.num_computed // bs
-        for block in parent.block_table[:full]:
-            self.ref_count[block] += 1
-        child.block_table = parent.block_table[:full]
+        self.share(child, parent.block_table[:full])
         child.block_hashes = parent.block_hashes[:full]
         child.num_computed = parent.num_computed
         child.num_cached_tokens = parent.num_cached_tokens
@@ -149,6 +147,12 @@ class BlockManager:
         self.ref_count[dst] = 1
         child.block_table.append(dst)
         return parent.block_table[full], dst
+
+    def share(self, seq: Sequence, blocks: list[int]) -> None:
+        """Make full `blocks` the start of seq's table, shared (counted until seq is freed; never written)."""
+        for block in blocks:
+            self.ref_count[block] += 1
+        seq.block_table = list(blocks)
 
     def _take_free(self) -> int:
         if not self.free:

@@ -145,7 +145,7 @@ class SwiftProposer(Proposer):
         self.confidence = config.draft_confidence
         self.tuning_share = config.max_tuning_share
         self.tuning_s = 0.0  # seconds spent scoring candidate sets
-        self.started: float | None = None  # when the first sequence was observed
+        self.generating_s = 0.0  # seconds of the engine's steps observed (idle time between requests is not)
         cands = candidate_sublayers(num_layers)
         count = int(len(cands) * config.skip_ratio)
         self.tuner = SkipTuner(cands, count, config.max_score, config.max_optimization_steps, config.seed)
@@ -176,17 +176,17 @@ class SwiftProposer(Proposer):
     def skip(self) -> frozenset[int]:
         return self.tuner.best
 
-    def observe(self, seqs: list[Sequence]) -> None:
+    def observe(self, seqs: list[Sequence], seconds: float = 0.0) -> None:
         """While the skip set is not tuned: one try per step, whether or not drafting paid this step, as long as
-        tuning has taken at most `tuning_share` of the time since the first step observed."""
+        tuning has taken at most `tuning_share` of the time spent in steps and tries."""
         if self.tuner.done:
             return
-        now = time.perf_counter()
-        self.started = self.started or now
-        if self.tuning_s > self.tuning_share * (now - self.started):
+        self.generating_s += seconds
+        if self.tuning_s > self.tuning_share * (self.generating_s + self.tuning_s):
             return
+        began = time.perf_counter()
         self._tune([s for s in seqs if s.output_ids])
-        self.tuning_s += time.perf_counter() - now
+        self.tuning_s += time.perf_counter() - began
 
     def propose(self, seqs: dict[Sequence, int]) -> dict[Sequence, list[int]]:
         shadows = {}
@@ -243,9 +243,8 @@ class SwiftProposer(Proposer):
         first = (end - self.window) // bs * bs  # recomputed from a block boundary
         scratch = Sequence(seq.request_id, 0, seq.token_ids[:end], _SCORING, 0.0)
         scratch.status = Status.RUNNING
-        scratch.block_table, scratch.num_computed = list(seq.block_table[: first // bs]), first
-        for b in scratch.block_table:
-            self.blocks.ref_count[b] += 1
+        self.blocks.share(scratch, seq.block_table[: first // bs])
+        scratch.num_computed = first
         n = end - first
         try:
             if not self.blocks.can_allocate(scratch, n):
