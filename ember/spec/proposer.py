@@ -15,8 +15,9 @@ class Proposer:
         """Up to k drafts for each sequence (seqs: sequence -> k); sequences without drafts may be left out."""
         raise NotImplementedError
 
-    def observe(self, seqs: list[Sequence]) -> None:
-        """After a step: these sequences have new tokens (a proposer that learns from generation reads them)."""
+    def observe(self, seqs: list[Sequence], seconds: float = 0.0) -> None:
+        """After a step of `seconds`: these sequences have new tokens (a proposer that learns from generation
+        reads them)."""
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was aborted: drop whatever is kept for it."""
@@ -81,7 +82,8 @@ class Speculator:
     accepted (its acceptance rate to the power of its drafts so far plus one), while the expected tokens per
     second of the step still rise: the extra row's cost comes from the measured step times (StepTimes) plus the
     proposer's own drafting time. A sequence whose drafts stopped paying rests, and tries one draft again after
-    `probe_every` steps, so a change of text (a quote begins) is noticed."""
+    `probe_every` steps, so a change of text (a quote begins) is noticed; after proportionally more where a
+    draft costs more than a tenth of a step (a drafting forward), so probes keep to a few percent of the time."""
 
     def __init__(self, proposer: Proposer, k: int, adaptive: bool = True, disable_by_batch_size: int | None = None,
                  probe_every: int = 16) -> None:
@@ -122,6 +124,7 @@ class Speculator:
         seconds = self.times(rows)
         for s in decoding:
             acc[s].idle += 1
+        probe_every = self.probe_every * max(1.0, self.draft_seconds / (0.1 * self.times(1)))
         while True:
             best, gain = None, 0.0
             for s in decoding:
@@ -130,7 +133,7 @@ class Speculator:
                     continue
                 a = acc[s]
                 g = a.rate ** (have + 1)
-                if not have and a.idle > self.probe_every:  # resting: one draft now and then, to re-measure
+                if not have and a.idle > probe_every:  # resting: one draft now and then, to re-measure
                     g = max(g, 1.0)
                 if g > gain:
                     best, gain = s, g
@@ -152,7 +155,7 @@ class Speculator:
     def step_done(self, rows: int, decode_only: bool, seconds: float, advanced: list[Sequence]) -> None:
         if decode_only and rows:
             self.times.add(rows, seconds)
-        self.proposer.observe(advanced)
+        self.proposer.observe(advanced, seconds)
 
     def release(self, seq: Sequence) -> None:
         self._acceptance.pop(seq, None)
