@@ -65,4 +65,11 @@ for f in sorted(out.glob("*.summary.json")):
     same = f"{r['identical_outputs']}/{r['compared_outputs']}" if "identical_outputs" in r else "-"
     print(f"| {name} | {pathlib.Path(r['prompts']).stem} | {r['streams']} | {r['output_throughput']:.1f} | "
           f"{r['decode_tok_s_mean']:.1f} | {'-' if acc is None else f'{acc:.2f}'} | {same} |")
+print()
+print("One stream, decode tok/s (mean per request) by kind of prompt:")
+for f in sorted(out.glob("*-1.summary.json")):
+    r = json.loads(f.read_text())
+    kinds = r.get("decode_tok_s_by_kind") or {}
+    if len(kinds) > 1:
+        print(f"- {f.name.removesuffix('-1.summary.json')}: " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
 EOF

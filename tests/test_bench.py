@@ -99,8 +99,8 @@ def test_bench_spec_and_a_speculating_server_against_the_openai_client(tiny_llam
 
     prompts = tmp_path / "prompts.jsonl"
     text = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
-    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": text[:n]}], "max_tokens": 24})
-                               + "\n" for n in (30, 60, 90)))
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": text[:n]}], "max_tokens": 24,
+                                           "kind": kind}) + "\n" for n, kind in ((30, "a"), (60, "b"), (90, "a"))))
     ref = tmp_path / "ref.json"
     chat = dict(messages=[{"role": "user", "content": text}], max_tokens=20, temperature=0)
     answers = []
@@ -118,6 +118,7 @@ def test_bench_spec_and_a_speculating_server_against_the_openai_client(tiny_llam
             stop_server(srv)
         assert r["completed"] == 3 and r["failed"] == 0 and r["output_tokens"] > 0 and r["output_throughput"] > 0
     assert r["identical_outputs"] == r["compared_outputs"] == 3
+    assert set(r["decode_tok_s_by_kind"]) == {"a", "b"} and min(r["decode_tok_s_by_kind"].values()) > 0
     assert r["draft_tokens"] > 0 and r["acceptance_rate"] == 1.0 and r["mean_acceptance_length"] > 1
     assert answers[0] == answers[1] and answers[0][0] == answers[0][1]
 

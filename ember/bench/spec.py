@@ -93,7 +93,9 @@ def run_spec(url: str, prompts_path: str | Path, streams: int = 1, max_tokens: i
     results, duration, model, counters = asyncio.run(_drive(url, model, prompts, streams, max_tokens, api_key))
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
-    decode_rates = [(r.output_tokens - 1) / (r.e2e - r.ttft) for r in ok if r.output_tokens > 1 and r.e2e > r.ttft]
+    rates = {p["id"]: (r.output_tokens - 1) / (r.e2e - r.ttft)
+             for p, r in zip(prompts, results) if r.ok and r.output_tokens > 1 and r.e2e > r.ttft}
+    decode_rates = list(rates.values())
     result: dict[str, Any] = {
         "benchmark": "spec", "machine": machine(), "url": url, "model": model, "prompts": str(prompts_path),
         "num_prompts": len(prompts), "streams": streams, "max_tokens": max_tokens, "completed": len(ok),
@@ -104,6 +106,12 @@ def run_spec(url: str, prompts_path: str | Path, streams: int = 1, max_tokens: i
         # One request's decode speed, from its first token to its last (prompt processing excluded).
         "decode_tok_s_mean": sum(decode_rates) / len(decode_rates) if decode_rates else float("nan"),
     }
+    by_kind: dict[str, list[float]] = {}
+    for p in prompts:
+        if "kind" in p and p["id"] in rates:
+            by_kind.setdefault(str(p["kind"]), []).append(rates[p["id"]])
+    if by_kind:  # what speculation gains depends on how much of the answer the prompt holds
+        result["decode_tok_s_by_kind"] = {k: sum(v) / len(v) for k, v in by_kind.items()}
     result.update(percentiles([r.ttft for r in ok], "ttft_ms"))
     result.update(_acceptance(ok, counters))
     result["outputs"] = {p["id"]: r.text for p, r in zip(prompts, results)}
