@@ -1,0 +1,168 @@
+"""SCM's memory stream, stored: sessions and their turns (text, summary, embedding, token counts) in SQLite, one
+transaction per turn, with exact cosine search over a session's turns."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ember.errors import InvalidParameterError
+
+SESSION_ID_MAX = 256
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+  id TEXT PRIMARY KEY,
+  created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS turns (
+  session TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+  idx INTEGER NOT NULL,
+  user TEXT NOT NULL,
+  assistant TEXT NOT NULL,
+  summary TEXT NOT NULL,
+  tokens INTEGER NOT NULL,
+  summary_tokens INTEGER NOT NULL,
+  embedding BLOB NOT NULL,
+  created REAL NOT NULL,
+  PRIMARY KEY (session, idx)
+);
+"""
+
+
+def default_path() -> Path:
+    """Where sessions live unless told otherwise: $EMBER_HOME/memory.sqlite3."""
+    from ember.loading.registry import ember_home
+
+    return ember_home() / "memory.sqlite3"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One exchange of a conversation as memory keeps it (index: 0-based, in the order stored)."""
+
+    index: int
+    user: str
+    assistant: str
+    summary: str  # the model's summary of a long turn, else the text itself
+    tokens: int  # of `text`
+    summary_tokens: int
+    embedding: np.ndarray  # float32 [dim], unit length
+
+    @property
+    def text(self) -> str:
+        """The turn as SCM indexes and quotes it."""
+        return f"[Turn {self.index}]\n\nUser: {self.user}\n\nAssistant: {self.assistant}"
+
+
+def check_session_id(session: object) -> str:
+    if not isinstance(session, str) or not session.strip() or len(session) > SESSION_ID_MAX:
+        raise InvalidParameterError(f"session must be a non-empty string of at most {SESSION_ID_MAX} characters, "
+                                    f"got {session!r}", "session")
+    return session
+
+
+class MemoryStore:
+    """Sessions in one SQLite file (WAL: readers never wait for a writer; several processes may share it). A turn
+    is stored in one transaction, so a process killed mid-turn leaves the turns committed before it intact.
+    Usable from several threads (one connection behind a lock)."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "MemoryStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_turn(self, session: str, user: str, assistant: str, summary: str, tokens: int, summary_tokens: int,
+                 embedding: np.ndarray | list[float]) -> int:
+        """Store the session's next turn (creating the session); returns its index."""
+        check_session_id(session)
+        vec = _unit(embedding)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # the index is read and written under one write lock
+            try:
+                self._db.execute("INSERT OR IGNORE INTO sessions (id, created) VALUES (?, ?)", (session, time.time()))
+                row = self._db.execute("SELECT embedding FROM turns WHERE session = ? LIMIT 1", (session,)).fetchone()
+                if row is not None and len(row[0]) != vec.nbytes:
+                    raise InvalidParameterError(f"session {session!r} holds embeddings of {len(row[0]) // 4} "
+                                                f"dimensions, not {vec.size}", "embedding")
+                (idx,) = self._db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM turns WHERE session = ?",
+                                          (session,)).fetchone()
+                self._db.execute("INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (session, idx, user, assistant, summary, tokens, summary_tokens, vec.tobytes(),
+                                  time.time()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return int(idx)
+
+    def turns(self, session: str) -> list[Turn]:
+        """The session's turns in the order stored ([] for an unknown session)."""
+        check_session_id(session)
+        return self._turns(session)
+
+    def _turns(self, session: str, indices: list[int] | None = None) -> list[Turn]:
+        where = "" if indices is None else f" AND idx IN ({', '.join('?' * len(indices))})"
+        with self._lock:
+            rows = self._db.execute("SELECT idx, user, assistant, summary, tokens, summary_tokens, embedding FROM "
+                                    f"turns WHERE session = ?{where} ORDER BY idx",
+                                    (session, *(indices or []))).fetchall()
+        return [Turn(i, u, a, s, t, st, np.frombuffer(e, dtype=np.float32)) for i, u, a, s, t, st, e in rows]
+
+    def search(self, session: str, query: np.ndarray | list[float], k: int, before: int | None = None
+               ) -> list[tuple[Turn, float]]:
+        """The k turns most similar to `query` by cosine, best first; only turns with index < `before` if given.
+        Exact: every candidate's embedding is scored (only the embeddings are read for it)."""
+        check_session_id(session)
+        limit = before if before is not None else 2 ** 62
+        with self._lock:
+            rows = self._db.execute("SELECT idx, embedding FROM turns WHERE session = ? AND idx < ? ORDER BY idx",
+                                    (session, limit)).fetchall()
+        if not rows or k <= 0:
+            return []
+        q = _unit(query)
+        matrix = np.frombuffer(b"".join(e for _, e in rows), dtype=np.float32).reshape(len(rows), -1)
+        if matrix.shape[1] != q.size:
+            raise InvalidParameterError(f"query has {q.size} dimensions, the session's turns {matrix.shape[1]}",
+                                        "embedding")
+        scores = matrix @ q
+        order = np.argsort(-scores, kind="stable")[:k]
+        picked = {rows[i][0]: float(scores[i]) for i in order}
+        found = {t.index: t for t in self._turns(session, sorted(picked))}
+        return [(found[idx], score) for idx, score in picked.items()]
+
+    def sessions(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT id FROM sessions ORDER BY created, id")]
+
+    def delete(self, session: str) -> bool:
+        """Forget a session and its turns; False if there was none."""
+        check_session_id(session)
+        with self._lock:
+            cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+        return cur.rowcount > 0
+
+
+def _unit(vec: np.ndarray | list[float]) -> np.ndarray:
+    v = np.asarray(vec, dtype=np.float32).reshape(-1)
+    norm = float(np.linalg.norm(v))
+    if v.size == 0 or not np.isfinite(norm) or norm == 0.0:
+        raise InvalidParameterError("an embedding must be a non-empty, finite, non-zero vector", "embedding")
+    return v / norm
