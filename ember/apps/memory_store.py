@@ -54,8 +54,12 @@ class Turn:
 
     @property
     def text(self) -> str:
-        """The turn as SCM indexes and quotes it."""
-        return f"[Turn {self.index}]\n\nUser: {self.user}\n\nAssistant: {self.assistant}"
+        return turn_text(self.index, self.user, self.assistant)
+
+
+def turn_text(index: int, user: str, assistant: str) -> str:
+    """An exchange as SCM indexes and quotes it."""
+    return f"[Turn {index}]\n\nUser: {user}\n\nAssistant: {assistant}"
 
 
 def check_session_id(session: object) -> str:
