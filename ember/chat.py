@@ -1,4 +1,5 @@
-"""`ember chat`: an interactive multi-turn chat in the terminal, replies streamed, history kept in context."""
+"""`ember chat`: an interactive multi-turn chat in the terminal, replies streamed, history kept in context (or,
+with --memory NAME, in a stored session that SCM's controller recalls from, surviving restarts)."""
 from __future__ import annotations
 
 import dataclasses
@@ -65,15 +66,68 @@ def _save_history(path: Path | None) -> None:
 
 
 def run_chat(model: str | None, engine_kwargs: dict[str, Any], params: SamplingParams,
-             system: str | None) -> int:
+             system: str | None, memory: str | None = None, memory_db: str | None = None) -> int:
     from ember.llm import LLM
 
     llm = LLM(model, **engine_kwargs)
     history_file = line_editing()
     try:
+        if memory is not None:
+            return _memory_loop(llm, params, system, memory, memory_db)
         return _loop(llm, params, system)
     finally:
         _save_history(history_file)
+
+
+def _read_line() -> str | None:
+    """The next non-empty input line, or None at end of input or Ctrl-C."""
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return None
+        if line:
+            return line
+
+
+def _memory_loop(llm: Any, params: SamplingParams, system: str | None, session: str, path: str | None) -> int:
+    from ember.apps.memory import Memory
+    from ember.apps.memory_store import check_session_id
+    from ember.apps.plan import drive
+
+    check_session_id(session)
+    ctx = llm.engine.max_model_len
+    params = dataclasses.replace(params, max_tokens=min(params.max_tokens or ctx // 4, ctx // 4))
+    memory = Memory(llm, path)
+    ctl = memory.controller
+    print(BANNER.format(name=llm.engine.loaded.path.name, ctx=ctx).replace(
+        "/reset clears the history", f"memory session {session!r} ({len(memory.turns(session))} turns "
+        f"stored in {memory.store.path}); /forget deletes it"), flush=True)
+    try:
+        while (line := _read_line()) is not None:
+            if line in ("/exit", "/quit", "/bye"):
+                break
+            if line in ("/forget", "/reset"):
+                memory.delete(session)
+                print(f"(session {session!r} forgotten)", flush=True)
+                continue
+            try:
+                recall = drive(ctl.recall(session, line, params.max_tokens or 0), llm._run_jobs)
+            except EmberError as e:
+                print(f"error: {e}", flush=True)
+                continue
+            messages = recall.messages
+            if system:  # the user's system prompt first, the memory after it, in one system message
+                head = messages[0]["content"] if messages[0]["role"] == "system" else ""
+                messages = [{"role": "system", "content": system + ("\n\n" + head if head else "")}, messages[-1]]
+            ids = llm.get_tokenizer().apply_chat_template(messages, tokenize=True)
+            reply = _stream_reply(llm, ids, params, ctx)
+            if not reply.startswith(("error: ", "(interrupted)")):
+                drive(ctl.remember(session, line, reply), llm._run_jobs)
+    finally:
+        memory.close()
+    return 0
 
 
 def _loop(llm: Any, params: SamplingParams, system: str | None) -> int:
@@ -83,17 +137,7 @@ def _loop(llm: Any, params: SamplingParams, system: str | None) -> int:
     base = [{"role": "system", "content": system}] if system else []
     history = list(base)
     print(BANNER.format(name=llm.engine.loaded.path.name, ctx=ctx), flush=True)
-    while True:
-        try:
-            line = input(">>> ").strip()
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            return 0
-        if not line:
-            continue
+    while (line := _read_line()) is not None:
         if line in ("/exit", "/quit", "/bye"):
             return 0
         if line == "/reset":
@@ -109,6 +153,7 @@ def _loop(llm: Any, params: SamplingParams, system: str | None) -> int:
             continue
         reply = _stream_reply(llm, ids, params, ctx)
         history.append({"role": "assistant", "content": reply})
+    return 0
 
 
 class TerminalStream:

@@ -206,7 +206,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_chat(a: argparse.Namespace) -> int:
     from ember.chat import run_chat
 
-    return run_chat(a.model, _engine_kwargs(a, seqs=1), _sampling(a), a.system)
+    return run_chat(a.model, _engine_kwargs(a, seqs=1), _sampling(a), a.system, a.memory, a.memory_db)
 
 
 def _sampling(a: argparse.Namespace) -> Any:
@@ -710,6 +710,12 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(ch)
     _sampling_flags(ch)
     ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("--memory", default=None, metavar="NAME",
+                    help="keep the conversation as session NAME in long-term memory (SCM): every turn is stored, "
+                         "each message brings back the previous turn and the most relevant earlier ones within a "
+                         "token budget; the session survives restarts and grows without bound (/forget deletes it)")
+    ch.add_argument("--memory-db", default=None, metavar="PATH",
+                    help="the memory database (default $EMBER_HOME/memory.sqlite3)")
     ch.set_defaults(func=cmd_chat, temperature=0.7, max_tokens=512, parser=ch)
 
     _bench_parsers(sub)

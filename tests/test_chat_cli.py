@@ -73,3 +73,41 @@ def test_chat_two_turns_reset_exit_and_history(tiny_llama3: Path, tmp_path: Path
     assert _reply(child, "") == fresh
     child.sendline("/exit")
     child.expect(pexpect.EOF, timeout=60)
+
+
+def test_chat_with_memory_keeps_the_session_across_restarts(tiny_llama3: Path, tmp_path: Path) -> None:
+    """--memory NAME: turns are stored as they happen; a restarted chat finds them; /forget deletes them."""
+    home = tmp_path / "home"
+
+    def spawn() -> pexpect.spawn:
+        home.mkdir(exist_ok=True)
+        kernels = ember_home() / "kernels"
+        if kernels.is_dir() and not (home / "kernels").exists():
+            (home / "kernels").symlink_to(kernels)
+        return pexpect.spawn(sys.executable, ["-m", "ember.cli", "chat", str(tiny_llama3), "--memory", "trip",
+                                              "--kv-cache-memory", "0.01", "--max-model-len", "512",
+                                              "--max-tokens", "8", "--temperature", "0"],
+                             encoding="utf-8", timeout=120, env={**os.environ, "EMBER_HOME": str(home)})
+
+    child = spawn()
+    child.expect_exact("memory session 'trip' (0 turns stored in")
+    child.expect_exact(">>> ")
+    assert _reply(child, "My sister lives in Lisbon")
+    assert _reply(child, "What should I pack?")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF, timeout=60)
+
+    from ember.apps.memory_store import MemoryStore
+
+    with MemoryStore(home / "memory.sqlite3") as store:
+        assert [t.user for t in store.turns("trip")] == ["My sister lives in Lisbon", "What should I pack?"]
+    child = spawn()
+    child.expect_exact("memory session 'trip' (2 turns stored in")
+    child.expect_exact(">>> ")
+    assert "(session 'trip' forgotten)" in _reply(child, "/forget")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF, timeout=60)
+    child.close()
+    assert child.exitstatus == 0
+    with MemoryStore(home / "memory.sqlite3") as store:
+        assert store.turns("trip") == []
