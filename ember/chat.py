@@ -92,7 +92,7 @@ def _read_line() -> str | None:
 
 
 def _memory_loop(llm: Any, params: SamplingParams, system: str | None, session: str, path: str | None) -> int:
-    from ember.apps.memory import Memory
+    from ember.apps.memory import Memory, with_system
     from ember.apps.memory_store import check_session_id
     from ember.apps.plan import drive
 
@@ -117,11 +117,7 @@ def _memory_loop(llm: Any, params: SamplingParams, system: str | None, session: 
             except EmberError as e:
                 print(f"error: {e}", flush=True)
                 continue
-            messages = recall.messages
-            if system:  # the user's system prompt first, the memory after it, in one system message
-                head = messages[0]["content"] if messages[0]["role"] == "system" else ""
-                messages = [{"role": "system", "content": system + ("\n\n" + head if head else "")}, messages[-1]]
-            ids = llm.get_tokenizer().apply_chat_template(messages, tokenize=True)
+            ids = llm.get_tokenizer().apply_chat_template(with_system(recall.messages, system), tokenize=True)
             reply = _stream_reply(llm, ids, params, ctx)
             if not reply.startswith(("error: ", "(interrupted)")):
                 drive(ctl.remember(session, line, reply), llm._run_jobs)

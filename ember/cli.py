@@ -199,7 +199,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     limits = ServerLimits(max_request_bytes=a.max_request_bytes, max_request_tokens=a.max_request_tokens)
     serve(_engine_kwargs(a), a.model, a.host, a.port, a.api_key, a.served_model_name, limits, a.shutdown_grace,
-          a.pooling)
+          a.pooling, a.memory_db)
     return 0
 
 
@@ -702,6 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--pooling", choices=["last", "mean"], default="last",
                     help="how /v1/embeddings pools a text's hidden states unless the request sends pooling: the "
                          "last token's (default, as vLLM for decoder models) or the mean over its tokens")
+    sv.add_argument("--memory-db", default=None, metavar="PATH",
+                    help="the SQLite file of long-term memory sessions (chat completions with \"session\"; "
+                         "default $EMBER_HOME/memory.sqlite3)")
     sv.set_defaults(func=cmd_serve, parser=sv)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit)",

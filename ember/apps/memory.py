@@ -63,6 +63,14 @@ class Recall:
     decisions: dict[int, str] = field(default_factory=dict)  # turn -> "raw" | "summary" | "dropped: why"
 
 
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """A recalled chat with the caller's own system prompt first, the memory after it, in one system message."""
+    if not system:
+        return messages
+    head = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    return [{"role": "system", "content": system + ("\n\n" + head if head else "")}, messages[-1]]
+
+
 class MemoryController:
     """SCM's controller and memory writer for one store and one model's tokenizer."""
 

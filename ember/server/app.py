@@ -19,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ember.apps.memory import MemoryController, with_system
+from ember.apps.memory_store import MemoryStore, check_session_id
 from ember.apps.plan import Job, Plan, Usage, drive_async
 from ember.apps.rerank import Ranking, Reranker, RerankOptions, top_results
 from ember.engine.async_engine import AsyncEngine, RequestFailedError, RequestStream
@@ -81,9 +83,10 @@ class ServerLimits:
 
 
 def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: str | None = None,
-              limits: ServerLimits | None = None, pooling: str = "last") -> FastAPI:
+              limits: ServerLimits | None = None, pooling: str = "last", memory_db: str | None = None) -> FastAPI:
     """`pooling`: how /v1/embeddings (and the embedding method) pool a text's hidden states unless the
-    request says: "last" (the final token's, vLLM's default for decoder models) or "mean"."""
+    request says: "last" (the final token's, vLLM's default for decoder models) or "mean". `memory_db`: the
+    SQLite file of long-term memory sessions (default $EMBER_HOME/memory.sqlite3, opened on first use)."""
     limits = limits or ServerLimits()
     PoolingParams(pooling)  # checked before serving
     app = FastAPI(title="ember", description="OpenAI-compatible LLM server", responses=ERROR_RESPONSES)
@@ -93,6 +96,12 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     core = engine.engine
     tok, max_len = core.tokenizer, core.max_model_len
     rerankers: list[Reranker] = []  # built on first use: a model without a usable chat template still embeds
+    memories: list[MemoryController] = []  # opened on first use
+
+    def memory() -> MemoryController:
+        if not memories:
+            memories.append(MemoryController(MemoryStore(memory_db), tok, max_len))
+        return memories[0]
 
     def check_model(name: str | None) -> None:
         if name not in (None, served_name):
@@ -172,8 +181,10 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
         with _named_as_sent(sent_as):
             params = _params(req, req.max_completion_tokens or req.max_tokens,
                              (top or 0) if req.logprobs else None)
-        ids = await chat_ids(req.messages, req.add_generation_prompt)
         rid = P.new_id("chatcmpl")
+        if req.session is not None:
+            return await session_chat(req, raw, rid, params, sent_as)
+        ids = await chat_ids(req.messages, req.add_generation_prompt)
         log_user(rid, req)
         streams = await submit([(rid, {"prompt_token_ids": ids}, params)], sent_as)
         state = ChoiceState(tok, params.n, top_logprobs=top or 0)
@@ -181,6 +192,52 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
             return _sse(_chat_stream(rid, served_name, streams[0], state, req))
         out = (await _collect(streams, raw))[0]
         return chat_final(rid, served_name, out, state, bool(req.logprobs))
+
+    async def session_chat(req: P.ChatCompletionRequest, raw: Request, rid: str, params: SamplingParams,
+                           sent_as: dict[str, str]) -> Any:
+        """A turn of a memory session: recall, generate, then store the turn (after the reply, streamed or not)."""
+        *head, last = _messages(req.messages)
+        if last["role"] != "user" or any(m["role"] != "system" for m in head) or len(head) > 1:
+            raise APIError(400, "with session, send only the new user message (after at most one system "
+                           "message): memory supplies the earlier turns", "messages")
+        if params.n != 1:
+            raise APIError(400, "with session, n must be 1 (one reply is stored per turn)", "n")
+        ctl, session, message = memory(), req.session, last["content"]
+        core.check_text(message, "messages")
+        recall = await run_plan(ctl.recall(session, message, params.max_tokens or max_len // 4), f"{rid}-m", raw,
+                                Usage(), {})
+        messages = with_system(recall.messages, head[0]["content"] if head else None)
+        ids = await engine.run_blocking(tok.apply_chat_template, messages, True, True)
+        log_user(rid, req)
+        streams = await submit([(rid, {"prompt_token_ids": ids}, params)], sent_as)
+        state = ChoiceState(tok, 1, top_logprobs=req.top_logprobs or 0 if req.logprobs else 0)
+        info = {"session": session, "turns_used": recall.turns_used, "memory_tokens": recall.memory_tokens}
+
+        async def store(reply: str) -> None:
+            info["turn"] = await run_plan(ctl.remember(session, message, reply), f"{rid}-s", raw, Usage(), {})
+
+        if req.stream:
+            return _sse(_session_stream(rid, served_name, streams[0], state, req, store, info))
+        out = (await _collect(streams, raw))[0]
+        await store(out.outputs[0].text)
+        return {**chat_final(rid, served_name, out, state, bool(req.logprobs)), "memory": info}
+
+    @app.get("/v1/sessions/{session}")
+    async def get_session(session: str) -> dict[str, Any]:
+        check_session_id(session)
+        turns = await engine.run_blocking(memory().store.turns, session)
+        if not turns:
+            raise APIError(404, f"no memory session {session!r}", "session", "NotFoundError", "session_not_found")
+        return {"id": session, "object": "session",
+                "turns": [{"index": t.index, "user": t.user, "assistant": t.assistant, "summary": t.summary,
+                           "tokens": t.tokens} for t in turns]}
+
+    @app.delete("/v1/sessions/{session}")
+    async def delete_session(session: str) -> dict[str, Any]:
+        check_session_id(session)
+        if not await engine.run_blocking(memory().store.delete, session):
+            raise APIError(404, f"no memory session {session!r}", "session", "NotFoundError", "session_not_found")
+        return {"id": session, "object": "session", "deleted": True}
 
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(req: P.CompletionRequest, raw: Request) -> Any:
@@ -610,6 +667,33 @@ async def _chat_stream(rid: str, model: str, stream: RequestStream, state: Choic
                              usage=P.usage(len(out.prompt_token_ids), state.completion_tokens(out)))
     finally:  # no await here: a cancelled task (the client left) raises again at every await
         stream.abort()
+
+
+class _Tap:
+    """A RequestStream whose last output is kept (the reply a memory session stores once it has streamed)."""
+
+    def __init__(self, stream: RequestStream) -> None:
+        self.stream, self.last = stream, None
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        async for out in self.stream:
+            self.last = out
+            yield out
+
+    def abort(self) -> None:
+        self.stream.abort()
+
+
+async def _session_stream(rid: str, model: str, stream: RequestStream, state: ChoiceState,
+                          req: P.ChatCompletionRequest, store: Any, info: dict[str, Any]
+                          ) -> AsyncIterator[dict[str, Any]]:
+    """_chat_stream, then the turn stored and a last chunk carrying `memory`."""
+    tap = _Tap(stream)
+    async for event in _chat_stream(rid, model, tap, state, req):  # type: ignore[arg-type]
+        yield event
+    if tap.last is not None and tap.last.finished:
+        await store(tap.last.outputs[0].text)
+        yield {**P.envelope("chat.completion.chunk", rid, model, []), "memory": info}
 
 
 async def _completion_stream(rid: str, model: str, streams: list[RequestStream], states: list[ChoiceState],

@@ -205,6 +205,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool | None = True
+    session: Annotated[str, Field(min_length=1, max_length=256, description=(
+        "ember: a long-term memory session (SCM). Send only the new user message (and optionally a system "
+        "message): the server adds what memory recalls from the session's earlier turns and stores this turn; "
+        "the response carries memory.turns_used and memory.memory_tokens"))] | None = None
 
 
 class CompletionRequest(_Sampling):

@@ -20,9 +20,9 @@ log = logging.getLogger("ember")
 
 def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int, api_key: str | None,
           served_name: str | None = None, limits: ServerLimits | None = None, shutdown_grace: float = 60.0,
-          pooling: str = "last") -> None:
+          pooling: str = "last", memory_db: str | None = None) -> None:
     """Load the model, start the engine thread and run uvicorn until SIGINT/SIGTERM. `pooling`: the default
-    pooling of /v1/embeddings (last or mean)."""
+    pooling of /v1/embeddings (last or mean); `memory_db`: the memory sessions' SQLite file."""
     import uvicorn
 
     from ember.engine.engine import EngineArgs, LLMEngine
@@ -37,7 +37,7 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int
     except BaseException:
         sock.close()
         raise
-    app = build_app(engine, name, metrics, api_key, limits, pooling)
+    app = build_app(engine, name, metrics, api_key, limits, pooling, memory_db)
     log.info("serving %s on http://%s:%d/v1 (OpenAI-compatible)%s", name, host, port,
              " with an API key" if api_key else "")
     # uvicorn's own deadline only backs ours up: at shutdown_grace the requests still running end with an
