@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ember.apps.memory_store import MemoryStore, Turn, check_session_id, turn_text
+from ember.apps.memory_store import MemoryStore, Turn, check_session_id, exchange_text, turn_text
 from ember.apps.plan import Job, Plan, drive
 from ember.apps.rerank import choice_probability
 from ember.engine.pooling_params import PoolingParams
@@ -101,7 +101,7 @@ class MemoryController:
                                         f"{self.max_model_len} tokens", "messages")
         previous = turns[-1]
         flash_raw = previous.tokens < opts.flash_raw_max
-        flash = previous.text if flash_raw else previous.summary
+        flash = previous.text if flash_raw else quoted(previous.index, previous.summary)
         flash_tokens = previous.tokens if flash_raw else previous.summary_tokens
         chosen: dict[int, str] = {}
         decisions: dict[int, str] = {}
@@ -117,7 +117,8 @@ class MemoryController:
                 chosen[turn.index], sims[turn.index] = "raw", sim
         if flash_tokens > budget:  # even the previous turn alone does not fit: its summary, cut
             flash_raw = False
-            flash, flash_tokens = self._cut(previous.summary, budget), min(previous.summary_tokens, budget)
+            flash = self._cut(quoted(previous.index, previous.summary), budget)
+            flash_tokens = self.count(flash)
         room = budget - flash_tokens
 
         def size() -> int:
@@ -138,7 +139,7 @@ class MemoryController:
             decisions[i] = "dropped: over the memory budget"
         decisions.update(chosen)
         decisions[previous.index] = "raw" if flash_raw else "summary"
-        related = "\n\n".join(by_index[i].text if chosen[i] == "raw" else f"[Turn {i}] {by_index[i].summary}"
+        related = "\n\n".join(by_index[i].text if chosen[i] == "raw" else quoted(i, by_index[i].summary)
                               for i in sorted(chosen))
         system = MEMORY_SYSTEM.format(related=related or "(none)", previous=flash)
         return Recall([{"role": "system", "content": system}, *user], sorted(chosen) + [previous.index],
@@ -180,24 +181,28 @@ class MemoryController:
     def remember(self, session: str, user: str, assistant: str) -> Plan[int]:
         """The plan that summarises (when long), embeds and stores one exchange; returns its turn index."""
         check_session_id(session)
-        index = len(self.store.turns(session))
-        text = turn_text(index, user, assistant)
-        tokens = self.count(text)
-        summary = text
+        index = len(self.store.turns(session))  # for counting the label's tokens; the store assigns the index
+        exchange = exchange_text(user, assistant)
+        tokens = self.count(turn_text(index, user, assistant))
+        summary = exchange
         if tokens > self.options.summarize_over:
-            prompt = self.tok.apply_chat_template(
-                [{"role": "user", "content": SUMMARY_PROMPT.format(text=self._cut(text, self.max_model_len // 2))}],
-                tokenize=True)
+            prompt = self.tok.apply_chat_template([{"role": "user", "content": SUMMARY_PROMPT.format(
+                text=self._cut(exchange, self.max_model_len // 2))}], tokenize=True)
             (out,) = yield [Job(prompt, SamplingParams(temperature=0.0,  # type: ignore[arg-type]
                                                        max_tokens=self.options.summary_max_tokens))]
             summary = out.outputs[0].text.strip()
             if not summary or self.count(summary) >= tokens:
-                summary = extractive_summary(text, self, self.options.summary_max_tokens)
+                summary = extractive_summary(exchange, self, self.options.summary_max_tokens)
             summary = self._cut(summary, self.options.summary_max_tokens)
-        ids = self.tok.encode(text)[: self.max_model_len - 1]
+        ids = self.tok.encode(exchange)[: self.max_model_len - 1]
         (vec,) = yield [Job(ids, PoolingParams(pooling=self.options.pooling, normalize=True))]
-        return self.store.add_turn(session, user, assistant, summary, tokens, self.count(summary),
+        return self.store.add_turn(session, user, assistant, summary, tokens, self.count(quoted(index, summary)),
                                    vec.pooled.data.numpy())  # type: ignore[union-attr]
+
+
+def quoted(index: int, summary: str) -> str:
+    """A turn's summary as the prompt quotes it."""
+    return f"[Turn {index}] {summary}"
 
 
 def extractive_summary(text: str, counter: MemoryController, max_tokens: int) -> str:

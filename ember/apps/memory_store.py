@@ -47,9 +47,9 @@ class Turn:
     index: int
     user: str
     assistant: str
-    summary: str  # the model's summary of a long turn, else the text itself
+    summary: str  # the model's summary of a long turn, else the exchange itself
     tokens: int  # of `text`
-    summary_tokens: int
+    summary_tokens: int  # of the summary as quoted: "[Turn i] summary"
     embedding: np.ndarray  # float32 [dim], unit length
 
     @property
@@ -58,8 +58,13 @@ class Turn:
 
 
 def turn_text(index: int, user: str, assistant: str) -> str:
-    """An exchange as SCM indexes and quotes it."""
-    return f"[Turn {index}]\n\nUser: {user}\n\nAssistant: {assistant}"
+    """An exchange as SCM quotes it in a prompt."""
+    return f"[Turn {index}]\n\n{exchange_text(user, assistant)}"
+
+
+def exchange_text(user: str, assistant: str) -> str:
+    """An exchange without its turn label: what is embedded, and a short turn's summary."""
+    return f"User: {user}\n\nAssistant: {assistant}"
 
 
 def check_session_id(session: object) -> str:

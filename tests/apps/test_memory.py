@@ -73,9 +73,9 @@ def test_memory_chat_stores_turns_summarises_long_ones_and_survives_reopening(ll
     assert turns[0].tokens > 40  # the long one
     for t in turns:  # a turn over summarize_over gets a summary of at most summary_max_tokens, else its text
         if t.tokens > 40:
-            assert t.summary_tokens < t.tokens and t.summary_tokens <= 16
+            assert t.summary_tokens < t.tokens and mem.controller.count(t.summary) <= 16
         else:
-            assert t.summary == t.text
+            assert t.summary == f"User: {t.user}\n\nAssistant: {t.assistant}"
     assert mem.chat("bob", "hello", REPLY).index == 0  # another session starts apart
     mem.close()
     again = Memory(llm, db)
@@ -94,7 +94,8 @@ def test_extractive_summary_and_bad_input(llm: LLM, tmp_path: Path) -> None:
     assert summary.startswith("First sentence here.") and ctl.count(summary) <= 12
     index = drive(ctl.remember("s", "hi", "hello there"), llm._run_jobs)  # short: its own summary, no generation
     (turn,) = ctl.store.turns("s")
-    assert index == 0 and turn.summary == turn.text and turn.summary_tokens == turn.tokens
+    assert index == 0 and turn.summary == "User: hi\n\nAssistant: hello there"
+    assert ctl.count(f"[Turn 0] {turn.summary}") == turn.summary_tokens
     with pytest.raises(InvalidParameterError, match="message"):
         drive(ctl.recall("s", "  "), llm._run_jobs)
     with pytest.raises(InvalidParameterError, match="session"):
