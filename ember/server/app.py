@@ -636,11 +636,21 @@ async def _last(stream: RequestStream) -> RequestOutput:
     return out
 
 
+# Characters Python's str.splitlines (and so httpx's iter_lines) breaks lines at, beyond \r and \n, that JSON
+# leaves raw outside ASCII: escaped, an event stays one line for every SSE reader (a generated token can hold one).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_data(event: dict[str, Any]) -> str:
+    """One server-sent event: the JSON on a single line, non-ASCII text kept as UTF-8."""
+    return f"data: {json.dumps(event, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
+
+
 def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                yield sse_data(event)
         except EmberError as e:
             yield f"data: {json.dumps(P.error_body(str(e), param=getattr(e, 'param', None)))}\n\n"
         except RequestFailedError as e:
