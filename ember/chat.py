@@ -102,7 +102,7 @@ def _memory_loop(llm: Any, params: SamplingParams, system: str | None, session: 
     memory = Memory(llm, path)
     ctl = memory.controller
     print(BANNER.format(name=llm.engine.loaded.path.name, ctx=ctx).replace(
-        "/reset clears the history", f"memory session {session!r} ({len(memory.turns(session))} turns "
+        "/reset clears the history", f"memory session {session!r} ({memory.store.next_index(session)} turns "
         f"stored in {memory.store.path}); /forget deletes it"), flush=True)
     try:
         while (line := _read_line()) is not None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ember.apps.memory_store import MemoryStore, Turn, check_session_id, exchange_text, turn_text
 from ember.apps.plan import Job, Plan, drive
-from ember.apps.rerank import choice_probability
+from ember.apps.rerank import choice_params, choice_probability
 from ember.engine.pooling_params import PoolingParams
 from ember.engine.sampling_params import SamplingParams
 from ember.errors import InvalidParameterError
@@ -30,7 +30,6 @@ JUDGE_PROMPT = ("Here is part of an earlier conversation:\n\n{history}\n\nIs thi
                 "answer the new message below? Answer 'Yes' or 'No'.\n\nNew message: {message}")
 SUMMARY_PROMPT = "Summarize this conversation turn in one or two sentences, keeping names and facts:\n\n{text}"
 MEMORY_SYSTEM = "Related conversation history:\n{related}\n\nPrevious conversation:\n{previous}"
-CHOICE_LOGPROBS = 20
 
 
 @dataclass
@@ -91,26 +90,27 @@ class MemoryController:
         if not isinstance(message, str) or not message.strip():
             raise InvalidParameterError("the new message must be non-empty text", "messages")
         opts = self.options
-        turns = self.store.turns(session)
+        previous = self.store.last_turn(session)  # the rest is read as search finds it
         user = [{"role": "user", "content": message}]
-        if not turns:
+        if previous is None:
             return Recall(user)
         budget = min(opts.budget, self.max_model_len - reply_tokens - self.count(message) - 64)
         if budget <= 0:
             raise InvalidParameterError(f"the message leaves no room for memory in a context of "
                                         f"{self.max_model_len} tokens", "messages")
-        previous = turns[-1]
         flash_raw = previous.tokens < opts.flash_raw_max
         flash = previous.text if flash_raw else quoted(previous.index, previous.summary)
         flash_tokens = previous.tokens if flash_raw else previous.summary_tokens
         chosen: dict[int, str] = {}
         decisions: dict[int, str] = {}
         sims: dict[int, float] = {}
-        by_index = {t.index: t for t in turns}
-        if opts.top_k and len(turns) > 1:
-            (vec,) = yield [Job(self.tok.encode(message)[: self.max_model_len - 1], PoolingParams(pooling=opts.pooling, normalize=True))]
+        by_index = {previous.index: previous}
+        if opts.top_k and previous.index > 0:  # earlier turns to retrieve
+            (vec,) = yield [Job(self.tok.encode(message)[: self.max_model_len - 1],
+                                PoolingParams(pooling=opts.pooling, normalize=True))]
             query = vec.pooled.data.numpy()  # type: ignore[union-attr]
             for turn, sim in self.store.search(session, query, opts.top_k, before=previous.index):
+                by_index[turn.index] = turn
                 if sim < opts.min_similarity:
                     decisions[turn.index] = f"dropped: similarity {sim:.2f} below {opts.min_similarity}"
                     continue
@@ -162,8 +162,7 @@ class MemoryController:
 
     def _choice_job(self, prompt: str) -> Job:
         ids = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
-        return Job(ids[-(self.max_model_len - 1):], SamplingParams(temperature=0.0, max_tokens=1,  # type: ignore[index]
-                                                                   logprobs=CHOICE_LOGPROBS))
+        return Job(ids[-(self.max_model_len - 1):], choice_params())  # type: ignore[index]
 
     def _cut(self, text: str, tokens: int) -> str:
         """text cut to at most `tokens` tokens (re-encoding a cut can merge pieces differently: cut until it fits)."""
@@ -181,7 +180,7 @@ class MemoryController:
     def remember(self, session: str, user: str, assistant: str) -> Plan[int]:
         """The plan that summarises (when long), embeds and stores one exchange; returns its turn index."""
         check_session_id(session)
-        index = len(self.store.turns(session))  # for counting the label's tokens; the store assigns the index
+        index = self.store.next_index(session)  # for counting the label's tokens; the store assigns the index
         exchange = exchange_text(user, assistant)
         tokens = self.count(turn_text(index, user, assistant))
         summary = exchange

@@ -13,6 +13,7 @@ import numpy as np
 from ember.errors import InvalidParameterError
 
 SESSION_ID_MAX = 256
+_NEXT_INDEX = "SELECT COALESCE(MAX(idx) + 1, 0) FROM turns WHERE session = ?"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
   id TEXT PRIMARY KEY,
@@ -111,8 +112,7 @@ class MemoryStore:
                 if row is not None and len(row[0]) != vec.nbytes:
                     raise InvalidParameterError(f"session {session!r} holds embeddings of {len(row[0]) // 4} "
                                                 f"dimensions, not {vec.size}", "embedding")
-                (idx,) = self._db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM turns WHERE session = ?",
-                                          (session,)).fetchone()
+                (idx,) = self._db.execute(_NEXT_INDEX, (session,)).fetchone()
                 self._db.execute("INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                  (session, idx, user, assistant, summary, tokens, summary_tokens, vec.tobytes(),
                                   time.time()))
@@ -126,6 +126,19 @@ class MemoryStore:
         """The session's turns in the order stored ([] for an unknown session)."""
         check_session_id(session)
         return self._turns(session)
+
+    def last_turn(self, session: str) -> Turn | None:
+        """The session's newest turn (None for an unknown session)."""
+        check_session_id(session)
+        with self._lock:
+            row = self._db.execute("SELECT MAX(idx) FROM turns WHERE session = ?", (session,)).fetchone()
+        return None if row[0] is None else self._turns(session, [row[0]])[0]
+
+    def next_index(self, session: str) -> int:
+        """The index the session's next turn will get."""
+        check_session_id(session)
+        with self._lock:
+            return int(self._db.execute(_NEXT_INDEX, (session,)).fetchone()[0])
 
     def _turns(self, session: str, indices: list[int] | None = None) -> list[Turn]:
         where = "" if indices is None else f" AND idx IN ({', '.join('?' * len(indices))})"

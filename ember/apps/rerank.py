@@ -265,8 +265,8 @@ class Reranker:
 
         def compare(pairs: list[tuple[int, int]]) -> Plan[list[float]]:
             """P(first beats second) per pair, averaged over both orders (cancels the position bias)."""
-            jobs = [Job(self.pairwise_prompt(query, docs[i], docs[j]), _choice_params())
-                    for i, j in pairs] + [Job(self.pairwise_prompt(query, docs[j], docs[i]), _choice_params())
+            jobs = [Job(self.pairwise_prompt(query, docs[i], docs[j]), choice_params())
+                    for i, j in pairs] + [Job(self.pairwise_prompt(query, docs[j], docs[i]), choice_params())
                                           for i, j in pairs]
             outs = yield jobs
             n = len(pairs)
@@ -295,7 +295,7 @@ class Reranker:
         yes, no = self._first_token("Yes"), self._first_token("No")
         prompts = [self.pointwise_prompt(query, d) for d in docs]
         self._check_fits(max(prompts, key=len), 1)
-        outs = yield [Job(p, _choice_params()) for p in prompts]
+        outs = yield [Job(p, choice_params()) for p in prompts]
         return ranking_from_scores([choice_probability(o, yes, no) for o in outs])
 
     # -- embedding --------------------------------------------------------------------------
@@ -419,7 +419,8 @@ def choice_probability(out: RequestOutput, first: int, second: int) -> float:
     return float(torch.sigmoid(torch.tensor(a - b)))
 
 
-def _choice_params() -> SamplingParams:
+def choice_params() -> SamplingParams:
+    """One greedy token with the top logprobs a yes/no or A/B answer is read from (choice_probability)."""
     return SamplingParams(temperature=0.0, max_tokens=1, logprobs=CHOICE_LOGPROBS)
 
 

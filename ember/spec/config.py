@@ -38,7 +38,7 @@ class SpeculativeConfig:
     max_score: float = 0.95  # tuning stops when the skip set predicts this share of them
     max_optimization_steps: int = 1000  # ... or after this many tried sets
     # Tuning tries (each a teacher-forced forward over context_window tokens: on a CPU about a prompt chunk's
-    # cost) run only while they have taken at most this share of the time since generation began: what SWIFT
+    # cost) run only while they have taken at most this share of the time spent in steps and tries: what SWIFT
     # may cost where its drafts never pay (a quarter made open-ended chat 0.70x on SmolLM2-135M).
     max_tuning_share: float = 0.05
     draft_confidence: float = 0.8  # drafting stops when the top-1 probability falls below this

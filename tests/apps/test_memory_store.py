@@ -34,6 +34,10 @@ def test_turns_persist_in_order_and_sessions_are_apart(tmp_path: Path) -> None:
         assert turns[1].text == "[Turn 1]\n\nUser: question 1\n\nAssistant: answer 1"
         assert [t.user for t in store.turns("b")] == ["question 7"]
         assert store.turns("nobody") == [] and store.sessions() == ["a", "b"]
+        last = store.last_turn("a")
+        assert last is not None and (last.index, last.user) == (2, "question 2") and store.last_turn("nobody") is None
+        assert np.array_equal(last.embedding, turns[2].embedding)
+        assert store.next_index("a") == 3 and store.next_index("nobody") == 0
         assert np.isclose(np.linalg.norm(turns[0].embedding), 1.0)
 
 
