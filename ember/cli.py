@@ -76,6 +76,16 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         'model with the same tokenizer; "quantization": "int4" quantizes it) or \'{"method": '
                         '"swift"}\' (the model drafts for itself, skipping layers); outputs are unchanged '
                         '(default: off)')
+    g.add_argument("--long-context", choices=["streaming", "lm-infinite"], default=None,
+                   help="read and generate past the trained context: streaming (StreamingLLM: attention sinks + "
+                        "a recent window, older tokens evicted) or lm-infinite (LM-Infinite: global tokens + a "
+                        "window, distance capped); KV memory and decode speed stay constant (default: off)")
+    g.add_argument("--attention-window", type=_positive_int, default=None, metavar="W",
+                   help="with --long-context: recent tokens each token attends to (default: the trained context, "
+                        "less the sinks for streaming)")
+    g.add_argument("--attention-sinks", type=int, default=None, metavar="N",
+                   help="with --long-context: first tokens every token attends to (default: 4 for streaming, "
+                        "10 for lm-infinite; 0: a plain sliding window)")
 
 
 def _speculative_config(text: str) -> Any:
@@ -142,7 +152,8 @@ def _engine_kwargs(a: argparse.Namespace, seqs: int | None = None, tokens: int |
     --kv-cache-memory, the KV cache then holds just that (max_model_len rounded up to whole blocks)."""
     keys = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
             "enable_prefix_caching", "scheduler", "itl_target", "quantization", "kv_cache_dtype",
-            "long_prefill_token_threshold", "speculative_config")
+            "long_prefill_token_threshold", "speculative_config", "long_context", "attention_window",
+            "attention_sinks")
     kwargs = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     if seqs is not None:
         kwargs.setdefault("max_num_seqs", seqs)
@@ -413,7 +424,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     loaded = load_model(a.model, a.dtype, progress=not a.json)
     result = {"model": str(loaded.path), "text": a.text, "dtype": a.dtype,
               **perplexity(loaded, text, a.ctx, a.windows, a.stride, a.kv_cache_dtype, a.block_size,
-                           progress=not a.json)}
+                           progress=not a.json, long_context=a.long_context, attention_window=a.attention_window,
+                           attention_sinks=a.attention_sinks)}
     if a.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -424,8 +436,41 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if result["kv_cache_dtype"] != "auto":
         print(f"KV cache    {result['kv_cache_dtype']}: each window run in blocks of {result['kv_block_size']} "
               "tokens through the paged cache, so every token reads earlier blocks as stored")
+    if a.long_context:
+        print(f"long input  --long-context {a.long_context}: each window through the engine in chunks, peak KV "
+              f"cache {result['kv_peak_bytes'] / 2**20:.1f} MiB")
     print(f"perplexity  {result['ppl']:.4f}  (mean NLL {result['nll']:.4f} nats, {result['seconds']:.1f} s)")
     return 0
+
+
+def cmd_passkey(a: argparse.Namespace) -> int:
+    import json
+
+    from ember.bench.passkey import run_passkey, table
+    from ember.engine.engine import LLMEngine
+
+    lengths, depths = _numbers(a, a.lengths, int), _numbers(a, a.depths, float)
+    kwargs = _engine_kwargs(a, seqs=len(depths) * a.trials, tokens=max(lengths) + 64)
+    engine = LLMEngine(model=a.model, **kwargs)
+    result = run_passkey(engine, lengths, depths, a.trials, a.seed)
+    result.update(long_context=a.long_context, attention_window=engine.long.window if engine.long else None,
+                  attention_sinks=engine.long.sinks if engine.long else None)
+    if a.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    mode = (f"--long-context {a.long_context}, window {result['attention_window']}, {result['attention_sinks']} "
+            "sinks" if a.long_context else "plain attention")
+    print(f"passkey retrieval, {mode}: accuracy over {a.trials} keys per cell ({result['seconds']:.0f} s)")
+    print(table(result))
+    return 0
+
+
+def _numbers(a: argparse.Namespace, text: str, kind: type) -> list[Any]:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        a.parser.error(f"expected comma-separated numbers, got {text!r}")
+        raise
 
 
 def _eval_parsers(sub: Any) -> None:
@@ -448,9 +493,31 @@ def _eval_parsers(sub: Any) -> None:
                           "through that cache, one block of tokens per step, as generation reads it")
     ppl.add_argument("--block-size", type=int, default=16,
                      help="KV block size with a quantized cache: KIVI's key group and most float tokens (default 16)")
+    ppl.add_argument("--long-context", choices=["streaming", "lm-infinite"], default=None,
+                     help="run each window through the engine under this mode (then --ctx may exceed the trained "
+                          "context)")
+    ppl.add_argument("--attention-window", type=_positive_int, default=None, metavar="W",
+                     help="with --long-context: recent tokens each token sees (default: the trained context)")
+    ppl.add_argument("--attention-sinks", type=int, default=None, metavar="N",
+                     help="with --long-context: first tokens every token sees (default 4 streaming, 10 lm-infinite; "
+                          "LM-Infinite's perplexity runs use 100; 0 = a plain sliding window)")
     ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=cmd_eval, parser=ppl)
+
+    pk = kinds.add_parser("passkey", help="passkey retrieval: a number hidden at depths of a long filler text",
+                          description="A 5-digit pass key hidden at each --depths fraction of a filler text of each "
+                                      "of --lengths tokens, asked for at the end (LM-Infinite's evaluation); "
+                                      "accuracy = the key in the greedy reply. With --long-context, lengths may "
+                                      "exceed the trained context.")
+    _model_args(pk)
+    _engine_flags(pk)
+    pk.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens (default 1024,2048,4096)")
+    pk.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (default 0,0.25,0.5,0.75,1)")
+    pk.add_argument("--trials", type=_positive_int, default=4, help="keys per (length, depth) (default 4)")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--json", action="store_true", help="print one JSON object")
+    pk.set_defaults(func=cmd_passkey, parser=pk)
 
     rr = kinds.add_parser("rerank", help="re-ranking methods on a retrieval set, after a BM25 first stage",
                           description="Retrieve each query's top-k documents with BM25 (bm25s) from the corpus of "

@@ -41,7 +41,8 @@ def context_limit(loaded: LoadedModel) -> int:
 
 def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | None = None,
                stride: int | None = None, kv_cache_dtype: str = "auto", block_size: int = 16,
-               progress: bool = False) -> dict[str, Any]:
+               progress: bool = False, long_context: str | None = None, attention_window: int | None = None,
+               attention_sinks: int | None = None) -> dict[str, Any]:
     """exp(mean NLL) of the text's tokens under the model.
 
     Protocol: the whole text is tokenized once as the tokenizer encodes a prompt (a BOS token only if
@@ -56,6 +57,10 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
     or KIVI) one block of `block_size` tokens per step: every token then sees earlier tokens as the cache
     stores them (KIVI: its own block in float), exactly as a generated token does.
 
+    With `long_context` ("streaming" or "lm-infinite", ember.ops.long_context) each window runs through the
+    engine under that mode, in chunks of LONG_CHUNK tokens, so `ctx` may exceed the trained context; the
+    peak KV cache bytes the window held are reported with it.
+
     progress: a bar over the windows' tokens on stderr (where it is a terminal).
     """
     if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -68,16 +73,25 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
     if bos:
         ids = [loaded.tokenizer.bos_token_id] + ids
     stride = ctx if stride is None else stride
-    available = _window_starts(len(ids), ctx, windows, stride, context_limit(loaded))
+    limit = context_limit(loaded) if long_context is None else math.inf
+    available = _window_starts(len(ids), ctx, windows, stride, limit)
     starts = available[:windows] if windows is not None else available
     tokens = torch.tensor(ids, dtype=torch.long)
     start_time = time.perf_counter()
     windows_ = [tokens[s:s + ctx] for s in starts]
     firsts = [1 if n == 0 else max(1, ctx - stride) for n in range(len(starts))]
     nlls: list[torch.Tensor] = []
+    kv_peak = 0
     with tqdm(total=len(starts) * ctx, desc=f"perplexity, {len(starts)} windows", unit="tok", leave=False,
               file=sys.stderr, disable=None if progress else True) as bar:
-        if kv_cache_dtype == "auto":
+        if long_context is not None:
+            long = dict(long_context=long_context, attention_window=attention_window, attention_sinks=attention_sinks)
+            for window, first in zip(windows_, firsts):
+                nll, peak = _window_nll_long(loaded, window, first, kv_cache_dtype, block_size, long)
+                nlls.append(nll)
+                kv_peak = max(kv_peak, peak)
+                bar.update(ctx)
+        elif kv_cache_dtype == "auto":
             for window, first in zip(windows_, firsts):
                 nlls.append(_window_nll(loaded, window, first))
                 bar.update(ctx)
@@ -90,8 +104,8 @@ def perplexity(loaded: LoadedModel, text: str, ctx: int = 512, windows: int | No
     mean = nll / scored
     return {"ppl": math.exp(mean), "nll": mean, "tokens": scored, "ctx": ctx, "windows": len(starts),
             "stride": stride, "windows_available": len(available), "text_tokens": len(ids), "bos": bos,
-            "kv_cache_dtype": kv_cache_dtype, "kv_block_size": block_size,
-            "seconds": time.perf_counter() - start_time}
+            "kv_cache_dtype": kv_cache_dtype, "kv_block_size": block_size, "long_context": long_context,
+            "kv_peak_bytes": kv_peak or None, "seconds": time.perf_counter() - start_time}
 
 
 def _window_starts(n_tokens: int, ctx: int, windows: int | None, stride: int, limit: int) -> list[int]:
@@ -124,6 +138,30 @@ def _window_nll(loaded: LoadedModel, ids: torch.Tensor, first: int) -> torch.Ten
             logp = torch.log_softmax(model.compute_logits(hidden[a:b]), dim=-1)
             out.append(-logp.gather(1, ids[a + 1:b + 1, None])[:, 0].double())
     return torch.cat(out)
+
+
+LONG_CHUNK = 512  # prompt tokens per step under a long-context mode
+
+
+def _window_nll_long(loaded: LoadedModel, ids: torch.Tensor, first: int, kv_cache_dtype: str, block_size: int,
+                     long: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """NLL of ids[first:] run through the engine under a long-context mode, LONG_CHUNK tokens a step; and the
+    most KV cache bytes the window held at once."""
+    n = ids.shape[0]
+    engine = LLMEngine(EngineArgs(kv_cache_dtype=kv_cache_dtype, block_size=block_size, max_num_seqs=1,
+                                  max_num_batched_tokens=LONG_CHUNK, enable_prefix_caching=False,
+                                  max_model_len=n + 1, **long), loaded=loaded)
+    engine.add_request("0", {"prompt_token_ids": ids.tolist()}, SamplingParams(max_tokens=1, prompt_logprobs=0))
+    done = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done = out if out.finished else done
+    peak = engine.blocks.peak_used
+    assert done is not None and done.prompt_logprobs is not None
+    lps = done.prompt_logprobs
+    kv = KVSpec(loaded.config, kv_cache_dtype, loaded.model.embed_tokens.weight.dtype, block_size)
+    nll = torch.tensor([-lps[j][int(ids[j])].logprob for j in range(first, n)], dtype=torch.float64)
+    return nll, int(peak * block_size * kv.bytes_per_token())
 
 
 def _window_nll_cached(loaded: LoadedModel, ids: torch.Tensor, first: int, kv_cache_dtype: str,

@@ -24,10 +24,12 @@ from ember.models.loader import LoadedModel, available_memory, load_model, parse
 from ember.models.quantize import apply as apply_quantization
 from ember.ops.backends import KVSpec
 from ember.ops.formats import KV_CACHE_DTYPES, QUANT_METHODS
+from ember.ops.long_context import DEFAULT_SINKS, MODES as LONG_MODES, LongContext
 from ember.spec import SpeculativeConfig, Speculator, build_speculator, parse_speculative_config
 
 log = logging.getLogger("ember")
 GiB = 1 << 30
+LONG_CONTEXT_DEFAULT_LEN = 1 << 20  # max_model_len under a long-context mode when none is given
 Prompt = str | list[int] | dict[str, Any]
 T = TypeVar("T")
 
@@ -62,6 +64,12 @@ class EngineArgs:
     long_prefill_token_threshold: int = 0  # most prompt tokens one sequence takes per step (0: no cap), as vLLM
     # Speculative decoding (ember.spec): a SpeculativeConfig, its dict or JSON text, as vLLM's; None: off.
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
+    # Inputs past the trained context (ember.ops.long_context): "streaming" (StreamingLLM) or "lm-infinite";
+    # attention_window: recent keys each query sees (default: the trained context, less the sinks for
+    # streaming); attention_sinks: first tokens every query sees (default 4 streaming, 10 lm-infinite).
+    long_context: str | None = None
+    attention_window: int | None = None
+    attention_sinks: int | None = None
 
     def validate(self) -> None:
         self.speculative_config = parse_speculative_config(self.speculative_config)
@@ -80,10 +88,37 @@ class EngineArgs:
             (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0 GiB"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2"),
             (self.long_prefill_token_threshold >= 0, "long_prefill_token_threshold", "must be >= 0"),
+            (self.long_context in (None, *LONG_MODES), "long_context", f"must be one of {', '.join(LONG_MODES)}"),
+            (self.attention_window is None or self.attention_window >= 1, "attention_window", "must be >= 1"),
+            (self.attention_sinks is None or self.attention_sinks >= 0, "attention_sinks",
+             "must be >= 0 (0: a sliding window without sinks)"),
         ]
         for ok, name, why in checks:
             if not ok:
                 raise InvalidParameterError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
+        self._check_long_context()
+
+    def _check_long_context(self) -> None:
+        """The combinations a long-context mode refuses, and window options without one."""
+        if self.long_context is None:
+            for name in ("attention_window", "attention_sinks"):
+                if getattr(self, name) is not None:
+                    raise InvalidParameterError(f"{name} needs a long-context mode (--long-context streaming or "
+                                                "lm-infinite)", param=name)
+            return
+        refusals = [
+            (KV_CACHE_DTYPES.get(self.kv_cache_dtype) is not None, "kv_cache_dtype",
+             "a quantized (KIVI) KV cache: its keys are quantized per channel over a block, and the sink keys "
+             "are re-rotated every step; use a float KV cache (--kv-cache-dtype auto or float16)"),
+            (self.speculative_config is not None, "speculative_config",
+             "speculative decoding: candidate rows would each need their own sink rotation"),
+            (self.scheduler != "splitfuse", "scheduler",
+             "the prefill-first scheduler: it prefills whole prompts, which may be longer than the KV cache"),
+        ]
+        for bad, name, why in refusals:
+            if bad:
+                raise InvalidParameterError(f"--long-context {self.long_context} does not work with {why}",
+                                            param=name)
 
 
 def load_for(args: EngineArgs) -> LoadedModel:
@@ -127,20 +162,35 @@ class LLMEngine:
         model = apply_quantization(self.loaded.model, args.quantization)
         kv = KVSpec(self.config, args.kv_cache_dtype, self.dtype, args.block_size)
         per_token = kv.bytes_per_token()
+        self.long = self._long_context(model)
         context = min(args.max_model_len or self.config.max_position_embeddings, model.max_positions)
-        if self.config.sliding_window and context > self.config.sliding_window:
+        # What one sequence may hold at once: its whole context, or a long-context mode's sinks, their
+        # private copies and a window plus a step's chunk.
+        seq_tokens = context
+        if self.long is not None:
+            context = args.max_model_len or LONG_CONTEXT_DEFAULT_LEN
+            k = self.long.sink_blocks(args.block_size)
+            seq_tokens = (2 * k + 2 + -(-(self.long.window + args.max_num_batched_tokens) // args.block_size)
+                          ) * args.block_size
+        elif self.config.sliding_window and context > self.config.sliding_window:
             # Full attention equals sliding-window attention only up to the window.
             log.info("capping the context at the model's sliding window of %d tokens", self.config.sliding_window)
             context = self.config.sliding_window
-        if args.max_model_len and args.max_model_len > model.max_positions:
+        if args.max_model_len and args.max_model_len > model.max_positions and self.long is None:
             raise InvalidParameterError(f"max_model_len {args.max_model_len} exceeds the model's "
-                                        f"{model.max_positions} positions", param="max_model_len")
+                                        f"{model.max_positions} positions; a long-context mode (--long-context "
+                                        "streaming or lm-infinite) reads past them", param="max_model_len")
         # A quantized cache keeps blocks still filling in float, out of the same memory (added to a default size).
         residual = kv.reserved_bytes(args.max_num_seqs)
         memory = (args.kv_cache_memory * GiB if args.kv_cache_memory else
-                  default_kv_memory(per_token * context, args.max_num_seqs) + residual) - residual
+                  default_kv_memory(per_token * seq_tokens, args.max_num_seqs) + residual) - residual
         num_blocks = max(0, int(memory // (per_token * args.block_size)))
-        if num_blocks * args.block_size < context:
+        if self.long is not None and num_blocks * args.block_size < seq_tokens:
+            raise InvalidParameterError(
+                f"kv_cache_memory {memory / GiB:.3g} GiB holds {num_blocks * args.block_size} tokens, fewer than "
+                f"one sequence needs under --long-context ({seq_tokens}: sinks, window and a step's chunk); raise "
+                "--kv-cache-memory or lower --attention-window", param="kv_cache_memory")
+        if num_blocks * args.block_size < context and self.long is None:
             if args.max_model_len:
                 raise InvalidParameterError(
                     f"kv_cache_memory {memory / GiB:.3g} GiB holds {num_blocks * args.block_size} tokens, "
@@ -156,6 +206,9 @@ class LLMEngine:
                                                    args.itl_target, args.long_prefill_token_threshold),
                                    self.blocks)
         self.runner = ModelRunner(model, backend)
+        if self.long is not None:
+            self.blocks.set_window(self.long.window, self.long.sink_blocks(args.block_size))
+            self.runner.set_long_context(self.long)
         self.sampler = Sampler()
         self.speculator: Speculator | None = build_speculator(args.speculative_config, self)
         self.requests: dict[str, Request] = {}
@@ -170,6 +223,24 @@ class LLMEngine:
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
                  num_blocks, args.block_size, num_blocks * args.block_size,
                  num_blocks * args.block_size * per_token / 2**20, kv.name, self.max_model_len)
+
+    def _long_context(self, model: Any) -> LongContext | None:
+        """The long-context mode the args ask for, checked against the model, or None."""
+        args, cfg = self.args, self.config
+        if args.long_context is None:
+            return None
+        if cfg.sliding_window:
+            raise InvalidParameterError(f"--long-context does not work with a sliding-window model (this one "
+                                        f"attends {cfg.sliding_window} tokens)", param="long_context")
+        trained = min(cfg.max_position_embeddings, model.max_positions)
+        sinks = DEFAULT_SINKS[args.long_context] if args.attention_sinks is None else args.attention_sinks
+        window = args.attention_window or (trained - sinks if args.long_context == "streaming" else trained)
+        k = -(-sinks // args.block_size)
+        if not k * args.block_size <= window <= trained:
+            raise InvalidParameterError(
+                f"attention_window {window} must be between {k * args.block_size} (the blocks holding "
+                f"{sinks} sink tokens) and the model's trained context of {trained}", param="attention_window")
+        return LongContext(args.long_context, sinks, window, model.rope.inv_freq)
 
     @property
     def num_cache_tokens(self) -> int:
@@ -574,7 +645,7 @@ class LLMEngine:
         """Start the request's other completions on the prompt `seq` just finished."""
         children, seq.fork_children = seq.fork_children, []
         for child in children:
-            if self.blocks.num_free_blocks == 0:  # no room to copy the last block: recompute instead
+            if self.blocks.num_free_blocks < 1 + self.blocks.sink_blocks:  # no room for its own blocks: recompute
                 self.scheduler.add(child)
                 continue
             copy = self.blocks.fork(seq, child)

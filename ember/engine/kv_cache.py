@@ -8,6 +8,7 @@ from typing import Protocol
 from ember.engine.sequence import Sequence
 
 BlockKey = tuple[int | None, tuple[int, ...]]  # (parent block hash, token ids of the block)
+EVICTED = -1  # a block_table entry whose block a long-context mode freed (no query sees it again)
 
 
 class BlockEvents(Protocol):
@@ -42,6 +43,14 @@ class BlockManager:
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
         self.events: BlockEvents = events or _NoEvents()
+        self.peak_used = 0  # most blocks held at once
+        # Long-context modes (set_window): sequences keep their first sink_blocks blocks plus private copies of
+        # them, and free the blocks behind every future query's window of `window` keys.
+        self.window: int | None = None
+        self.sink_blocks = 0
+
+    def set_window(self, window: int, sink_blocks: int) -> None:
+        self.window, self.sink_blocks = window, sink_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -53,17 +62,27 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         total = -(-(seq.num_computed + num_tokens) // self.block_size)
-        return max(0, total - len(seq.block_table))
+        return max(0, total - len(seq.block_table)) + self.extra_blocks(seq)
+
+    def extra_blocks(self, seq: Sequence) -> int:
+        """Blocks seq needs besides its table's: the private sink copies of a long-context mode, until it has them."""
+        return 0 if seq.sink_blocks else self.sink_blocks
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_needed(seq, num_tokens) <= len(self.free)
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Give `seq` enough blocks to hold `num_tokens` more tokens (caller checked can_allocate)."""
+        for _ in range(self.extra_blocks(seq)):
+            seq.sink_blocks.append(self._take_new())
         for _ in range(self.blocks_needed(seq, num_tokens)):
-            block = self._take_free()
-            self.ref_count[block] = 1
-            seq.block_table.append(block)
+            seq.block_table.append(self._take_new())
+        self.peak_used = max(self.peak_used, self.num_used_blocks)
+
+    def _take_new(self) -> int:
+        block = self._take_free()
+        self.ref_count[block] = 1
+        return block
 
     def match_prefix(self, seq: Sequence) -> None:
         """Before a sequence's first step: reuse cached blocks for its longest known full-block prefix."""
@@ -104,14 +123,28 @@ class BlockManager:
             if self.enable_prefix_caching and h not in self.cached:
                 self.cached[h] = block
                 self.block_key[block] = key
+        if self.window is not None:
+            self._evict(seq)
+
+    def _evict(self, seq: Sequence) -> None:
+        """Free the blocks past the sinks that lie wholly before the window of seq's next query (at position
+        num_computed, seeing keys from num_computed - window + 1 on); hashed ones stay revivable."""
+        assert self.window is not None
+        first_seen = seq.num_computed - self.window + 1
+        for i in range(self.sink_blocks + seq.evicted_blocks, first_seen // self.block_size):
+            self._release(seq.block_table[i])
+            seq.block_table[i] = EVICTED
+            seq.evicted_blocks += 1
 
     def free_seq(self, seq: Sequence) -> None:
         """Release a sequence's blocks; hashed ones stay revivable until evicted (tail blocks first)."""
-        for block in reversed(seq.block_table):
-            self._release(block)
+        for block in reversed(seq.block_table + seq.sink_blocks):
+            if block != EVICTED:
+                self._release(block)
         seq.block_table = []
         seq.block_hashes = []
-        seq.num_computed = 0
+        seq.sink_blocks = []
+        seq.num_computed = seq.evicted_blocks = 0
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Keep only the KV of `seq`'s first num_tokens positions (rejected speculative tokens roll back): the
@@ -141,17 +174,19 @@ class BlockManager:
         child.block_hashes = parent.block_hashes[:full]
         child.num_computed = parent.num_computed
         child.num_cached_tokens = parent.num_cached_tokens
+        child.evicted_blocks = parent.evicted_blocks
+        child.sink_blocks = [self._take_new() for _ in parent.sink_blocks]
         if parent.num_computed % bs == 0:
             return None
-        dst = self._take_free()
-        self.ref_count[dst] = 1
+        dst = self._take_new()
         child.block_table.append(dst)
         return parent.block_table[full], dst
 
     def share(self, seq: Sequence, blocks: list[int]) -> None:
         """Make full `blocks` the start of seq's table, shared (counted until seq is freed; never written)."""
         for block in blocks:
-            self.ref_count[block] += 1
+            if block != EVICTED:
+                self.ref_count[block] += 1
         seq.block_table = list(blocks)
 
     def _take_free(self) -> int:

@@ -10,6 +10,7 @@ import torch
 from ember.engine.sequence import Sequence
 from ember.models.llama import LlamaModel
 from ember.ops.attention import AttentionBackend, AttentionCapture, KeyWindow, RowSpan
+from ember.ops.long_context import LongContext
 
 
 @dataclass
@@ -62,7 +63,13 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, backend: AttentionBackend) -> None:
         self.model = model
         self.backend = backend
-        self.window: KeyWindow | None = None  # a mask variant for every step (tests; long-context modes)
+        # A mask variant for every step: a KeyWindow (tests) or a long-context mode (set_long_context).
+        self.window: KeyWindow | LongContext | None = None
+
+    def set_long_context(self, long: LongContext) -> None:
+        if not hasattr(self.backend, "refresh_sinks"):
+            raise ValueError("long-context modes need a float KV cache")
+        self.window = long
 
     def copy_block(self, src: int, dst: int) -> None:
         """Give dst the contents of src (a partly filled block being forked)."""
@@ -78,17 +85,20 @@ class ModelRunner:
         logit_rows: list[int] = []  # hidden rows the engine needs logits of; then the pooled rows
         pool: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first row, count)
         result = StepResult(hidden=torch.empty(0))
+        sinks: list[tuple[Sequence, int]] = []  # decode rows of a long-context mode: (seq, position)
         for seq, n in batch.items():
             start, row0 = seq.num_computed, len(tokens)
             candidates = max(0, n - seq.num_remaining)
             tokens.extend(seq.token_ids[start:start + n - candidates] + seq.spec_tokens[:candidates])
-            spans.append(RowSpan(seq.block_table, start, n, row0, candidates))
+            spans.append(self._span(seq, start, n, row0, candidates, sinks))
             self._logit_rows(seq, start, n, row0, logit_rows, result)
             if seq.pooling is not None:
                 self._pooling_rows(seq, len(spans) - 1, start, n, row0, pool, captures)
         plan = self.backend.plan(spans, self.window, [c for _, c in captures])
         plan.skip = skip
         began = time.perf_counter()
+        if sinks:
+            self._refresh_sinks(sinks)
         depths = [seq.depth for seq in batch]
         depth = None if None in depths else max(depths)  # type: ignore[type-var]
         hidden = self.model(torch.tensor(tokens), plan.positions, self.backend, plan, depth)
@@ -103,6 +113,31 @@ class ModelRunner:
             assert cap.probs is not None, "the backend captured nothing"
             result.captures.append(CapturedRows(seq, spans[cap.span].start + cap.offset, cap.probs))
         return result
+
+    def _span(self, seq: Sequence, start: int, n: int, row0: int, candidates: int,
+              sinks: list[tuple[Sequence, int]]) -> RowSpan:
+        """seq's rows as the backend sees them: under a long-context mode, its table without the evicted blocks
+        (cache positions shifted by the tokens they held) and, for a decode row whose window has left the
+        sinks, the private sink copies."""
+        long = self.window
+        if not isinstance(long, LongContext):
+            return RowSpan(seq.block_table, start, n, row0, candidates)
+        k = long.sink_blocks(self.backend.block_size)
+        table = seq.block_table[:k] + seq.block_table[k + seq.evicted_blocks:]
+        if n == 1 and start >= long.window and k:
+            table[:k] = seq.sink_blocks
+            sinks.append((seq, start))
+        shift = seq.evicted_blocks * self.backend.block_size
+        return RowSpan(table, start - shift, n, row0, candidates, shift)
+
+    def _refresh_sinks(self, rows: list[tuple[Sequence, int]]) -> None:
+        long = self.window
+        assert isinstance(long, LongContext)
+        k = long.sink_blocks(self.backend.block_size)
+        src = [b for seq, _ in rows for b in seq.block_table[:k]]
+        dst = [b for seq, _ in rows for b in seq.sink_blocks]
+        shifts = long.key_shift(torch.tensor([p for _, p in rows]))
+        self.backend.refresh_sinks(src, dst, shifts, long)  # type: ignore[attr-defined]
 
     @staticmethod
     def _logit_rows(seq: Sequence, start: int, n: int, row0: int, rows: list[int], result: StepResult) -> None:

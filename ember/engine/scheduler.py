@@ -289,7 +289,8 @@ class Scheduler:
     def _fit(self, seq: Sequence, want: int) -> int:
         """Allocate blocks for up to `want` tokens of `seq`; returns how many fit (maybe 0)."""
         bs = self.blocks.block_size
-        room = (len(seq.block_table) + self.blocks.num_free_blocks) * bs - seq.num_computed
+        free = self.blocks.num_free_blocks - self.blocks.extra_blocks(seq)
+        room = (len(seq.block_table) + free) * bs - seq.num_computed
         n = max(0, min(want, room))
         if n:
             self.blocks.allocate(seq, n)

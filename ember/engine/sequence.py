@@ -34,6 +34,11 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks, in order
+    # Long-context modes (ember.ops.long_context): blocks past the sinks that no query will see again are freed
+    # (their block_table entries become EVICTED; they are always the `evicted_blocks` entries after the sink
+    # blocks), and decode rows read `sink_blocks`, private copies of the sink blocks with re-rotated keys.
+    evicted_blocks: int = 0
+    sink_blocks: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     generator: torch.Generator | None = None
     finish_reason: str | None = None

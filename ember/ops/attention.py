@@ -21,6 +21,8 @@ class RowSpan:
     row0: int
     candidates: int = 0  # trailing tokens that may be rolled back after the step (speculative drafts): their
     # rows must score as if each had been decoded alone, and their blocks are quantized only once accepted
+    shift: int = 0  # tokens evicted from the middle of the sequence (long-context modes): `start` and the block
+    # table count cache positions, the rotary position of cache position t is t + shift
 
     @property
     def decode(self) -> bool:
@@ -37,6 +39,10 @@ class KeyWindow:
 
     sink: int
     size: int
+
+    @property
+    def key_window(self) -> "KeyWindow":
+        return self
 
     def starts(self, positions: torch.Tensor) -> torch.Tensor:
         """First key of each query's recent window."""

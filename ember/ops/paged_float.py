@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ember.ops.attention import (AttentionBackend, AttentionCapture, KeyWindow, RowSpan, StepPlan, attention_probs,
                                  chunk_attention, chunk_mask, visible)
 from ember.ops.kernels import cpu_kernels
+from ember.ops.long_context import LongContext, long_chunk_attention
 
 # With a float cache, prompt chunks run as one-query rows over the paged cache, as decodes do (row i of a
 # chunk attends up to its own position), and a step of decodes plus chunks runs whole in the fused C++
@@ -36,6 +37,8 @@ class FloatChunk:
     blocks: torch.Tensor  # blocks holding them, in order
     mask: torch.Tensor | None  # [n, ctx]; None: plain causal over the chunk itself
     cached: bool  # earlier keys live in the cache (else the context is the chunk's own k, v)
+    positions: torch.Tensor | None = None  # rotary positions of a long-context chunk whose rows read sink
+    # keys at a capped distance (see ember.ops.long_context); None: plain SDPA
 
 
 @dataclass
@@ -47,6 +50,7 @@ class FloatPlan(StepPlan):
     lens: torch.Tensor | None = None  # [B] keys each sees (its position + 1)
     capture_keys: list[tuple[slice, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per capture:
     # (rows, blocks holding its keys, mask)
+    long: LongContext | None = None
 
     @property
     def all_rows(self) -> bool:
@@ -64,8 +68,9 @@ class FloatPagedBackend(AttentionBackend):
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int,
                  dtype: torch.dtype, q_dtype: torch.dtype = torch.float32) -> None:
         self.block_size = block_size
-        shape = (2, num_blocks, block_size, n_kv, head_dim)
-        self.caches = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        # One tensor for all layers (sink copies are refreshed in one indexing op), a view per layer.
+        self.stack = torch.zeros(num_layers, 2, num_blocks, block_size, n_kv, head_dim, dtype=dtype)
+        self.caches = list(self.stack.unbind(0))
         # Most prompt tokens a chunk may have to run as one-query rows (see CHUNK_AS_DECODE_ROWS).
         self.chunk_rows: float = CHUNK_AS_DECODE_ROWS
         if head_dim % 16 == 0 and rows_kernel(q_dtype, dtype) is not None:
@@ -77,18 +82,27 @@ class FloatPagedBackend(AttentionBackend):
 
     # -- metadata -------------------------------------------------------------------------------
 
-    def plan(self, spans: list[RowSpan], window: KeyWindow | None = None,
+    def plan(self, spans: list[RowSpan], window: KeyWindow | LongContext | None = None,
              captures: list[AttentionCapture] | None = None) -> FloatPlan:
         bs = self.block_size
         positions, slots, rows = [], [], []
         row_spans: list[tuple[RowSpan, torch.Tensor]] = []
-        plan = FloatPlan(spans, torch.empty(0), window, captures or [])
+        long = window if isinstance(window, LongContext) else None
+        window = window.key_window if window is not None else None
+        if long is not None and captures:
+            raise ValueError("attention capture (ICR re-ranking) is not supported with a long-context mode")
+        plan = FloatPlan(spans, torch.empty(0), window, captures or [], long=long)
         for sp in spans:
             pos = torch.arange(sp.start, sp.start + sp.n)
             table = torch.tensor(sp.block_table, dtype=torch.long)
-            positions.append(pos)
+            positions.append(pos + sp.shift)
             slots.append(table[pos // bs] * bs + pos % bs)
-            if sp.decode or sp.n <= self.chunk_rows:
+            if long is not None and sp.n > 1 and sp.start + sp.shift + sp.n > long.window:
+                # Its rows read sink keys at capped distances that differ row by row: not the C++ rows' path.
+                ctx = sp.start + sp.n
+                plan.chunks.append(FloatChunk(slice(sp.row0, sp.row0 + sp.n), ctx, table[: -(-ctx // bs)],
+                                              visible(pos, ctx, window), sp.start > 0, pos + sp.shift))
+            elif sp.decode or sp.n <= self.chunk_rows:
                 rows.append(torch.arange(sp.row0, sp.row0 + sp.n))
                 row_spans.append((sp, table))
             else:
@@ -135,7 +149,11 @@ class FloatPagedBackend(AttentionBackend):
             if c.cached:  # earlier context lives in the cache: read it all back
                 kc = cache[0][c.blocks].view(-1, n_kv, hd)[: c.ctx].to(q.dtype)
                 vc = cache[1][c.blocks].view(-1, n_kv, hd)[: c.ctx].to(q.dtype)
-            out[c.rows] = chunk_attention(q[c.rows], kc, vc, c.mask, scale)
+            if c.positions is not None:
+                assert plan.long is not None and c.mask is not None
+                out[c.rows] = long_chunk_attention(q[c.rows], kc, vc, c.mask, c.positions, plan.long, scale)
+            else:
+                out[c.rows] = chunk_attention(q[c.rows], kc, vc, c.mask, scale)
         if plan.rows is not None:
             out[plan.rows] = self._rows(q[plan.rows], cache, plan, scale)
         for cap, (rows, blocks, mask) in zip(plan.captures, plan.capture_keys):
@@ -180,6 +198,18 @@ class FloatPagedBackend(AttentionBackend):
     def copy_block(self, src: int, dst: int) -> None:
         for cache in self.caches:
             cache[:, dst] = cache[:, src]
+
+    def refresh_sinks(self, src: list[int], dst: list[int], shifts: torch.Tensor, long: LongContext) -> None:
+        """Give blocks dst the contents of src (a sequence's sink blocks, k per sequence, S sequences) with their
+        first long.sinks keys rotated by shifts [S, sinks] positions, in every layer."""
+        k = len(src) // shifts.shape[0]
+        blk = self.stack[:, :, torch.tensor(src)]  # [L, 2, S * k, block, KVH, D]
+        nl, _, _, bs, kvh, hd = blk.shape
+        keys = blk[:, 0].view(nl, -1, k * bs, kvh, hd)[:, :, : long.sinks]  # [L, S, sinks, KVH, D], a view
+        flat = keys.permute(1, 2, 0, 3, 4).reshape(-1, nl * kvh, hd).float()
+        turned = long.rotate(flat, shifts.flatten()).view(shifts.shape[0], long.sinks, nl, kvh, hd)
+        keys.copy_(turned.permute(2, 0, 1, 3, 4))
+        self.stack[:, :, torch.tensor(dst)] = blk
 
 
 def skip_mask(skip: frozenset[int] | None, num_layers: int) -> torch.Tensor | None:

@@ -36,10 +36,12 @@ def _llama3(inv: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin tables indexed by absolute position."""
+    """Precomputed cos/sin tables indexed by absolute position; positions past them (long-context modes) are
+    computed when asked, in float64."""
 
     def __init__(self, inv_freq: torch.Tensor, max_positions: int) -> None:
         super().__init__()
+        self.inv_freq = inv_freq
         t = torch.arange(max_positions, dtype=torch.int64).float()
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -48,6 +50,10 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for these positions, [T, D]: looked up once per step, shared by all layers."""
+        if len(positions) and int(positions.max()) >= self.cos.shape[0]:
+            freqs = torch.outer(positions.double(), self.inv_freq.double())
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos().to(dtype), emb.sin().to(dtype)
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
