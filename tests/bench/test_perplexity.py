@@ -111,3 +111,27 @@ def test_cached_windows_side_by_side_score_as_one_at_a_time(tiny_llama3: Path) -
     for window, first, nll in zip(windows, [1, 9, 9], together):
         assert nll.shape == (72 - first,)
         assert torch.allclose(nll, _window_nll_cached(loaded, window, 1, "int4", 16)[first - 1:], atol=1e-5)
+
+
+def test_long_context_within_its_window_is_plain_attention(tiny_llama3: Path) -> None:
+    loaded = load_model(str(tiny_llama3))
+    dense = perplexity(loaded, TEXT, ctx=96, windows=2)
+    for mode in ("streaming", "lm-infinite"):
+        inside = perplexity(loaded, TEXT, ctx=96, windows=2, long_context=mode, attention_window=96)
+        assert inside["ppl"] == pytest.approx(dense["ppl"], rel=1e-5)
+        past = perplexity(loaded, TEXT, ctx=96, windows=2, long_context=mode, attention_window=32)
+        assert past["ppl"] != pytest.approx(dense["ppl"], rel=1e-5)
+
+
+def test_cli_long_context_reads_past_the_trained_context(tiny_llama3: Path) -> None:
+    """1,200 tokens through a model trained on 1,024, KV held for a window of 128 (+ a step's chunk)."""
+    proc = _ember("eval", "ppl", str(tiny_llama3), "--text", str(TEXT_FILE), "--ctx", "1200", "--windows", "1",
+                  "--long-context", "lm-infinite", "--attention-window", "128", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["long_context"] == "lm-infinite" and out["tokens"] == 1199 and out["ppl"] < 1e4
+    cfg = load_model(str(tiny_llama3)).config
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    assert out["kv_peak_bytes"] <= (128 + 512 + 4 * 16) * per_token  # window + chunk + sink blocks, not 1,200
+    proc = _ember("eval", "ppl", str(tiny_llama3), "--text", str(TEXT_FILE), "--ctx", "1200")
+    assert proc.returncode == 2 and "exceeds the model's context of 1024" in proc.stderr
