@@ -92,19 +92,29 @@ class BlockManager:
         bs = self.block_size
         parent = seq.cache_salt
         # The rows the sequence needs (at least the last token's, for logits) must be computed.
+        found: list[int] = []
         for i in range(seq.first_computed // bs):
             key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
             h = hash(key)
             block = self.cached.get(h)
             if block is None or self.block_key[block] != key:
                 break
+            found.append(block)
+            seq.block_hashes.append(h)
+            parent = h
+        seq.num_computed = seq.num_cached_tokens = len(found) * bs
+        # Under a long-context mode, blocks no query of the sequence will see again are left where they are.
+        behind = range(0) if self.window is None else range(
+            self.sink_blocks, max(self.sink_blocks, (seq.num_computed - self.window + 1) // bs))
+        for i, block in enumerate(found):
+            if i in behind:
+                seq.block_table.append(EVICTED)
+                seq.evicted_blocks += 1
+                continue
             if self.ref_count[block] == 0:
                 del self.free[block]
             self.ref_count[block] += 1
             seq.block_table.append(block)
-            seq.block_hashes.append(h)
-            parent = h
-        seq.num_computed = seq.num_cached_tokens = len(seq.block_table) * bs
         self.prefix_queries += len(tokens)
         self.prefix_hits += seq.num_computed
 

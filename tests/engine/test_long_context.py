@@ -147,3 +147,30 @@ def test_long_context_lets_a_prompt_exceed_the_trained_context(tiny_llama3) -> N
 def test_long_context_refuses_what_it_cannot_do(tiny_llama3, kwargs: dict, match: str) -> None:
     with pytest.raises(InvalidParameterError, match=match):
         LLM(str(tiny_llama3), **kwargs)
+
+
+def test_prefix_cache_serves_a_long_prompt_under_a_mode(tiny_llama3) -> None:
+    """A second request with the same long prompt reuses its cached blocks (only those its window and sinks
+    need) and computes exactly what a cold engine computes."""
+    kwargs = dict(long_context="streaming", attention_window=24, block_size=4, max_num_batched_tokens=16,
+                  max_model_len=4096)
+    ids = torch.randint(3, 300, (150,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(max_tokens=30, temperature=0, logprobs=0, ignore_eos=True)
+    cold = LLM(str(tiny_llama3), enable_prefix_caching=False, **kwargs)
+    want = cold.generate({"prompt_token_ids": ids}, params)[0].outputs[0]
+    warm = LLM(str(tiny_llama3), **kwargs)
+    warm.generate({"prompt_token_ids": ids}, params)
+    engine = warm.engine
+    engine.add_request("again", {"prompt_token_ids": ids}, params)
+    engine.step()
+    seq = engine.requests["again"].seqs[0]
+    assert seq.num_cached_tokens >= 140 and seq.evicted_blocks > 0
+    assert engine.blocks.num_used_blocks <= 24 // 4 + 6  # the window's blocks, not the prompt's 38
+    got = None
+    while engine.has_unfinished_requests():
+        got = next((o for o in engine.step() if o.finished), got)
+    assert got is not None and got.outputs[0].token_ids == want.token_ids
+    lp = [d[t].logprob for d, t in zip(got.outputs[0].logprobs, want.token_ids)]
+    torch.testing.assert_close(torch.tensor(lp), torch.tensor([d[t].logprob for d, t in
+                                                                zip(want.logprobs, want.token_ids)]),
+                               rtol=0, atol=1e-4)
