@@ -3,6 +3,7 @@ for a quantized KV cache, block by block through the engine's paged cache."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,9 +34,11 @@ def read_text(path: str | Path) -> str:
         raise InvalidParameterError(f"text file {p} is not UTF-8 text ({e})", param="text") from None
 
 
-def context_limit(loaded: LoadedModel) -> int:
-    """The longest window the dense forward computes exactly (positions, and any sliding window)."""
-    limit = loaded.model.max_positions
+def context_limit(loaded: LoadedModel) -> float:
+    """The longest window the dense forward computes exactly (positions, and any sliding window); with
+    EMBER_ALLOW_LONG_MAX_MODEL_LEN=1 (as vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN), plain attention past the
+    trained context, to show what it does there."""
+    limit = math.inf if os.environ.get("EMBER_ALLOW_LONG_MAX_MODEL_LEN") == "1" else loaded.model.max_positions
     return min(limit, loaded.config.sliding_window) if loaded.config.sliding_window else limit
 
 

@@ -292,6 +292,10 @@ class LLMEngine:
         self._check_prompt(ids, params, whole_context=pooling is not None)
         if pooling is not None:
             pooling = pooling.resolve(len(ids), self.config.num_layers)
+            if pooling.attention_span is not None and self.long is not None:
+                raise InvalidParameterError("attention capture (re-ranking from attention, ICR) does not work with "
+                                            f"--long-context {self.long.mode}: serve it from an engine without one",
+                                            param="long_context")
         now = time.monotonic()
         depth = pooling.depth(self.config.num_layers) if pooling is not None else None
         seqs = [Sequence(request_id, i, ids, params, now, generator=self._generator(params, i), pooling=pooling,

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ember.ops.attention import KeyWindow
 
@@ -73,41 +74,66 @@ class LongContext:
             shift = p - self.window - s
         return torch.where(self.outside(positions), shift, torch.zeros_like(shift))
 
-    def rotate(self, x: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
-        """x [n, heads, D] rotated by `by` [n] positions (RoPE's half-split layout); angles in float64 so that
-        shifts of millions of positions keep their precision."""
+    def rotation(self, by: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, D] turning vectors by `by` [n] positions (RoPE's half-split layout); angles in float64 so
+        that shifts of millions of positions keep their precision."""
         angles = by.double()[:, None] * self.inv_freq.double()[None, :]
         emb = torch.cat((angles, angles), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return emb.cos().float(), emb.sin().float()
+
+    def rotate(self, x: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        """x [n, heads, D] rotated by `by` [n] positions."""
+        return turn(x, *self.rotation(by))
 
 
-def chunk_scores(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, lc: LongContext,
-                 scale: float) -> torch.Tensor:
-    """Scores [H, n, ctx] of queries q [n, H, D] at absolute `positions` over keys k [ctx, KVH, D] (cache order,
-    sinks first), with the capped distance for sink keys outside each query's window."""
-    h, kvh = q.shape[1], k.shape[1]
-    kk = k.repeat_interleave(h // kvh, dim=1)
-    scores = torch.einsum("nhd,thd->hnt", q, kk) * scale
-    n_sink = min(lc.sinks, k.shape[0])
-    out = lc.outside(positions)[:, :n_sink]
-    if bool(out.any()):
-        qa = lc.rotate(q, lc.query_shift(positions))
-        ka = lc.alt_keys(k[:n_sink]).repeat_interleave(h // kvh, dim=1)
-        alt = torch.einsum("nhd,thd->hnt", qa, ka) * scale
-        scores[:, :, :n_sink] = torch.where(out[None], alt, scores[:, :, :n_sink])
-    return scores
+def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [n, heads, D] rotated by the angles of cos, sin [n, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :].to(x.dtype) + rotated * sin[:, None, :].to(x.dtype)
 
 
-def long_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                         positions: torch.Tensor, lc: LongContext, scale: float) -> torch.Tensor:
-    """A chunk's attention [n, H, D] over its context k, v [ctx, KVH, D] under a long-context mode (mask [n, ctx]:
-    the KeyWindow's, in cache order)."""
-    h, kvh = q.shape[1], k.shape[1]
-    scores = chunk_scores(q.float(), k.float(), positions, lc, scale)
-    scores.masked_fill_(~mask[None], -math.inf)
-    probs = scores.softmax(dim=-1)
-    vv = v.float().repeat_interleave(h // kvh, dim=1)
-    return torch.einsum("hnt,thd->nhd", probs, vv).to(q.dtype)
+@dataclass
+class ChunkSinks:
+    """What every layer needs to score a chunk's queries against its sink keys, computed once per step: which
+    sinks lie outside each query's window, the rotation that takes each query to its capped distance, and
+    (LM-Infinite) the one that takes each sink key back to position 0."""
+
+    outside: torch.Tensor  # [n, sinks] bool
+    query_turn: tuple[torch.Tensor, torch.Tensor]
+    key_turn: tuple[torch.Tensor, torch.Tensor] | None
+    base: torch.Tensor  # [n, ctx] float: 0 where the KeyWindow shows a key, -inf elsewhere
+
+    @classmethod
+    def plan(cls, lc: LongContext, positions: torch.Tensor, mask: torch.Tensor) -> "ChunkSinks":
+        sinks = min(lc.sinks, mask.shape[1])
+        key_turn = None if lc.mode == "streaming" else lc.rotation(-torch.arange(sinks))
+        base = torch.zeros(mask.shape).masked_fill_(~mask, -math.inf)
+        return cls(lc.outside(positions)[:, :sinks], lc.rotation(lc.query_shift(positions)), key_turn, base)
+
+
+def sink_bias(q: torch.Tensor, k_sinks: torch.Tensor, sinks: ChunkSinks, scale: float) -> torch.Tensor:
+    """[H, n, sinks]: what to add to the usual scores of queries q [n, H, D] with the sink keys k_sinks
+    [sinks, KVH, D] (cache order) so that those outside each query's window read the capped distance."""
+    group = q.shape[1] // k_sinks.shape[1]
+    qf, kf = q.float().transpose(0, 1), k_sinks.float()
+    ka = kf if sinks.key_turn is None else turn(kf, *sinks.key_turn)
+    qa = turn(q.float(), *sinks.query_turn).transpose(0, 1)
+    true = torch.bmm(qf, kf.repeat_interleave(group, dim=1).permute(1, 2, 0))
+    alt = torch.bmm(qa, ka.repeat_interleave(group, dim=1).permute(1, 2, 0))
+    return (alt - true).mul_(scale).masked_fill_(~sinks.outside[None], 0.0)
+
+
+def long_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: ChunkSinks,
+                         scale: float) -> torch.Tensor:
+    """A chunk's attention [n, H, D] over its context k, v [ctx, KVH, D] (cache order, sinks first) under a
+    long-context mode: SDPA with the KeyWindow's mask and the sink keys' score corrections added."""
+    h, n_sink = q.shape[1], sinks.outside.shape[1]
+    if n_sink and bool(sinks.outside.any()):
+        bias = sinks.base.to(q.dtype).expand(h, -1, -1).clone()
+        bias[:, :, :n_sink] += sink_bias(q, k[:n_sink], sinks, scale).to(q.dtype)
+    else:
+        bias = sinks.base.to(q.dtype)[None]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       attn_mask=bias[None], scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)

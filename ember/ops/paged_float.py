@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ember.ops.attention import (AttentionBackend, AttentionCapture, KeyWindow, RowSpan, StepPlan, attention_probs,
                                  chunk_attention, chunk_mask, visible)
 from ember.ops.kernels import cpu_kernels
-from ember.ops.long_context import LongContext, long_chunk_attention
+from ember.ops.long_context import ChunkSinks, LongContext, long_chunk_attention
 
 # With a float cache, prompt chunks run as one-query rows over the paged cache, as decodes do (row i of a
 # chunk attends up to its own position), and a step of decodes plus chunks runs whole in the fused C++
@@ -37,8 +37,7 @@ class FloatChunk:
     blocks: torch.Tensor  # blocks holding them, in order
     mask: torch.Tensor | None  # [n, ctx]; None: plain causal over the chunk itself
     cached: bool  # earlier keys live in the cache (else the context is the chunk's own k, v)
-    positions: torch.Tensor | None = None  # rotary positions of a long-context chunk whose rows read sink
-    # keys at a capped distance (see ember.ops.long_context); None: plain SDPA
+    sinks: ChunkSinks | None = None  # a long-context chunk whose rows read sink keys at capped distances
 
 
 @dataclass
@@ -50,7 +49,6 @@ class FloatPlan(StepPlan):
     lens: torch.Tensor | None = None  # [B] keys each sees (its position + 1)
     capture_keys: list[tuple[slice, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per capture:
     # (rows, blocks holding its keys, mask)
-    long: LongContext | None = None
 
     @property
     def all_rows(self) -> bool:
@@ -91,7 +89,7 @@ class FloatPagedBackend(AttentionBackend):
         window = window.key_window if window is not None else None
         if long is not None and captures:
             raise ValueError("attention capture (ICR re-ranking) is not supported with a long-context mode")
-        plan = FloatPlan(spans, torch.empty(0), window, captures or [], long=long)
+        plan = FloatPlan(spans, torch.empty(0), window, captures or [])
         for sp in spans:
             pos = torch.arange(sp.start, sp.start + sp.n)
             table = torch.tensor(sp.block_table, dtype=torch.long)
@@ -100,8 +98,9 @@ class FloatPagedBackend(AttentionBackend):
             if long is not None and sp.n > 1 and sp.start + sp.shift + sp.n > long.window:
                 # Its rows read sink keys at capped distances that differ row by row: not the C++ rows' path.
                 ctx = sp.start + sp.n
-                plan.chunks.append(FloatChunk(slice(sp.row0, sp.row0 + sp.n), ctx, table[: -(-ctx // bs)],
-                                              visible(pos, ctx, window), sp.start > 0, pos + sp.shift))
+                mask = visible(pos, ctx, window)
+                plan.chunks.append(FloatChunk(slice(sp.row0, sp.row0 + sp.n), ctx, table[: -(-ctx // bs)], mask,
+                                              sp.start > 0, ChunkSinks.plan(long, pos + sp.shift, mask)))
             elif sp.decode or sp.n <= self.chunk_rows:
                 rows.append(torch.arange(sp.row0, sp.row0 + sp.n))
                 row_spans.append((sp, table))
@@ -149,9 +148,8 @@ class FloatPagedBackend(AttentionBackend):
             if c.cached:  # earlier context lives in the cache: read it all back
                 kc = cache[0][c.blocks].view(-1, n_kv, hd)[: c.ctx].to(q.dtype)
                 vc = cache[1][c.blocks].view(-1, n_kv, hd)[: c.ctx].to(q.dtype)
-            if c.positions is not None:
-                assert plan.long is not None and c.mask is not None
-                out[c.rows] = long_chunk_attention(q[c.rows], kc, vc, c.mask, c.positions, plan.long, scale)
+            if c.sinks is not None:
+                out[c.rows] = long_chunk_attention(q[c.rows], kc, vc, c.sinks, scale)
             else:
                 out[c.rows] = chunk_attention(q[c.rows], kc, vc, c.mask, scale)
         if plan.rows is not None:

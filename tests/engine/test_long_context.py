@@ -174,3 +174,11 @@ def test_prefix_cache_serves_a_long_prompt_under_a_mode(tiny_llama3) -> None:
     torch.testing.assert_close(torch.tensor(lp), torch.tensor([d[t].logprob for d, t in
                                                                 zip(want.logprobs, want.token_ids)]),
                                rtol=0, atol=1e-4)
+
+
+def test_attention_capture_is_refused_under_a_mode(tiny_llama3) -> None:
+    llm = LLM(str(tiny_llama3), long_context="streaming", attention_window=64)
+    with pytest.raises(InvalidParameterError, match="ICR"):
+        llm.rerank("a query", ["one document", "another document"], method="icr")
+    assert llm.engine.blocks.num_used_blocks == 0
+    assert llm.rerank("a query", ["one document", "another"], method="embedding").results  # pooling still works
