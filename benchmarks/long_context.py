@@ -23,9 +23,10 @@ from ember.engine.engine import LLMEngine
 from ember.engine.sampling_params import SamplingParams
 
 
-def decode_rate(engine: LLMEngine, ids: list[int], tokens: int = 128) -> tuple[float, int]:
-    """Decode tok/s after the first token, and the most blocks held, for one request."""
+def decode_rate(engine: LLMEngine, ids: list[int], tokens: int = 128) -> tuple[float, float, int]:
+    """Prompt tok/s (to the first token), decode tok/s after it, and the most blocks held, for one request."""
     engine.blocks.peak_used = 0
+    began = time.perf_counter()
     engine.add_request("r", {"prompt_token_ids": ids}, SamplingParams(max_tokens=tokens, temperature=0,
                                                                       ignore_eos=True))
     first = None
@@ -34,7 +35,7 @@ def decode_rate(engine: LLMEngine, ids: list[int], tokens: int = 128) -> tuple[f
         if first is None and outs and outs[0].outputs[0].token_ids:
             first = time.perf_counter()
     assert first is not None
-    return (tokens - 1) / (time.perf_counter() - first), engine.blocks.peak_used
+    return len(ids) / (first - began), (tokens - 1) / (time.perf_counter() - first), engine.blocks.peak_used
 
 
 def best_of(fn, reps: int = 20) -> float:
@@ -63,6 +64,17 @@ def position_costs(engine: LLMEngine, window: int) -> dict[str, float]:
     return {"sinks_ms": sinks * 1e3, "kshift_ms": rotate_window / bs * 1e3, "pre_rope_ms": rotate_window * 1e3}
 
 
+def table(engine: LLMEngine, ids: list[int], lengths: list[int], title: str) -> None:
+    per_block = engine.blocks.block_size * engine.runner.backend.bytes_per_token(  # type: ignore[attr-defined]
+        engine.config.num_layers, engine.config.num_kv_heads, engine.config.head_dim, engine.dtype)
+    decode_rate(engine, ids[:64], 16)  # warm up (kernels, allocator)
+    print(title)
+    print(f"{'N':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'peak KV MiB':>12}")
+    for n in lengths:
+        prompt, rate, peak = decode_rate(engine, ids[:n])
+        print(f"{n:>7} {prompt:>13.1f} {rate:>13.1f} {peak * per_block / 2**20:>12.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("text")
@@ -70,19 +82,16 @@ def main() -> None:
     ap.add_argument("--mode", default="streaming", choices=["streaming", "lm-infinite"])
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--lengths", default="512,2048,8192,32768")
+    ap.add_argument("--plain", action="store_true", help="also plain attention, at the lengths within the context")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     engine = LLMEngine(model=args.model, long_context=args.mode, attention_window=args.window, max_num_seqs=1,
                        enable_prefix_caching=False, max_model_len=max(lengths) + 256)
     ids = engine.tokenizer.encode(read_text(args.text))
-    per_block = engine.blocks.block_size * engine.runner.backend.bytes_per_token(  # type: ignore[attr-defined]
-        engine.config.num_layers, engine.config.num_kv_heads, engine.config.head_dim, engine.dtype)
-    decode_rate(engine, ids[:64], 16)  # warm up (kernels, allocator)
-    print(f"--long-context {args.mode}, window {args.window}, {engine.long.sinks} sinks")  # type: ignore[union-attr]
-    print(f"{'N':>7} {'decode tok/s':>13} {'peak KV MiB':>12}")
-    for n in lengths:
-        rate, peak = decode_rate(engine, ids[:n])
-        print(f"{n:>7} {rate:>13.1f} {peak * per_block / 2**20:>12.1f}")
+    table(engine, ids, lengths, f"--long-context {args.mode}, window {args.window}, {engine.long.sinks} sinks")
+    if args.plain:
+        plain = LLMEngine(model=args.model, max_num_seqs=1, enable_prefix_caching=False)
+        table(plain, ids, [n for n in lengths if n + 128 <= plain.max_model_len], "plain attention")
     costs = position_costs(engine, args.window)
     print(f"re-positioning keys, ms per decoded token (one sequence, {engine.config.num_layers} layers): "
           f"sinks re-rotated {costs['sinks_ms']:.3f}, K-shift {costs['kshift_ms']:.3f}, "
