@@ -122,10 +122,9 @@ class BlockManager:
         """After a step (and after any rollback): hash the blocks that became full of accepted tokens so later
         sequences can share them."""
         bs = self.block_size
-        tokens = seq.token_ids
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
-            key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
+            key = (parent, tuple(seq.tokens(i * bs, (i + 1) * bs)))
             h = hash(key)
             seq.block_hashes.append(h)
             block = seq.block_table[i]

@@ -89,7 +89,7 @@ class ModelRunner:
         for seq, n in batch.items():
             start, row0 = seq.num_computed, len(tokens)
             candidates = max(0, n - seq.num_remaining)
-            tokens.extend(seq.token_ids[start:start + n - candidates] + seq.spec_tokens[:candidates])
+            tokens.extend(seq.tokens(start, start + n - candidates) + seq.spec_tokens[:candidates])
             spans.append(self._span(seq, start, n, row0, candidates, sinks))
             self._logit_rows(seq, start, n, row0, logit_rows, result)
             if seq.pooling is not None:
