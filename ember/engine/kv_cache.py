@@ -153,6 +153,7 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.sink_blocks = []
+        seq.sinks_copied = False
         seq.num_computed = seq.evicted_blocks = 0
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:

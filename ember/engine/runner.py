@@ -134,6 +134,12 @@ class ModelRunner:
         long = self.window
         assert isinstance(long, LongContext)
         k = long.sink_blocks(self.backend.block_size)
+        fresh = [seq for seq, _ in rows if not seq.sinks_copied]
+        if fresh:  # the sink blocks are full and never change again: copy them whole once
+            self.backend.copy_blocks([b for seq in fresh for b in seq.block_table[:k]],  # type: ignore[attr-defined]
+                                     [b for seq in fresh for b in seq.sink_blocks])
+            for seq in fresh:
+                seq.sinks_copied = True
         src = [b for seq, _ in rows for b in seq.block_table[:k]]
         dst = [b for seq, _ in rows for b in seq.sink_blocks]
         shifts = long.key_shift(torch.tensor([p for _, p in rows]))

@@ -39,6 +39,7 @@ class Sequence:
     # blocks), and decode rows read `sink_blocks`, private copies of the sink blocks with re-rotated keys.
     evicted_blocks: int = 0
     sink_blocks: list[int] = field(default_factory=list)
+    sinks_copied: bool = False  # sink_blocks hold the sink blocks' contents (then each step rewrites the keys)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     generator: torch.Generator | None = None
     finish_reason: str | None = None

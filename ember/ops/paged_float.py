@@ -197,17 +197,22 @@ class FloatPagedBackend(AttentionBackend):
         for cache in self.caches:
             cache[:, dst] = cache[:, src]
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Give blocks dst the contents of blocks src, in every layer, in one indexing op."""
+        self.stack[:, :, torch.tensor(dst)] = self.stack[:, :, torch.tensor(src)]
+
     def refresh_sinks(self, src: list[int], dst: list[int], shifts: torch.Tensor, long: LongContext) -> None:
-        """Give blocks dst the contents of src (a sequence's sink blocks, k per sequence, S sequences) with their
-        first long.sinks keys rotated by shifts [S, sinks] positions, in every layer."""
-        k = len(src) // shifts.shape[0]
-        blk = self.stack[:, :, torch.tensor(src)]  # [L, 2, S * k, block, KVH, D]
-        nl, _, _, bs, kvh, hd = blk.shape
-        keys = blk[:, 0].view(nl, -1, k * bs, kvh, hd)[:, :, : long.sinks]  # [L, S, sinks, KVH, D], a view
-        flat = keys.permute(1, 2, 0, 3, 4).reshape(-1, nl * kvh, hd).float()
-        turned = long.rotate(flat, shifts.flatten()).view(shifts.shape[0], long.sinks, nl, kvh, hd)
-        keys.copy_(turned.permute(2, 0, 1, 3, 4))
-        self.stack[:, :, torch.tensor(dst)] = blk
+        """Write into blocks dst the first long.sinks keys of blocks src (k blocks per sequence, S sequences),
+        rotated by shifts [S, sinks] positions, in every layer."""
+        nl, _, nb, bs, kvh, hd = self.stack.shape
+        t = torch.arange(long.sinks)
+        n_seq = shifts.shape[0]
+        src_slots = (torch.tensor(src).view(n_seq, -1)[:, t // bs] * bs + t % bs).flatten()
+        dst_slots = (torch.tensor(dst).view(n_seq, -1)[:, t // bs] * bs + t % bs).flatten()
+        keys = self.stack[:, 0].view(nl, nb * bs, kvh, hd)  # a view of every layer's K plane
+        flat = keys[:, src_slots].transpose(0, 1).reshape(-1, nl * kvh, hd).float()  # [S * sinks, L * KVH, D]
+        turned = long.rotate(flat, shifts.flatten()).view(-1, nl, kvh, hd).transpose(0, 1)
+        keys[:, dst_slots] = turned.to(keys.dtype)
 
 
 def skip_mask(skip: frozenset[int] | None, num_layers: int) -> torch.Tensor | None:
