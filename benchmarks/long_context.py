@@ -67,7 +67,7 @@ def position_costs(engine: LLMEngine, window: int) -> dict[str, float]:
 def table(engine: LLMEngine, ids: list[int], lengths: list[int], title: str) -> None:
     per_block = engine.blocks.block_size * engine.runner.backend.bytes_per_token(  # type: ignore[attr-defined]
         engine.config.num_layers, engine.config.num_kv_heads, engine.config.head_dim, engine.dtype)
-    decode_rate(engine, ids[:64], 16)  # warm up (kernels, allocator)
+    decode_rate(engine, ids[:min(lengths) + 64], 64)  # warm up (kernels, allocator, the paths past the window)
     print(title)
     print(f"{'N':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'peak KV MiB':>12}")
     for n in lengths:
