@@ -474,7 +474,8 @@ def _numbers(a: argparse.Namespace, text: str, kind: type) -> list[Any]:
 
 
 def _eval_parsers(sub: Any) -> None:
-    ev = sub.add_parser("eval", help="evaluate a model: perplexity on a text file, re-ranking on a retrieval set",
+    ev = sub.add_parser("eval", help="evaluate a model: perplexity, passkey retrieval, long-term memory on synthetic "
+                                     "dialogues, re-ranking on a retrieval set",
                         description="Evaluate MODEL (any model ember loads, compressed ones included).")
     kinds = ev.add_subparsers(dest="kind", required=True, metavar="KIND")
     ppl = kinds.add_parser("ppl", help="perplexity on a text file, in fixed-length windows",
@@ -518,6 +519,10 @@ def _eval_parsers(sub: Any) -> None:
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--json", action="store_true", help="print one JSON object")
     pk.set_defaults(func=cmd_passkey, parser=pk)
+
+    from ember.bench.memory_eval import add_memory_parser
+
+    add_memory_parser(kinds)
 
     rr = kinds.add_parser("rerank", help="re-ranking methods on a retrieval set, after a BM25 first stage",
                           description="Retrieve each query's top-k documents with BM25 (bm25s) from the corpus of "

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ember.apps.memory_store import MemoryStore, Turn, check_session_id, exchange_text, turn_text
 from ember.apps.plan import Job, Plan, drive
 from ember.apps.rerank import choice_params, choice_probability
@@ -30,6 +32,8 @@ JUDGE_PROMPT = ("Here is part of an earlier conversation:\n\n{history}\n\nIs thi
                 "answer the new message below? Answer 'Yes' or 'No'.\n\nNew message: {message}")
 SUMMARY_PROMPT = "Summarize this conversation turn in one or two sentences, keeping names and facts:\n\n{text}"
 MEMORY_SYSTEM = "Related conversation history:\n{related}\n\nPrevious conversation:\n{previous}"
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al.), as Elasticsearch and others use
+RRF_POOL = 4  # candidates per ranking: this many times top_k
 
 
 @dataclass
@@ -44,6 +48,10 @@ class MemoryOptions:
     min_similarity: float = -1.0  # retrieved turns below this cosine are left out (deterministic; -1: none)
     judge: bool = True  # ask the model which retrieved turns are needed when they exceed the budget
     pooling: str = "last"
+    # ember's choice, not the paper's: rank turns by BM25 over their words as well as by embedding, fused by
+    # reciprocal rank (a small model's embedding misses names, numbers and paraphrased facts); False: SCM's
+    # embedding ranking alone.
+    lexical: bool = True
 
     def __post_init__(self) -> None:
         for name in ("top_k", "budget", "flash_raw_max", "summarize_over", "summary_max_tokens"):
@@ -109,7 +117,7 @@ class MemoryController:
             (vec,) = yield [Job(self.tok.encode(message)[: self.max_model_len - 1],
                                 PoolingParams(pooling=opts.pooling, normalize=True))]
             query = vec.pooled.data.numpy()  # type: ignore[union-attr]
-            for turn, sim in self.store.search(session, query, opts.top_k, before=previous.index):
+            for turn, sim in self._activation(session, message, query, previous.index):
                 by_index[turn.index] = turn
                 if sim < opts.min_similarity:
                     decisions[turn.index] = f"dropped: similarity {sim:.2f} below {opts.min_similarity}"
@@ -144,6 +152,26 @@ class MemoryController:
         system = MEMORY_SYSTEM.format(related=related or "(none)", previous=flash)
         return Recall([{"role": "system", "content": system}, *user], sorted(chosen) + [previous.index],
                       size() + flash_tokens, decisions)
+
+    def _activation(self, session: str, message: str, query: np.ndarray, before: int) -> list[tuple[Turn, float]]:
+        """The top_k earlier turns with their cosine similarity: by embedding, or (lexical) by reciprocal rank
+        fusion of the embedding ranking and BM25's, each over RRF_POOL x top_k candidates."""
+        k = self.options.top_k
+        if not self.options.lexical:
+            return self.store.search(session, query, k, before=before)
+        dense = self.store.search(session, query, RRF_POOL * k, before=before)
+        words = self.store.search_words(session, message, RRF_POOL * k, before=before)
+        score: dict[int, float] = {}
+        for ranking in ([t.index for t, _ in dense], words):
+            for rank, i in enumerate(ranking):
+                score[i] = score.get(i, 0.0) + 1.0 / (RRF_K + rank + 1)
+        best = sorted(score, key=lambda i: (-score[i], i))[:k]
+        sims = {t.index: (t, sim) for t, sim in dense}
+        missing = [i for i in best if i not in sims]
+        unit = query / max(float(np.linalg.norm(query)), 1e-12)
+        for t in self.store.get(session, missing):
+            sims[t.index] = (t, float(t.embedding @ unit))
+        return [sims[i] for i in best]
 
     def _judge(self, message: str, turns: dict[int, Turn], chosen: dict[int, str],
                decisions: dict[int, str]) -> Plan[None]:

@@ -1,7 +1,8 @@
 """SCM's memory stream, stored: sessions and their turns (text, summary, embedding, token counts) in SQLite, one
-transaction per turn, with exact cosine search over a session's turns."""
+transaction per turn, with exact cosine search over a session's turns and BM25 over their words (FTS5)."""
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -32,6 +33,18 @@ CREATE TABLE IF NOT EXISTS turns (
   PRIMARY KEY (session, idx)
 );
 """
+# The turns' words for BM25 (SQLite's FTS5, Porter stemming): lexical recall of names, numbers and rare words
+# that a small model's embedding misses. Kept in step with `turns` inside the same transactions.
+FTS = "CREATE VIRTUAL TABLE turns_fts USING fts5(session UNINDEXED, idx UNINDEXED, body, tokenize='porter unicode61')"
+WORD = re.compile(r"\w+")
+# Function words left out of a query: they match nearly every turn, and with them rank fusion would favour
+# turns that match many of them over the one that matches the rare word. Lucene's English stop set plus
+# pronouns, auxiliaries and question words.
+STOP_WORDS = frozenset("""a an and are as at be but by for if in into is it no not of on or such that the their then
+there these they this to was will with i me my mine we us our you your yours he him his she her hers its them
+what which who whom whose when where why how do does did done am were been being have has had can could would
+should shall may might must so than too very just about again also any all some from up down out over under
+tell remind please know""".split())
 
 
 def default_path() -> Path:
@@ -88,6 +101,22 @@ class MemoryStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._add_word_index()
+
+    def _add_word_index(self) -> None:
+        """Create the word index (and fill it from the turns of a file written before it existed)."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'turns_fts'").fetchone():
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'turns_fts'").fetchone():
+                    self._db.execute(FTS)
+                    self._db.execute("INSERT INTO turns_fts SELECT session, idx, user || ' ' || assistant FROM turns")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -116,6 +145,7 @@ class MemoryStore:
                 self._db.execute("INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                  (session, idx, user, assistant, summary, tokens, summary_tokens, vec.tobytes(),
                                   time.time()))
+                self._db.execute("INSERT INTO turns_fts VALUES (?, ?, ?)", (session, idx, f"{user} {assistant}"))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -126,6 +156,11 @@ class MemoryStore:
         """The session's turns in the order stored ([] for an unknown session)."""
         check_session_id(session)
         return self._turns(session)
+
+    def get(self, session: str, indices: list[int]) -> list[Turn]:
+        """The session's turns with these indices, in index order (unknown ones left out)."""
+        check_session_id(session)
+        return self._turns(session, list(indices)) if indices else []
 
     def last_turn(self, session: str) -> Turn | None:
         """The session's newest turn (None for an unknown session)."""
@@ -170,6 +205,20 @@ class MemoryStore:
         found = {t.index: t for t in self._turns(session, sorted(picked))}
         return [(found[idx], score) for idx, score in picked.items()]
 
+    def search_words(self, session: str, text: str, k: int, before: int | None = None) -> list[int]:
+        """Indices of the k turns that best match the words of `text` by BM25, best first (turns with index <
+        `before` if given); [] when no word matches."""
+        check_session_id(session)
+        words = {w.lower() for w in WORD.findall(text)} - STOP_WORDS
+        if not words or k <= 0:
+            return []
+        query = " OR ".join('"' + w.replace('"', '""') + '"' for w in sorted(words))
+        limit = before if before is not None else 2 ** 62
+        with self._lock:
+            rows = self._db.execute("SELECT idx FROM turns_fts WHERE turns_fts MATCH ? AND session = ? AND idx < ? "
+                                    "ORDER BY bm25(turns_fts) LIMIT ?", (query, session, limit, k)).fetchall()
+        return [int(r[0]) for r in rows]
+
     def sessions(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT id FROM sessions ORDER BY created, id")]
@@ -178,7 +227,14 @@ class MemoryStore:
         """Forget a session and its turns; False if there was none."""
         check_session_id(session)
         with self._lock:
-            cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM turns_fts WHERE session = ?", (session,))
+                cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         return cur.rowcount > 0
 
 

@@ -102,3 +102,35 @@ def test_extractive_summary_and_bad_input(llm: LLM, tmp_path: Path) -> None:
         drive(ctl.recall("", "hi"), llm._run_jobs)
     with pytest.raises(InvalidParameterError, match="budget"):
         MemoryOptions(budget=-1)
+
+
+def test_words_find_a_turn_the_embedding_misses(llm: LLM, tmp_path: Path) -> None:
+    """A planted turn whose embedding points away from the question but shares its rare words: BM25 brings it
+    back through the fused ranking; the embedding ranking alone (lexical=False, SCM's) does not."""
+    store = MemoryStore(tmp_path / "m.sqlite3")
+    _fill(store, llm, "s", 10)
+    message = "what is the combination of my zorblat locker"
+    near = np.asarray(llm.embed(message)[0])
+    away = np.random.default_rng(0).standard_normal(near.size)  # about orthogonal: other turns are far closer
+    store.add_turn("s", "my zorblat locker opens with 4921", "noted", "noted", 12, 3, away)
+    _fill(store, llm, "s", 12)
+    for lexical, found in ((True, True), (False, False)):
+        ctl = MemoryController(store, llm.get_tokenizer(), llm.engine.max_model_len,
+                               MemoryOptions(top_k=3, judge=False, lexical=lexical))
+        recall = drive(ctl.recall("s", message), llm._run_jobs)
+        assert (10 in recall.turns_used) is found, (lexical, recall.turns_used)
+        assert len(recall.turns_used) == 4
+
+
+def test_the_word_index_is_built_for_an_older_file(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "m.sqlite3"
+    MemoryStore(path).add_turn("s", "the harbour pilot", "ok", "ok", 3, 3, np.ones(4))
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE turns_fts")  # as a file written before the index existed
+    db.commit()
+    db.close()
+    store = MemoryStore(path)
+    assert store.search_words("s", "Who was the pilot?", 3) == [0]
+    assert store.delete("s") and store.search_words("s", "pilot", 3) == []
