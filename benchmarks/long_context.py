@@ -94,7 +94,8 @@ def main() -> None:
     if args.plain:
         plain = LLMEngine(model=args.model, max_num_seqs=1, enable_prefix_caching=False)
         table(plain, ids, [n for n in lengths if n + 128 <= plain.max_model_len], "plain attention")
-    for window in (args.window, engine.long.window if args.window != 8188 else 512):  # type: ignore[union-attr]
+    trained = engine.config.max_position_embeddings - engine.long.sinks  # type: ignore[union-attr]
+    for window in sorted({args.window, trained}):
         costs = position_costs(engine, window)
         print(f"re-positioning keys, ms per decoded token (one sequence, {engine.config.num_layers} layers, window "
               f"{window}): sinks re-rotated {costs['sinks_ms']:.3f}, K-shift {costs['kshift_ms']:.3f}, "
