@@ -72,7 +72,7 @@ def reference_logprobs(folder, ids: list[int], mode: str, sinks: int, window: in
     return logits.log_softmax(-1)
 
 
-CASES = [("streaming", 4, 24), ("lm-infinite", 6, 24)]
+CASES = [("streaming", 4, 24), ("lm-infinite", 6, 24), ("streaming", 0, 20)]  # 0 sinks: a sliding window
 
 
 @pytest.mark.parametrize("mode,sinks,window", CASES)
