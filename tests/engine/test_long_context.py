@@ -182,3 +182,22 @@ def test_attention_capture_is_refused_under_a_mode(tiny_llama3) -> None:
         llm.rerank("a query", ["one document", "another document"], method="icr")
     assert llm.engine.blocks.num_used_blocks == 0
     assert llm.rerank("a query", ["one document", "another"], method="embedding").results  # pooling still works
+
+
+def test_completions_forked_past_the_window_equal_the_reference(tiny_llama3) -> None:
+    """n = 2 on a prompt longer than the window: the second completion shares the prompt's blocks (evicted
+    entries included) and gets its own sink copies; both read what the dense reference reads."""
+    mode, sinks, window = "streaming", 4, 24
+    llm = LLM(str(tiny_llama3), long_context=mode, attention_window=window, attention_sinks=sinks, block_size=4,
+              max_num_batched_tokens=20, max_model_len=4096)
+    prompt = torch.randint(3, 300, (50,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(n=2, max_tokens=40, temperature=1.0, seed=7, logprobs=0, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": prompt}, params)[0]
+    assert len(out.outputs) == 2 and out.outputs[0].token_ids != out.outputs[1].token_ids
+    for comp in out.outputs:
+        ids = prompt + comp.token_ids
+        ref = reference_logprobs(tiny_llama3, ids[:-1], mode, sinks, window)
+        rows = torch.arange(len(prompt) - 1, len(ids) - 1)
+        got = torch.tensor([lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids)])
+        torch.testing.assert_close(got, ref[rows, torch.tensor(comp.token_ids)], rtol=0, atol=2e-4)
+    assert llm.engine.blocks.num_used_blocks == 0
