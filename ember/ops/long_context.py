@@ -51,17 +51,10 @@ class LongContext:
 
     def query_shift(self, positions: torch.Tensor) -> torch.Tensor:
         """[n]: how far to rotate a query at each position so that its score with an outside sink key reads
-        the capped distance (keys as alt_keys gives them)."""
+        the capped distance (with the sink keys as stored for streaming, unrotated for LM-Infinite: ChunkSinks)."""
         if self.mode == "streaming":
             return positions.clamp(max=self.sinks + self.window - 1) - positions
         return self.window - positions
-
-    def alt_keys(self, k: torch.Tensor) -> torch.Tensor:
-        """The sink keys [sinks, KVH, D] (rotated at their positions) as the capped scores read them: as stored
-        (streaming) or unrotated (LM-Infinite)."""
-        if self.mode == "streaming":
-            return k
-        return self.rotate(k, -torch.arange(k.shape[0]))
 
     def key_shift(self, positions: torch.Tensor) -> torch.Tensor:
         """[n, sinks]: how far to rotate each stored sink key so that a query at each position, rotated as
