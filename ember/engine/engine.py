@@ -235,12 +235,13 @@ class LLMEngine:
         trained = min(cfg.max_position_embeddings, model.max_positions)
         sinks = DEFAULT_SINKS[args.long_context] if args.attention_sinks is None else args.attention_sinks
         window = args.attention_window or (trained - sinks if args.long_context == "streaming" else trained)
-        k = -(-sinks // args.block_size)
-        if not k * args.block_size <= window <= trained:
+        long = LongContext(args.long_context, sinks, window, model.rope.inv_freq)
+        least = long.sink_blocks(args.block_size) * args.block_size
+        if not least <= window <= trained:
             raise InvalidParameterError(
-                f"attention_window {window} must be between {k * args.block_size} (the blocks holding "
+                f"attention_window {window} must be between {least} (the blocks holding "
                 f"{sinks} sink tokens) and the model's trained context of {trained}", param="attention_window")
-        return LongContext(args.long_context, sinks, window, model.rope.inv_freq)
+        return long
 
     @property
     def num_cache_tokens(self) -> int:

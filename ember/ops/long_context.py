@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.ops.attention import KeyWindow
+from ember.ops.rope import cos_sin, rotate
 
 MODES = ("streaming", "lm-infinite")
 DEFAULT_SINKS = {"streaming": 4, "lm-infinite": 10}
@@ -68,22 +69,13 @@ class LongContext:
         return torch.where(self.outside(positions), shift, torch.zeros_like(shift))
 
     def rotation(self, by: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [n, D] turning vectors by `by` [n] positions (RoPE's half-split layout); angles in float64 so
-        that shifts of millions of positions keep their precision."""
-        angles = by.double()[:, None] * self.inv_freq.double()[None, :]
-        emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos().float(), emb.sin().float()
+        """cos, sin [n, D] (float32) turning vectors by `by` [n] positions (RoPE's half-split layout)."""
+        cos, sin = cos_sin(by, self.inv_freq)
+        return cos.float(), sin.float()
 
     def rotate(self, x: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
         """x [n, heads, D] rotated by `by` [n] positions."""
-        return turn(x, *self.rotation(by))
-
-
-def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [n, heads, D] rotated by the angles of cos, sin [n, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :].to(x.dtype) + rotated * sin[:, None, :].to(x.dtype)
+        return rotate(x, *self.rotation(by))
 
 
 @dataclass
@@ -110,8 +102,8 @@ def sink_bias(q: torch.Tensor, k_sinks: torch.Tensor, sinks: ChunkSinks, scale: 
     [sinks, KVH, D] (cache order) so that those outside each query's window read the capped distance."""
     group = q.shape[1] // k_sinks.shape[1]
     qf, kf = q.float().transpose(0, 1), k_sinks.float()
-    ka = kf if sinks.key_turn is None else turn(kf, *sinks.key_turn)
-    qa = turn(q.float(), *sinks.query_turn).transpose(0, 1)
+    ka = kf if sinks.key_turn is None else rotate(kf, *sinks.key_turn)
+    qa = rotate(q.float(), *sinks.query_turn).transpose(0, 1)
     true = torch.bmm(qf, kf.repeat_interleave(group, dim=1).permute(1, 2, 0))
     alt = torch.bmm(qa, ka.repeat_interleave(group, dim=1).permute(1, 2, 0))
     return (alt - true).mul_(scale).masked_fill_(~sinks.outside[None], 0.0)

@@ -194,8 +194,7 @@ class FloatPagedBackend(AttentionBackend):
                              *plan.window_args(), alone=plan.alone, skip=skip_mask(plan.skip, len(self.caches)))
 
     def copy_block(self, src: int, dst: int) -> None:
-        for cache in self.caches:
-            cache[:, dst] = cache[:, src]
+        self.copy_blocks([src], [dst])
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Give blocks dst the contents of blocks src, in every layer, in one indexing op."""

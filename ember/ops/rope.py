@@ -51,10 +51,22 @@ class RotaryEmbedding(torch.nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for these positions, [T, D]: looked up once per step, shared by all layers."""
         if len(positions) and int(positions.max()) >= self.cos.shape[0]:
-            freqs = torch.outer(positions.double(), self.inv_freq.double())
-            emb = torch.cat((freqs, freqs), dim=-1)
-            return emb.cos().to(dtype), emb.sin().to(dtype)
+            cos, sin = cos_sin(positions, self.inv_freq)
+            return cos.to(dtype), sin.to(dtype)
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [n, D] (float64) of `positions` [n] (any integers, negative included); angles in float64 so that
+    positions in the millions keep their precision."""
+    freqs = torch.outer(positions.double(), inv_freq.double())
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [n, heads, D] rotated by the angles of cos, sin [n, D] (PyTorch; the kernels have their own)."""
+    return x * cos[:, None, :].to(x.dtype) + _rotate_half(x) * sin[:, None, :].to(x.dtype)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
