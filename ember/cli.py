@@ -209,8 +209,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ember.server.serve import serve
 
     limits = ServerLimits(max_request_bytes=a.max_request_bytes, max_request_tokens=a.max_request_tokens)
+    if a.replicas > 1 or a.ray_address:
+        return _serve_replicas(a, limits)
+    if a.replica_threads or a.router != "prefix":
+        a.parser.error("--replica-threads and --router apply to --replicas N (N > 1) or --ray-address")
     serve(_engine_kwargs(a), a.model, a.host, a.port, a.api_key, a.served_model_name, limits, a.shutdown_grace,
           a.pooling, a.memory_db)
+    return 0
+
+
+def _serve_replicas(a: argparse.Namespace, limits: Any) -> int:
+    import os
+
+    from ember.loading.registry import DEFAULT_MODEL
+    from ember.server.ray_serve import ClusterSpec, ReplicaSpec, plan_cpus, serve_replicas
+    from ember.server.serve import default_name
+
+    threads, cpus = plan_cpus(a.replicas, a.replica_threads, os.cpu_count() or 1)
+    spec = ReplicaSpec(a.model, _engine_kwargs(a), a.served_model_name or default_name(a.model or DEFAULT_MODEL),
+                       limits, a.pooling, a.memory_db, threads)
+    cluster = ClusterSpec(a.replicas, threads, cpus, a.router, shutdown_grace=a.shutdown_grace)
+    serve_replicas(spec, cluster, a.host, a.port, a.api_key, a.ray_address)
     return 0
 
 
@@ -777,6 +796,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--memory-db", default=None, metavar="PATH",
                     help="the SQLite file of long-term memory sessions (chat completions with \"session\"; "
                          "default $EMBER_HOME/memory.sqlite3)")
+    scale = sv.add_argument_group("replicas (Ray Serve: pip install 'ember[ray]')")
+    scale.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
+                       help="run N engine replicas behind this one endpoint as Ray Serve deployments (EmberEngine, "
+                            "behind EmberIngress); 1 (default): one process, without Ray")
+    scale.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster (e.g. 10.0.0.1:6379, after `ray start --head` there) instead of "
+                            "starting Ray on this machine")
+    scale.add_argument("--replica-threads", type=_positive_int, default=None, metavar="T",
+                       help="torch threads per replica (default: the cores divided by N); each replica reserves "
+                            "min(T, cores/N) CPUs from Ray, so N replicas always fit")
+    scale.add_argument("--router", choices=["prefix", "ray-prefix", "pow2", "random"], default="prefix",
+                       help="how requests pick a replica: prefix (default: the replica already holding the prompt's "
+                            "leading token blocks, unless load is uneven), ray-prefix (Ray's PrefixCacheAffinity"
+                            "Router, on characters), pow2 (Ray's default: less loaded of two), random")
     sv.set_defaults(func=cmd_serve, parser=sv)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit)",

@@ -160,3 +160,9 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "floa
               leave=False, file=sys.stderr) as bar:
         net.load_weights(bar, str(path))
     return LoadedModel(net.eval(), tokenizer, config, path, time.perf_counter() - start)
+
+
+def load_tokenizer(model: str | Path | None) -> Tokenizer:
+    """Only the tokenizer of a model (GGUF file or Hugging Face folder): no weights read, no shapes checked."""
+    path = resolve(model)
+    return Tokenizer.from_hf_folder(path) if path.is_dir() else Tokenizer.from_gguf(path)

@@ -674,7 +674,8 @@ async def _chat_stream(rid: str, model: str, stream: RequestStream, state: Choic
                 yield event
         if include_usage and out is not None:
             yield P.envelope("chat.completion.chunk", rid, model, [],
-                             usage=P.usage(len(out.prompt_token_ids), state.completion_tokens(out)))
+                             usage=P.usage(len(out.prompt_token_ids), state.completion_tokens(out),
+                                           out.num_cached_tokens))
     finally:  # no await here: a cancelled task (the client left) raises again at every await
         stream.abort()
 
@@ -733,7 +734,8 @@ async def _completion_stream(rid: str, model: str, streams: list[RequestStream],
         if include_usage:
             prompt = sum(len(o.prompt_token_ids) for o in last.values())
             completion = sum(states[i].completion_tokens(o) for i, o in last.items())
-            yield P.envelope("text_completion", rid, model, [], usage=P.usage(prompt, completion))
+            cached = sum(o.num_cached_tokens for o in last.values())
+            yield P.envelope("text_completion", rid, model, [], usage=P.usage(prompt, completion, cached))
     finally:  # no await here: a cancelled task (the client left) raises again at every await
         for s in streams:
             s.abort()

@@ -91,6 +91,10 @@ class Metrics:
         counters = [("ember_prompt_tokens_total", "Prompt tokens received.", stats.get("prompt_tokens", 0)),
                     ("ember_generation_tokens_total", "Tokens generated.", stats.get("generation_tokens", 0)),
                     ("ember_num_preemptions_total", "Sequences preempted.", state.preemptions),
+                    # As vLLM's prefix_cache_queries / prefix_cache_hits: summable over replicas (a rate is not).
+                    ("ember_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
+                     state.prefix_queries),
+                    ("ember_prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", state.prefix_hits),
                     ("ember_engine_steps_total", "Engine steps.", stats.get("steps", 0)),
                     ("ember_engine_step_seconds_total", "Wall time inside engine steps.",
                      round(stats.get("step_s", 0.0), 6)),

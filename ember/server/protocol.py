@@ -387,8 +387,13 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion).model_dump()
+def usage(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; `cached`: the prompt tokens read from the prefix cache (prompt_tokens_details)."""
+    out: dict[str, Any] = Usage(prompt_tokens=prompt, completion_tokens=completion,
+                                total_tokens=prompt + completion).model_dump()
+    if cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

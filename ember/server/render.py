@@ -146,11 +146,12 @@ def chat_final(rid: str, model: str, out: RequestOutput, state: ChoiceState, log
                 if logprobs and c.logprobs is not None else None,
                 "finish_reason": c.finish_reason} for c in out.outputs]
     return P.envelope("chat.completion", rid, model, choices,
-                      usage=P.usage(len(out.prompt_token_ids), state.completion_tokens(out)))
+                      usage=P.usage(len(out.prompt_token_ids), state.completion_tokens(out), out.num_cached_tokens))
 
 
 def completion_final(rid: str, model: str, outs: list[RequestOutput], states: list[ChoiceState]) -> dict[str, Any]:
     choices = [choice for out, state in zip(outs, states) for choice in state.completion_choices(out)]
     prompt = sum(len(o.prompt_token_ids) for o in outs)
     completion = sum(state.completion_tokens(o) for o, state in zip(outs, states))
-    return P.envelope("text_completion", rid, model, choices, usage=P.usage(prompt, completion))
+    cached = sum(o.num_cached_tokens for o in outs)
+    return P.envelope("text_completion", rid, model, choices, usage=P.usage(prompt, completion, cached))

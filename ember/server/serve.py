@@ -28,12 +28,12 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int
     from ember.engine.engine import EngineArgs, LLMEngine
     from ember.loading.registry import DEFAULT_MODEL
 
-    name = served_name or _default_name(model or DEFAULT_MODEL)
+    name = served_name or default_name(model or DEFAULT_MODEL)
     metrics = Metrics()
     sock = bind(host, port)  # before the model loads: a busy port fails at once, not after the load
     try:
         engine = AsyncEngine.load(lambda: LLMEngine(EngineArgs(model=model, **engine_kwargs)),
-                                  observer=_RequestLog(metrics))
+                                  observer=RequestLog(metrics))
     except BaseException:
         sock.close()
         raise
@@ -110,12 +110,12 @@ def _server(config: Any, engine: AsyncEngine, grace: float) -> Any:
     return Server(config)
 
 
-def _default_name(model: str) -> str:
+def default_name(model: str) -> str:
     path = Path(model)
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-class _RequestLog:
+class RequestLog:
     """Metrics observer that also writes one INFO line per finished request."""
 
     def __init__(self, metrics: Metrics) -> None:
