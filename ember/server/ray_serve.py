@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -188,7 +189,8 @@ class EmberEngine:
                 handle = None
 
     def __del__(self) -> None:  # Ray Serve calls it when the replica shuts down (after draining)
-        self._stopping.set()
+        if hasattr(self, "_stopping"):
+            self._stopping.set()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
@@ -482,7 +484,7 @@ def serve_replicas(spec: ReplicaSpec, cluster: ClusterSpec, host: str, port: int
     signals = {s: signal.signal(s, lambda sig, _: _on_signal(stop, sig)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_application(spec, cluster, api_key), name=APP_NAME, route_prefix="/", blocking=False)
+        _deploy(serve, build_application(spec, cluster, api_key))
         log.info("serving %s on http://%s:%d/v1 with %d replicas x %d threads (%s routing, Ray %s) in %.0f s",
                  spec.served_name, host, port, cluster.replicas, cluster.threads, cluster.router,
                  "cluster at " + ray_address if ray_address else "started here", time.perf_counter() - started)
@@ -501,6 +503,23 @@ def serve_replicas(spec: ReplicaSpec, cluster: ClusterSpec, host: str, port: int
             signal.signal(s, handler)
         ray.shutdown()
     log.info("server stopped")
+
+
+def _deploy(serve: Any, app: Any) -> None:
+    """serve.run, waiting for every replica; a replica that cannot start (a bad flag, a missing model file)
+    fails it with ember's own message rather than Ray's traceback of the replica."""
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as e:
+        try:
+            status = serve.status().applications[APP_NAME]
+            detail = "\n".join([str(e), status.message, *(d.message for d in status.deployments.values())])
+        except Exception:  # noqa: BLE001 - the status is only a better message
+            detail = str(e)
+        found = re.search(r"ember\.errors\.\w+: ([^\n]+)", detail)
+        if found is None:
+            raise
+        raise EmberError(f"the engine replicas could not start: {found.group(1)}") from None
 
 
 def _drain(ingress: Any, grace: float) -> None:
