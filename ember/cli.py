@@ -11,6 +11,7 @@ from typing import Any
 
 from ember.errors import EmberError, InvalidParameterError
 from ember.ops.formats import KV_CACHE_DTYPES, QUANT_METHODS
+from ember.server.routing import ROUTERS, ROUTING_IMBALANCE
 
 log = logging.getLogger("ember")
 
@@ -211,8 +212,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     limits = ServerLimits(max_request_bytes=a.max_request_bytes, max_request_tokens=a.max_request_tokens)
     if a.replicas > 1 or a.ray_address:
         return _serve_replicas(a, limits)
-    if a.replica_threads or a.router != "prefix":
-        a.parser.error("--replica-threads and --router apply to --replicas N (N > 1) or --ray-address")
+    if a.replica_threads or a.router != "prefix" or a.routing_imbalance:
+        a.parser.error("--replica-threads, --router and --routing-imbalance apply to --replicas N (N > 1) or "
+                       "--ray-address")
     serve(_engine_kwargs(a), a.model, a.host, a.port, a.api_key, a.served_model_name, limits, a.shutdown_grace,
           a.pooling, a.memory_db)
     return 0
@@ -221,6 +223,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def _serve_replicas(a: argparse.Namespace, limits: Any) -> int:
     import os
 
+    from ember.engine.engine import EngineArgs
     from ember.loading.registry import DEFAULT_MODEL
     from ember.server.ray_serve import ClusterSpec, ReplicaSpec, plan_cpus, serve_replicas
     from ember.server.serve import default_name
@@ -228,7 +231,8 @@ def _serve_replicas(a: argparse.Namespace, limits: Any) -> int:
     threads, cpus = plan_cpus(a.replicas, a.replica_threads, os.cpu_count() or 1)
     spec = ReplicaSpec(a.model, _engine_kwargs(a), a.served_model_name or default_name(a.model or DEFAULT_MODEL),
                        limits, a.pooling, a.memory_db, threads)
-    cluster = ClusterSpec(a.replicas, threads, cpus, a.router, shutdown_grace=a.shutdown_grace)
+    cluster = ClusterSpec(a.replicas, threads, cpus, a.router, a.routing_imbalance or ROUTING_IMBALANCE,
+                          EngineArgs.block_size, a.shutdown_grace)
     serve_replicas(spec, cluster, a.host, a.port, a.api_key, a.ray_address)
     return 0
 
@@ -296,9 +300,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
     elif a.kind == "serve":
         from ember.bench.serve import run_serve
 
+        from ember.bench.serve import SharedPrefixes
+
+        shared = (SharedPrefixes(a.prefix_repetition_num_prefixes, a.prefix_repetition_prefix_len)
+                  if a.dataset == "prefix-repetition" else None)
         result = run_serve(a.url, a.served_model, a.num_prompts, a.input_len, a.output_len, a.range_ratio,
                            a.request_rate, a.burstiness, a.max_concurrency, a.seed, a.api_key, a.slo_scale,
-                           a.slo_gen_rate)
+                           a.slo_gen_rate, shared)
     else:
         from ember import LLM
         from ember.llm import load_for
@@ -369,6 +377,12 @@ def _bench_parsers(sub: Any) -> None:
     sv.add_argument("--slo-scale", type=float, default=8.0,
                     help="prompt-latency SLA: prompt_tokens/512*SCALE seconds (DeepSpeed-FastGen uses 1 on GPUs)")
     sv.add_argument("--slo-gen-rate", type=float, default=2.0, help="generation SLA in tok/s")
+    sv.add_argument("--dataset", choices=["random", "prefix-repetition"], default="random",
+                    help="random prompts (default), or vLLM's prefix-repetition: shared prefixes (system prompts, "
+                         "documents) each followed by --input-len tokens of its own; reports the prefix-cache hit "
+                         "rate where the server sends usage.prompt_tokens_details")
+    sv.add_argument("--prefix-repetition-prefix-len", type=_positive_int, default=1000, metavar="TOKENS")
+    sv.add_argument("--prefix-repetition-num-prefixes", type=_positive_int, default=4, metavar="N")
     sp = kinds.add_parser("spec", parents=[common],
                           help="a prompt set's greedy chat completions, 1 or N streams (speculative decoding)",
                           description="Send a JSONL prompt set ({\"messages\": [...]} per line, e.g. from "
@@ -806,10 +820,14 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--replica-threads", type=_positive_int, default=None, metavar="T",
                        help="torch threads per replica (default: the cores divided by N); each replica reserves "
                             "min(T, cores/N) CPUs from Ray, so N replicas always fit")
-    scale.add_argument("--router", choices=["prefix", "ray-prefix", "pow2", "random"], default="prefix",
+    scale.add_argument("--router", choices=ROUTERS, default="prefix",
                        help="how requests pick a replica: prefix (default: the replica already holding the prompt's "
                             "leading token blocks, unless load is uneven), ray-prefix (Ray's PrefixCacheAffinity"
                             "Router, on characters), pow2 (Ray's default: less loaded of two), random")
+    scale.add_argument("--routing-imbalance", type=_positive_int, default=None, metavar="N",
+                       help="prefix routing: when the replicas' requests in flight differ by more than N, send the "
+                            "request to the least loaded replica even if another holds its prefix (default %d)"
+                            % ROUTING_IMBALANCE)
     sv.set_defaults(func=cmd_serve, parser=sv)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit)",

@@ -5,6 +5,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ class Result:
     chunk_times: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
+    replica: str | None = None  # X-Ember-Replica, from `ember serve --replicas N`
     text: str = ""
     timings: dict[str, Any] = field(default_factory=dict)  # llama-server's own counters, when it sends them
 
@@ -39,12 +42,14 @@ async def _one(session: Any, url: str, body: dict[str, Any], res: Result) -> Non
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.read())[:200]!r}"
                 return
+            res.replica = resp.headers.get("x-ember-replica")
             async for line in resp.content:  # server-sent events, one `data: {...}` line per chunk
                 if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
                     continue
                 event = json.loads(line[5:])
                 if event.get("usage"):
                     res.prompt_tokens = event["usage"].get("prompt_tokens")
+                    res.cached_tokens = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
                     res.output_tokens = event["usage"].get("completion_tokens") or res.output_tokens
                 if event.get("timings"):
                     res.timings = event["timings"]
@@ -86,20 +91,40 @@ async def _first_model(session: Any, url: str) -> str:
         return (await resp.json())["data"][0]["id"]
 
 
+@dataclass
+class SharedPrefixes:
+    """vLLM's prefix-repetition dataset: `num_prefixes` prefixes of `prefix_len` tokens (a system prompt, a
+    document), each request one of them (in shuffled order) followed by its own --input-len tokens."""
+
+    num_prefixes: int = 4
+    prefix_len: int = 1000
+
+
+def _prompts(rng: random.Random, lengths: list[int], shared: SharedPrefixes | None) -> list[str]:
+    if shared is None:
+        return [synthetic_prompt(rng, n) for n in lengths]
+    heads = [synthetic_prompt(rng, shared.prefix_len) for _ in range(shared.num_prefixes)]
+    order = [i % shared.num_prefixes for i in range(len(lengths))]
+    rng.shuffle(order)
+    return [f"{heads[k]} {synthetic_prompt(rng, n)}" for k, n in zip(order, lengths)]
+
+
 async def _drive(url: str, model: str | None, num_prompts: int, input_len: int, output_len: int,
                  range_ratio: float, request_rate: float, burstiness: float, max_concurrency: int | None,
-                 seed: int, api_key: str | None) -> tuple[list[Result], float, str]:
+                 seed: int, api_key: str | None, shared: SharedPrefixes | None = None
+                 ) -> tuple[list[Result], float, str]:
     rng = random.Random(seed)
     async with _client(api_key) as client:
         model = model or await _first_model(client, url)
         ins = sample_lengths(rng, num_prompts, input_len, range_ratio)
         outs = sample_lengths(rng, num_prompts, output_len, range_ratio)
         waits = _intervals(rng, num_prompts, request_rate, burstiness)
+        prompts = _prompts(rng, ins, shared)
         sem = asyncio.Semaphore(max_concurrency or num_prompts)
-        results = [Result(prompt_words=n) for n in ins]
+        results = [Result(prompt_words=n + (shared.prefix_len if shared else 0)) for n in ins]
 
         async def go(i: int) -> None:
-            body = {"model": model, "prompt": synthetic_prompt(rng, ins[i]), "max_tokens": outs[i],
+            body = {"model": model, "prompt": prompts[i], "max_tokens": outs[i],
                     "temperature": 0, "stream": True, "ignore_eos": True,
                     "stream_options": {"include_usage": True}}
             async with sem:
@@ -117,10 +142,12 @@ async def _drive(url: str, model: str | None, num_prompts: int, input_len: int, 
 def run_serve(url: str, model: str | None = None, num_prompts: int = 16, input_len: int = 250,
               output_len: int = 128, range_ratio: float = 0.0, request_rate: float = float("inf"),
               burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0,
-              api_key: str | None = None, slo_scale: float = 8.0, slo_gen_rate: float = 2.0) -> dict[str, Any]:
+              api_key: str | None = None, slo_scale: float = 8.0, slo_gen_rate: float = 2.0,
+              shared: SharedPrefixes | None = None) -> dict[str, Any]:
     url = url.rstrip("/").removesuffix("/v1")
     results, duration, model = asyncio.run(_drive(url, model, num_prompts, input_len, output_len, range_ratio,
-                                                  request_rate, burstiness, max_concurrency, seed, api_key))
+                                                  request_rate, burstiness, max_concurrency, seed, api_key,
+                                                  shared))
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     prompt_tokens = sum(r.prompt_tokens or r.prompt_words for r in ok)
@@ -142,6 +169,13 @@ def run_serve(url: str, model: str | None = None, num_prompts: int = 16, input_l
         "slo": {"prompt_latency_s_per_512_tokens": slo_scale, "min_generation_tok_s": slo_gen_rate},
         "slo_met": len(good), "effective_throughput_req_s": len(good) / duration,
     }
+    if shared is not None:
+        result["dataset"] = {"name": "prefix-repetition", "num_prefixes": shared.num_prefixes,
+                             "prefix_len": shared.prefix_len, "suffix_len": input_len}
+    if ok and all(r.cached_tokens is not None for r in ok):
+        result["prefix_cache_hit_rate"] = sum(r.cached_tokens or 0 for r in ok) / max(1, prompt_tokens)
+    if any(r.replica for r in ok):
+        result["requests_per_replica"] = dict(sorted(Counter(r.replica or "?" for r in ok).items()))
     result.update(percentiles([r.ttft for r in ok], "ttft_ms"))
     result.update(percentiles(tpots, "tpot_ms"))
     result.update(percentiles(itls, "itl_ms"))

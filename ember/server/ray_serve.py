@@ -25,14 +25,13 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from ember.errors import EmberError
 from ember.server import protocol as P
 from ember.server.app import ServerLimits
-from ember.server.routing import block_hashes, session_hashes
+from ember.server.routing import ROUTING_IMBALANCE, block_hashes, session_hashes
 
 log = logging.getLogger("ember")
 APP_NAME = "ember"
 ENGINE = "EmberEngine"
 INGRESS = "EmberIngress"
 REPLICA_HEADER = "x-ember-replica"
-ROUTERS = ("prefix", "ray-prefix", "pow2", "random")
 RAY_PREFIX_ROUTER = ("ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:"
                      "PrefixCacheAffinityRouter")
 METRICS_PUSH_S = 1.0  # how often a replica sends its metrics to the ingress
@@ -85,8 +84,8 @@ class ClusterSpec:
     threads: int
     cpus_per_replica: float
     router: str = "prefix"
-    imbalance: int = 16
-    block_size: int = 16
+    imbalance: int = ROUTING_IMBALANCE
+    block_size: int = 16  # the engine's (EngineArgs.block_size): the router hashes blocks as its prefix cache does
     shutdown_grace: float = 60.0
 
 
@@ -469,6 +468,8 @@ def serve_replicas(spec: ReplicaSpec, cluster: ClusterSpec, host: str, port: int
                    ray_address: str | None = None) -> None:
     """Start (or join, with `ray_address`) Ray, deploy the application and serve until SIGINT/SIGTERM, which
     drains every replica (requests in flight may run for shutdown_grace seconds); a second signal stops now."""
+    if ray_address:
+        _use_cluster_token()  # (before Ray is imported: it reads the mode then)
     try:
         import ray
         from ray import serve
@@ -503,6 +504,15 @@ def serve_replicas(spec: ReplicaSpec, cluster: ClusterSpec, host: str, port: int
             signal.signal(s, handler)
         ray.shutdown()
     log.info("server stopped")
+
+
+def _use_cluster_token() -> None:
+    """Ray 2.59+ `ray start --head` turns token authentication on when a token exists (`~/.ray/auth_token`,
+    written by any earlier local Ray), but `ray.init(address=...)` only sends it with RAY_AUTH_MODE=token set
+    (ray-project/ray#64755): without it, joining fails with "InvalidAuthToken"."""
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH", os.path.expanduser("~/.ray/auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(token_file)):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _deploy(serve: Any, app: Any) -> None:

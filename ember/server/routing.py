@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 Replica = Hashable
+ROUTERS = ("prefix", "ray-prefix", "pow2", "random")  # `ember serve --router`
+ROUTING_IMBALANCE = 16  # requests in flight between the busiest and the idlest replica before load beats affinity
 
 
 def block_hashes(ids: Sequence[int], block_size: int) -> list[int]:
@@ -45,7 +47,7 @@ class PrefixRouter:
     distinct prefixes spread over the replicas."""
 
     block_size: int = 16
-    imbalance: int = 16
+    imbalance: int = ROUTING_IMBALANCE
     min_match_blocks: int = 1
     capacity_blocks: int = 1 << 16
     held: dict[Replica, OrderedDict[int, None]] = field(default_factory=dict)

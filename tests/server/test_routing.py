@@ -88,3 +88,20 @@ def test_merged_metrics_label_every_replica() -> None:
     assert families["ember_replicas"].samples[0].value == 2
     assert families["ember_routed_requests"].samples[0].labels == {"replica": "EmberEngine#a", "reason": "prefix"}
     assert text.count("# TYPE ember_num_requests_running gauge") == 1
+
+
+def test_replicas_share_the_cores() -> None:
+    from ember.server.ray_serve import plan_cpus
+
+    assert plan_cpus(2, None, 2) == (1, 1.0)  # 2 x 1 thread on 2 cores
+    assert plan_cpus(1, None, 2) == (2, 2.0)
+    assert plan_cpus(4, None, 2) == (1, 0.5)  # more replicas than cores: fractional reservations
+    assert plan_cpus(2, 2, 2) == (2, 1.0)  # asked for more threads: still fits
+
+
+def test_replica_flags_need_replicas(tiny_llama3, capsys: pytest.CaptureFixture) -> None:
+    from ember.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", str(tiny_llama3), "--router", "random"])
+    assert stopped.value.code == 2 and "apply to --replicas" in capsys.readouterr().err
