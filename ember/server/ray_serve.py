@@ -468,8 +468,11 @@ def serve_replicas(spec: ReplicaSpec, cluster: ClusterSpec, host: str, port: int
                    ray_address: str | None = None) -> None:
     """Start (or join, with `ray_address`) Ray, deploy the application and serve until SIGINT/SIGTERM, which
     drains every replica (requests in flight may run for shutdown_grace seconds); a second signal stops now."""
+    # Ray folds similar lines from different processes into one ("[repeated 2x across cluster]"): each replica's
+    # request lines and "ready" line would be lost. (Set before Ray is imported, which reads these then.)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray_address:
-        _use_cluster_token()  # (before Ray is imported: it reads the mode then)
+        _use_cluster_token()
     try:
         import ray
         from ray import serve
