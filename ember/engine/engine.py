@@ -25,6 +25,7 @@ from ember.models.quantize import apply as apply_quantization
 from ember.ops.backends import KVSpec
 from ember.ops.formats import KV_CACHE_DTYPES, QUANT_METHODS
 from ember.ops.long_context import DEFAULT_SINKS, MODES as LONG_MODES, LongContext
+from ember.engine.structured import GrammarCompiler, Masker
 from ember.spec import SpeculativeConfig, Speculator, build_speculator, parse_speculative_config
 
 log = logging.getLogger("ember")
@@ -210,6 +211,8 @@ class LLMEngine:
             self.blocks.set_window(self.long.window, self.long.sink_blocks(args.block_size))
             self.runner.set_long_context(self.long)
         self.sampler = Sampler()
+        self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size)
+        self.mask_grammars = Masker()
         self.speculator: Speculator | None = build_speculator(args.speculative_config, self)
         self.requests: dict[str, Request] = {}
         self._failed: list[Request] = []  # failed in this step; their outputs go out with the step's
@@ -217,9 +220,11 @@ class LLMEngine:
         self.last_step = StepShape(0, ())  # what the latest step scheduled (traces and benchmarks read it)
         # step_s / forward_s: wall time of whole steps and of the model inside them (engine overhead).
         # spec_*: candidate tokens scored, kept, and the steps that verified any (set_candidates, the speculator).
+        # grammar_*: structured outputs' token masks, their time and count (rows masked).
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                                         "step_s": 0.0, "forward_s": 0.0, "spec_draft_tokens": 0,
-                                        "spec_accepted_tokens": 0, "spec_verifications": 0}
+                                        "spec_accepted_tokens": 0, "spec_verifications": 0,
+                                        "grammar_mask_s": 0.0, "grammar_masks": 0}
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
                  num_blocks, args.block_size, num_blocks * args.block_size,
                  num_blocks * args.block_size * per_token / 2**20, kv.name, self.max_model_len)
@@ -303,6 +308,7 @@ class LLMEngine:
                          depth=depth)
                 for i in range(params.n)]
         self._check_token_ids(params)
+        self._constrain(seqs, params)
         stop = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop |= self.tokenizer.stop_token_ids
@@ -310,6 +316,17 @@ class LLMEngine:
         for s in seqs:
             req.detoks[s.seq_id] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         return req
+
+    def _constrain(self, seqs: list[Sequence], params: SamplingParams) -> None:
+        """Structured outputs: each completion gets its own matcher of the request's constraint."""
+        if params.structured_outputs is None:
+            return
+        if self.speculator is not None:
+            raise InvalidParameterError("structured outputs do not run with speculative decoding yet: serve "
+                                        "them from an engine without --speculative-config", "structured_outputs")
+        matcher = self.grammars.matcher(params.structured_outputs)
+        for i, seq in enumerate(seqs):
+            seq.grammar = matcher if i == 0 else matcher.deep_copy()
 
     def admit(self, req: Request) -> None:
         """Queue a prepared request (engine thread only)."""
@@ -632,6 +649,12 @@ class LLMEngine:
         seqs = [s for s, _ in pairs]
         logits = all_logits[torch.tensor([r for _, r in pairs])]
         self._block_early_stops(logits, seqs)
+        constrained = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:
+            start = time.perf_counter()
+            self.mask_grammars(logits, constrained)
+            self.stats["grammar_mask_s"] += time.perf_counter() - start
+            self.stats["grammar_masks"] += len(constrained)
         sample = self.sampler.sample(logits, [SamplingRow(s.params, s.generator, s.prompt_ids, s.output_ids)
                                               for s in seqs])
         now = time.monotonic()
@@ -670,6 +693,8 @@ class LLMEngine:
             seq.logprobs.append(self._ranked(logprobs, logits, token))
             seq.cumulative_logprob += logprobs[token]
         n_out = len(seq.output_ids)
+        if seq.grammar is not None and not seq.grammar.consume_token(token):
+            raise RuntimeError(f"the structured output matcher refused token {token}: {seq.grammar.get_error()}")
         if token in req.stop_ids and n_out > params.min_tokens:
             self._finish(seq, "stop", None if token in self.tokenizer.stop_token_ids and
                          token not in (params.stop_token_ids or ()) else token)
@@ -682,6 +707,9 @@ class LLMEngine:
         if (params.max_tokens is not None and n_out >= params.max_tokens) or len(seq) >= self.max_model_len:
             seq.text += req.detoks[seq.seq_id].flush()
             self._finish(seq, "length", None)
+        elif seq.grammar is not None and seq.grammar.is_stopped():  # complete (with ignore_eos: nothing may follow)
+            seq.text += req.detoks[seq.seq_id].flush()
+            self._finish(seq, "stop", None)
 
     def _check_stop_strings(self, seq: Sequence, old_len: int) -> bool:
         longest = max(len(s) for s in seq.params.stop_strings)

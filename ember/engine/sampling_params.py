@@ -4,8 +4,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ember.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from ember.engine.structured import StructuredOutputsParams
 
 # Bounds on what one request may ask the engine to check every token (OpenAI allows 4 stop strings; a few
 # dozen cover every client seen: lm-eval's `until` lists, code completion's stop words).
@@ -48,6 +52,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    # Output constrained to a JSON schema, a regex, a choice or a grammar (ember.engine.structured).
+    structured_outputs: "StructuredOutputsParams | None" = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:

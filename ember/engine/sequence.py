@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,6 +55,7 @@ class Sequence:
     # Candidate tokens after the last one (speculative drafts) for the next step to score and verify; the
     # engine trims them to what fits and clears them after the step.
     spec_tokens: list[int] = field(default_factory=list)
+    grammar: Any = None  # structured outputs: its llguidance matcher (fed every token appended)
     pooling: PoolingParams | None = None  # set: read the prompt's hidden states / attention, generate nothing
     # Layers its steps must run (None: all): a request reading attention from early layers stops there.
     depth: int | None = None

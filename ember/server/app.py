@@ -28,6 +28,7 @@ from ember.engine.engine import Prompt, Request as EngineRequest
 from ember.engine.outputs import RequestOutput
 from ember.engine.pooling_params import PoolingParams
 from ember.engine.sampling_params import SamplingParams
+from ember.engine.structured import StructuredOutputsParams
 from ember.errors import EmberError, InvalidParameterError
 from ember.server import protocol as P
 from ember.server.metrics import Metrics
@@ -177,7 +178,8 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
         top = req.top_logprobs if req.logprobs else None
         # The engine's names for what the request sent under other names.
         sent_as = {"logprobs": "top_logprobs", "prompt": "messages",
-                   "max_tokens": "max_completion_tokens" if req.max_completion_tokens else "max_tokens"}
+                   "max_tokens": "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+                   "structured_outputs": _structured(req)[1] or "structured_outputs"}
         with _named_as_sent(sent_as):
             params = _params(req, req.max_completion_tokens or req.max_tokens,
                              (top or 0) if req.logprobs else None)
@@ -250,7 +252,8 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
         rid = P.new_id("cmpl")
         log_user(rid, req)
         items = [(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
-        streams = await submit(items, {"prompt_logprobs": "logprobs"})
+        streams = await submit(items, {"prompt_logprobs": "logprobs",
+                                       "structured_outputs": _structured(req)[1] or "structured_outputs"})
         states = [ChoiceState(tok, params.n, offset=i * params.n, echo=bool(req.echo), logprobs=req.logprobs,
                               score_only=req.max_tokens == 0) for i in range(len(prompts))]
         if req.stream:
@@ -493,7 +496,36 @@ def _named_as_sent(sent_as: dict[str, str]) -> Iterator[None]:
         raise APIError(getattr(e, "status", 400), message, sent_as[param]) from None
 
 
+def _structured(req: P._Sampling) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The request's structured-output constraint and the field that carried it (at most one may)."""
+    rf, so = req.response_format, req.structured_outputs
+    given = {
+        "response_format": (None if rf is None or rf.type == "text" else
+                            dict(json_object=True) if rf.type == "json_object" else
+                            dict(json=rf.json_schema.schema_)),  # type: ignore[union-attr]
+        "guided_json": None if req.guided_json is None else dict(json=req.guided_json),
+        "guided_regex": None if req.guided_regex is None else dict(regex=req.guided_regex),
+        "guided_choice": None if req.guided_choice is None else dict(choice=tuple(req.guided_choice)),
+        "guided_grammar": None if req.guided_grammar is None else dict(grammar=req.guided_grammar),
+        "structured_outputs": None if so is None else dict(json=so.json_, regex=so.regex, grammar=so.grammar,
+                                                           choice=tuple(so.choice) if so.choice else None,
+                                                           json_object=bool(so.json_object)),
+    }
+    sent = [(field, kw) for field, kw in given.items() if kw is not None]
+    if not sent:
+        return None, None
+    if len(sent) > 1:
+        raise APIError(400, f"send one structured-output constraint, not {' and '.join(f for f, _ in sent)}",
+                       sent[1][0])
+    field, kw = sent[0]
+    try:
+        return StructuredOutputsParams(**kw), field
+    except InvalidParameterError as e:
+        raise APIError(400, str(e), field) from None
+
+
 def _params(req: P._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    structured, _ = _structured(req)
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
@@ -502,7 +534,8 @@ def _params(req: P._Sampling, max_tokens: int | None, logprobs: int | None) -> S
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias))
+            include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias),
+            structured_outputs=structured)
     except InvalidParameterError as e:
         raise APIError(400, str(e), e.param) from None
 

@@ -98,8 +98,9 @@ class _Request(BaseModel):
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
+        names = set(fields) | {f.alias for f in fields.values() if f.alias}
         for key, value in data.items():
-            if key in fields or key in cls.inert:
+            if key in names or key in cls.inert:
                 continue
             rule = cls.unsupported.get(key)
             if rule is None:
@@ -126,16 +127,45 @@ class StreamOptions(_Request):
 
 # vLLM's structured outputs and extras that ember does not implement, and OpenAI's stored completions and tiers.
 _SAMPLING_UNSUPPORTED = {
-    **dict.fromkeys(["guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-                     "guided_whitespace_pattern", "structured_outputs", "prompt_logprobs", "allowed_token_ids",
+    **dict.fromkeys(["guided_decoding_backend", "guided_whitespace_pattern", "prompt_logprobs", "allowed_token_ids",
                      "truncate_prompt_tokens", "logits_processors", "request_id", "cache_salt",
                      "kv_transfer_params", "vllm_xargs"], NO),
-    "response_format": Unsupported(({"type": "text"},)), "bad_words": Unsupported(([],)),
+    "bad_words": Unsupported(([],)),
     "use_beam_search": Unsupported((False,)), "length_penalty": Unsupported((1.0,)),
     "spaces_between_special_tokens": Unsupported((True,)), "return_tokens_as_token_ids": Unsupported((False,)),
     "return_token_ids": Unsupported((False,)), "priority": Unsupported((0,)), "store": Unsupported((False,)),
     "service_tier": Unsupported(("auto", "default")),
 }
+
+
+class JsonSchemaFormat(_Request):
+    """OpenAI's response_format.json_schema (`strict` is how ember always decodes: the output follows the schema)."""
+
+    name: Text | None = None
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise refused("json_schema", "type json_schema needs json_schema.schema (the JSON schema to follow)")
+        return self
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's structured_outputs: exactly one of these."""
+
+    json_: dict[str, Any] | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: Annotated[list[NonEmptyText], Field(min_length=1)] | None = None
+    grammar: NonEmptyText | None = None
+    json_object: bool | None = None
 
 
 class _Sampling(_Request):
@@ -162,6 +192,13 @@ class _Sampling(_Request):
     min_tokens: Annotated[int, Field(ge=0)] | None = 0
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    # Structured outputs: OpenAI's response_format, or vLLM's guided_* / structured_outputs (one of them).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[NonEmptyText], Field(min_length=1)] | None = None
+    guided_grammar: NonEmptyText | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> "_Sampling":
