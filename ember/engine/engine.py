@@ -438,6 +438,8 @@ class LLMEngine:
             self._propose()
         start = time.perf_counter()
         batch = self._schedule()
+        self.mask_grammars.prefetch([s.grammar for s, n in batch.items()
+                                     if s.grammar is not None and s.num_computed + n >= len(s)], self.config.vocab_size)
         self.last_step = StepShape(sum(1 for s in batch if not s.in_prefill),
                                    tuple((s.num_computed, n) for s, n in batch.items() if s.in_prefill),
                                    sum(n - 1 for s, n in batch.items() if not s.in_prefill))
