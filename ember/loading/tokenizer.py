@@ -86,12 +86,13 @@ class Tokenizer:
         return piece.replace("\u2581", " ").encode()
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str | list[int]:
-        """Render with the model's template (or `_plain_chat` without one); ids get BOS once if the model adds it."""
+                            tokenize: bool = False, tools: list[dict[str, Any]] | None = None) -> str | list[int]:
+        """Render with the model's template (or `_plain_chat` without one); ids get BOS once if the model adds it.
+        `tools`: OpenAI's tool dicts, for templates that render them (see `renders_tools`)."""
         if not messages:
             raise InvalidParameterError("messages must not be empty", "messages")
         text = (_render(self.chat_template, messages, add_generation_prompt, self._token_str(self.bos_token_id),
-                        self._token_str(self.eos_token_id))
+                        self._token_str(self.eos_token_id), tools)
                 if self.chat_template else _plain_chat(messages, add_generation_prompt))
         if not tokenize:
             return text
@@ -100,6 +101,17 @@ class Tokenizer:
 
     def _token_str(self, token_id: int | None) -> str:
         return "" if token_id is None else self._pieces[token_id]
+
+    def renders_tools(self) -> bool:
+        """Whether the chat template puts a `tools` list into the prompt (else the server writes its own)."""
+        if not self.chat_template:
+            return False
+        probe = [{"type": "function", "function": {"name": "ember_probe_tool", "parameters": {"type": "object"}}}]
+        messages = [{"role": "user", "content": "x"}]
+        try:
+            return "ember_probe_tool" in str(self.apply_chat_template(messages, True, False, probe))
+        except InvalidParameterError:
+            return False
 
     @classmethod
     def from_gguf(cls, path: str | Path, metadata: dict[str, Any] | None = None) -> "Tokenizer":
@@ -205,11 +217,12 @@ def _checked_template(source: str, key: str, template: str | None) -> str | None
     return template
 
 
-def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, bos: str, eos: str) -> str:
+def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, bos: str, eos: str,
+            tools: list[dict[str, Any]] | None = None) -> str:
     from jinja2 import TemplateError
 
     try:
-        return _compile(template).render(messages=messages, tools=None, documents=None, bos_token=bos,
+        return _compile(template).render(messages=messages, tools=tools, documents=None, bos_token=bos,
                                          eos_token=eos, add_generation_prompt=add_generation_prompt)
     except InvalidParameterError:
         raise

@@ -34,6 +34,7 @@ from ember.server import protocol as P
 from ember.server.metrics import Metrics
 from ember.server.middleware import ServerGuard
 from ember.server.render import ChoiceState, chat_chunk, chat_final, completion_final
+from ember.server.tools import ToolPlan, as_text, with_system as with_tools_prompt
 
 log = logging.getLogger("ember")
 T = TypeVar("T")
@@ -97,6 +98,7 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     core = engine.engine
     tok, max_len = core.tokenizer, core.max_model_len
     rerankers: list[Reranker] = []  # built on first use: a model without a usable chat template still embeds
+    renders_tools: list[bool | None] = [None]  # whether the chat template places tools itself (found on first use)
     memories: list[MemoryController] = []  # opened on first use
 
     def memory() -> MemoryController:
@@ -109,7 +111,8 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
             raise APIError(404, f"the model {name!r} does not exist; this server serves {served_name!r}",
                            "model", "NotFoundError", "model_not_found")
 
-    async def chat_ids(messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def chat_ids(messages: list[P.ChatMessage], add_generation_prompt: bool,
+                       plan: ToolPlan | None = None) -> list[int]:
         plain = _messages(messages)
         core.check_text("".join(m["content"] for m in plain), "messages")
 
@@ -119,7 +122,14 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
                     tok.apply_chat_template(_messages(messages, names=False), add_generation_prompt):
                 raise APIError(400, "name is not supported by this model's chat template (it would be ignored); "
                                "leave it out", f"messages.{named}.name")
-            return tok.apply_chat_template(plain, add_generation_prompt, tokenize=True)
+            if renders_tools[0] is None:
+                renders_tools[0] = tok.renders_tools()
+            if renders_tools[0]:
+                return tok.apply_chat_template(plain, add_generation_prompt, True, plan.tools if plan else None)
+            ready = as_text(plain)  # this template knows neither tool calls nor tool results: as text
+            if plan is not None:
+                ready = with_tools_prompt(ready, plan.system_prompt())
+            return tok.apply_chat_template(ready, add_generation_prompt, tokenize=True)
 
         return await engine.run_blocking(render)
 
@@ -184,12 +194,22 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
             params = _params(req, req.max_completion_tokens or req.max_tokens,
                              (top or 0) if req.logprobs else None)
         rid = P.new_id("chatcmpl")
+        plan = _tool_plan(req)
+        if plan is not None and plan.constraint() is not None:
+            if params.structured_outputs is not None:
+                raise APIError(400, f"tool_choice {plan.choice} already constrains the reply; leave out "
+                               f"{sent_as['structured_outputs']}", "tool_choice")
+            params.structured_outputs = plan.constraint()
+            sent_as["structured_outputs"] = "tools"
         if req.session is not None:
+            if plan is not None:
+                raise APIError(400, "tools are not supported with a memory session yet; leave out one of them",
+                               "tools")
             return await session_chat(req, raw, rid, params, sent_as)
-        ids = await chat_ids(req.messages, req.add_generation_prompt)
+        ids = await chat_ids(req.messages, req.add_generation_prompt, plan)
         log_user(rid, req)
         streams = await submit([(rid, {"prompt_token_ids": ids}, params)], sent_as)
-        state = ChoiceState(tok, params.n, top_logprobs=top or 0)
+        state = ChoiceState(tok, params.n, top_logprobs=top or 0, tools=plan)
         if req.stream:
             return _sse(_chat_stream(rid, served_name, streams[0], state, req))
         out = (await _collect(streams, raw))[0]
@@ -469,10 +489,31 @@ def _error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
 
 
-def _messages(messages: list[P.ChatMessage], names: bool = True) -> list[dict[str, str]]:
-    """The messages as the chat template reads them (a name goes to the template, as in transformers)."""
+def _messages(messages: list[P.ChatMessage], names: bool = True) -> list[dict[str, Any]]:
+    """The messages as the chat template reads them (a name goes to the template, as in transformers; an
+    assistant's tool calls with their arguments as objects, as Hugging Face templates expect)."""
     return [{"role": m.role if m.role != "developer" else "system", "content": m.text(),
-             **({"name": m.name} if names and m.name is not None else {})} for m in messages]
+             **({"name": m.name} if names and m.name is not None else {}),
+             **({"tool_calls": [{"type": "function", "function": {"name": c.function.name,
+                                                                   "arguments": _arguments(c.function.arguments)}}
+                                for c in m.tool_calls]} if m.tool_calls else {}),
+             **({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {})} for m in messages]
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _tool_plan(req: P.ChatCompletionRequest) -> ToolPlan | None:
+    """The request's tools, unless it has none or chose none."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    choice = req.tool_choice
+    name = choice.function.name if isinstance(choice, P.NamedToolChoice) else choice or "auto"
+    return ToolPlan([t.model_dump(exclude_none=True) for t in req.tools], name, req.parallel_tool_calls is not False)
 
 
 def log_user(rid: str, req: P._Sampling | P.EmbeddingRequest) -> None:

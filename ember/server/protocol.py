@@ -213,12 +213,48 @@ class ContentPart(_Request):
     text: Text | None = None
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+
+
+class FunctionDef(_Request):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class CalledFunction(_Request):
+    name: FunctionName
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: Text
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class NamedFunction(_Request):
+    name: FunctionName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Request):
-    unsupported = {"tool_calls": Unsupported(([],)), "function_call": NO, "tool_call_id": NO, "audio": NO,
-                   "refusal": NO}
+    unsupported = {"function_call": NO, "audio": NO, "refusal": NO}
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -228,15 +264,16 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_Sampling):
     unsupported = {
-        **_SAMPLING_UNSUPPORTED, "tools": Unsupported(([],)), "functions": Unsupported(([],)),
-        "tool_choice": Unsupported(("none", "auto")), "function_call": Unsupported(("none", "auto")),
+        **_SAMPLING_UNSUPPORTED, "functions": Unsupported(([],)), "function_call": Unsupported(("none", "auto")),
         "modalities": Unsupported((["text"],)), "continue_final_message": Unsupported((False,)),
         "echo": Unsupported((False,)), "add_special_tokens": Unsupported((False,)),
         "chat_template_kwargs": Unsupported(({},)),
         **dict.fromkeys(["audio", "prediction", "reasoning_effort", "verbosity", "web_search_options",
                          "chat_template", "documents", "mm_processor_kwargs"], NO)}
-    inert = _Sampling.inert | {"parallel_tool_calls"}  # tools are refused, so there are none to run in parallel
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
@@ -246,6 +283,16 @@ class ChatCompletionRequest(_Sampling):
         "ember: a long-term memory session (SCM). Send only the new user message (and optionally a system "
         "message): the server adds what memory recalls from the session's earlier turns and stores this turn; "
         "the response carries memory.turns_used and memory.memory_tokens"))] | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> "ChatCompletionRequest":
+        choice = self.tool_choice
+        names = {t.function.name for t in self.tools or []}
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise refused("tool_choice", f"names the function {choice.function.name!r}, which is not among tools")
+        if choice == "required" and not names:
+            raise refused("tool_choice", "required needs tools to choose from")
+        return self
 
 
 class CompletionRequest(_Sampling):

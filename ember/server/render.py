@@ -6,6 +6,7 @@ from typing import Any, Iterator
 from ember.engine.outputs import CompletionOutput, LogprobDict, RequestOutput
 from ember.loading.tokenizer import Tokenizer
 from ember.server import protocol as P
+from ember.server.tools import ToolPlan, parse, visible
 
 
 class ChoiceState:
@@ -13,8 +14,9 @@ class ChoiceState:
     puts the prompt (and with `logprobs`, its logprobs) first; `score_only` (max_tokens 0) shows no tokens."""
 
     def __init__(self, tok: Tokenizer, n: int, offset: int = 0, top_logprobs: int = 0, echo: bool = False,
-                 logprobs: int | None = None, score_only: bool = False) -> None:
+                 logprobs: int | None = None, score_only: bool = False, tools: ToolPlan | None = None) -> None:
         self.tok, self.n, self.offset, self.top_logprobs = tok, n, offset, top_logprobs
+        self.tools = tools  # chat with tools: tool-call blocks are held back from content and sent as tool_calls
         self.echo, self.logprobs, self.score_only = echo, logprobs, score_only
         self.text_sent = [0] * n
         self.tokens_sent = [0] * n
@@ -27,12 +29,16 @@ class ChoiceState:
 
     def _advance(self, c: CompletionOutput) -> tuple[str, int, int, bool] | None:
         i = c.index
-        delta = c.text[self.text_sent[i]:]
+        text = c.text if self.tools is None else visible(c.text)
+        if self.tools is not None and c.finish_reason is not None:
+            text = parse(c.text, self.tools.names)[0] or ""
+            text = text if text.startswith(c.text[:self.text_sent[i]]) else c.text[:self.text_sent[i]]
+        delta = text[self.text_sent[i]:]
         start, end = self.tokens_sent[i], len(c.token_ids)
         newly_done = c.finish_reason is not None and not self.finished[i]
         if not delta and not newly_done:
             return None
-        self.text_sent[i] = len(c.text)
+        self.text_sent[i] = len(text)
         self.tokens_sent[i] = end
         self.finished[i] = self.finished[i] or newly_done
         return delta, start, end, newly_done
@@ -45,8 +51,12 @@ class ChoiceState:
                 continue
             delta, start, end, done = step
             lp = {"content": chat_logprobs(self.tok, c, start, end, self.top_logprobs)} if logprobs and c.logprobs is not None else None
-            yield chat_chunk(rid, model, c.index, {"content": delta} if delta else {},
-                             lp, c.finish_reason if done else None, include_usage)
+            calls = parse(c.text, self.tools.names)[1] if self.tools is not None and done else []
+            body: dict[str, Any] = {"content": delta} if delta else {}
+            if calls:
+                body["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+            finish = ("tool_calls" if calls else c.finish_reason) if done else None
+            yield chat_chunk(rid, model, c.index, body, lp, finish, include_usage)
 
     def completion_deltas(self, rid: str, model: str, out: RequestOutput,
                           include_usage: bool) -> Iterator[dict[str, Any]]:
@@ -141,10 +151,16 @@ def completion_chunk(rid: str, model: str, index: int, text: str, logprobs: Any,
 
 
 def chat_final(rid: str, model: str, out: RequestOutput, state: ChoiceState, logprobs: bool) -> dict[str, Any]:
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": {"content": chat_logprobs(state.tok, c, 0, len(c.token_ids), state.top_logprobs)}
-                if logprobs and c.logprobs is not None else None,
-                "finish_reason": c.finish_reason} for c in out.outputs]
+    choices = []
+    for c in out.outputs:
+        content, calls = parse(c.text, state.tools.names) if state.tools is not None else (c.text, [])
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        choices.append({"index": c.index, "message": message,
+                        "logprobs": {"content": chat_logprobs(state.tok, c, 0, len(c.token_ids), state.top_logprobs)}
+                        if logprobs and c.logprobs is not None else None,
+                        "finish_reason": "tool_calls" if calls else c.finish_reason})
     return P.envelope("chat.completion", rid, model, choices,
                       usage=P.usage(len(out.prompt_token_ids), state.completion_tokens(out), out.num_cached_tokens))
 

@@ -17,8 +17,6 @@ USER = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 # (path, field, value that asks for something ember lacks, the param the 400 names)
 REFUSED = [
-    (CHAT, "tools", [TOOL], "tools"),
-    (CHAT, "tool_choice", "required", "tool_choice"),
     (CHAT, "functions", [TOOL["function"]], "functions"),
     (CHAT, "function_call", {"name": "f"}, "function_call"),
     (CHAT, "guided_decoding_backend", "xgrammar", "guided_decoding_backend"),
@@ -76,8 +74,8 @@ def test_content_parts_and_message_fields(server) -> None:
     err = _error(_post(server, CHAT, {"messages": [{"role": "user", "content": [image]}]}))
     assert err["param"] == "messages.0.content.0.image_url" and "not supported" in err["message"]
     err = _error(_post(server, CHAT, {"messages": [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *USER]}))
-    assert err["param"] == "messages.0.tool_calls"
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}]}, *USER]}))
+    assert err["param"] == "messages.0.tool_calls.0.function.arguments"  # OpenAI sends arguments as JSON text
     # The test model's template ignores `name`: refused rather than dropped.
     err = _error(_post(server, CHAT, {"messages": [{"role": "user", "content": "hi", "name": "ann"}]}))
     assert err["param"] == "messages.0.name" and "template" in err["message"]
