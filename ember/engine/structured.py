@@ -48,7 +48,7 @@ class StructuredOutputsParams:
         if self.json is not None or self.json_object:
             schema = ({"type": "object"} if self.json_object else
                       json.loads(self.json) if isinstance(self.json, str) else self.json)
-            return LLMatcher.grammar_from_json_schema(_bounded_integers(schema),
+            return LLMatcher.grammar_from_json_schema(bounded_integers(schema),
                                                       defaults={"whitespace_pattern": JSON_WHITESPACE})
         if self.regex is not None:
             return LLMatcher.grammar_from_regex(self.regex)
@@ -58,14 +58,14 @@ class StructuredOutputsParams:
         return LLMatcher.grammar_from_lark(_as_lark(self.grammar))
 
 
-def _bounded_integers(schema: Any) -> Any:
+def bounded_integers(schema: Any) -> Any:
     """The schema with every integer lacking a bound given one of +-(10**18 - 1), inside the 64-bit range JSON
     parsers read: unbounded, a small model's greedy "1111..." runs to max_tokens (seen with the default model)."""
     if isinstance(schema, list):
-        return [_bounded_integers(x) for x in schema]
+        return [bounded_integers(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _bounded_integers(v) for k, v in schema.items()}
+    out = {k: bounded_integers(v) for k, v in schema.items()}
     if out.get("type") == "integer":
         if "maximum" not in out and "exclusiveMaximum" not in out:
             out["maximum"] = INTEGER_BOUND

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ember.engine.structured import StructuredOutputsParams
+from ember.engine.structured import StructuredOutputsParams, bounded_integers
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -33,9 +33,11 @@ class ToolPlan:
         if self.choice == "auto":
             return None
         chosen = [t["function"] for t in self.tools if self.choice in ("required", t["function"]["name"])]
-        calls = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+        # One line of JSON, as the Hermes format writes it: at most a space between tokens.
+        calls = {"x-guidance": {"whitespace_pattern": "[\\x20]?"},
+                 "anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                             "properties": {"name": {"const": f["name"]},
-                                           "arguments": f.get("parameters") or {"type": "object"}}}
+                                           "arguments": bounded_integers(f.get("parameters") or {"type": "object"})}}
                            for f in chosen]}
         repeat = "+" if self.parallel and self.choice == "required" else ""
         return StructuredOutputsParams(grammar=f'start: call{repeat}\ncall: "{OPEN}\\n" %json {json.dumps(calls)} '

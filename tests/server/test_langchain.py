@@ -8,7 +8,17 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.server.conftest import start_server, stop_server
+
 lc = pytest.importorskip("langchain_openai")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama3, tmp_path_factory):
+    """The whole 1,024-token context of the tiny model: its small vocabulary spends ~450 tokens on one tool."""
+    srv = start_server(tiny_llama3, tmp_path_factory.mktemp("langchain"), "--max-model-len", "1024")
+    yield srv
+    stop_server(srv)
 
 
 class Pick(BaseModel):
@@ -45,3 +55,16 @@ def test_openai_embeddings(server) -> None:
     query = emb.embed_query("the cat sat")
     assert len(docs) == 2 and len(docs[0]) == len(query) == 64
     assert query == pytest.approx(docs[0], abs=1e-5)
+
+
+def test_bind_tools_required(server) -> None:
+    from langchain_core.tools import tool
+
+    @tool
+    def shout(word: Literal["hi", "yo"]) -> str:
+        """Shout a word."""
+        return word.upper()
+
+    reply = chat_model(server, max_tokens=200).bind_tools([shout], tool_choice="required", strict=True).invoke("Shout!")
+    assert reply.tool_calls and reply.tool_calls[0]["name"] == "shout"
+    assert reply.tool_calls[0]["args"]["word"] in ("hi", "yo")
