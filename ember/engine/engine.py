@@ -696,7 +696,8 @@ class LLMEngine:
             seq.cumulative_logprob += logprobs[token]
         n_out = len(seq.output_ids)
         if seq.grammar is not None and not seq.grammar.consume_token(token):
-            raise RuntimeError(f"the structured output matcher refused token {token}: {seq.grammar.get_error()}")
+            why = (seq.grammar.get_error() or "").splitlines()[:1]
+            raise RuntimeError(f"the structured output matcher refused token {token}: {''.join(why)}")
         if token in req.stop_ids and n_out > params.min_tokens:
             self._finish(seq, "stop", None if token in self.tokenizer.stop_token_ids and
                          token not in (params.stop_token_ids or ()) else token)

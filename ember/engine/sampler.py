@@ -134,6 +134,7 @@ def _nucleus(probs: torch.Tensor, p: torch.Tensor, k: int) -> torch.Tensor:
     vals, order = probs.topk(k, dim=-1) if k < vocab else probs.sort(dim=-1, descending=True)
     mass = vals.cumsum(dim=-1)
     keep_sorted = (mass - vals) < p  # a token stays while the mass ranked above it is short of p
+    keep_sorted[:, 0] = True  # the top token always (a p below float32's range, 5e-324, is 0 here)
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep_sorted)
     short = mass[:, -1] < p[:, 0]
     if k < vocab and short.any():

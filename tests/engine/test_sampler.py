@@ -309,3 +309,12 @@ def test_rejects_mismatched_rows() -> None:
     with pytest.raises(ValueError):
         Sampler().sample(torch.zeros(2, 5), [_row()])
     assert Sampler().sample(torch.zeros(0, 5), []).token_ids == []
+
+
+def test_a_top_p_too_small_for_float32_still_keeps_the_top_token() -> None:
+    """5e-324 (found by schemathesis) is 0 in float32: the nucleus was empty and token 0 came out."""
+    logits = torch.full((2, 50), -5.0)
+    logits[:, 7] = 3.0
+    logits[:, 0] = float("-inf")  # as a structured-output mask leaves it
+    rows = [_row(seed=s, top_p=5e-324, temperature=1.0) for s in (1, 2)]
+    assert Sampler().sample(logits, rows).token_ids == [7, 7]
