@@ -6,7 +6,7 @@ import os
 import platform
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from ember.errors import InvalidParameterError
 
@@ -65,6 +65,18 @@ def emit(result: dict[str, Any], as_json: bool, title: str) -> None:
         elif isinstance(value, dict):
             value = json.dumps(value)
         print(f"{key:<{width}}  {value}")
+
+
+def parse_names(text: str, known: Iterable[str], what: str, param: str) -> list[str]:
+    """A comma-separated option (--methods, --conditions): names from `known`, each once, in the order given."""
+    known = list(known)
+    out: list[str] = []
+    for name in (n.strip() for n in text.split(",")):
+        if name not in known:
+            raise InvalidParameterError(f"unknown {what} {name!r}: choose from {', '.join(known)}", param)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def read_lines(path: str | Path, what: str, param: str) -> list[str]:

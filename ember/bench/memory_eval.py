@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from ember.bench.common import parse_names
 from ember.errors import InvalidParameterError
 
 if TYPE_CHECKING:  # the engine (torch) loads only when the evaluation runs, not when `ember` parses its flags
@@ -304,14 +305,7 @@ def run_streaming(llm: Any, dialogue: Dialogue, reply_tokens: int, window: int, 
 
 def parse_conditions(text: str) -> list[str]:
     """--conditions: comma-separated names from CONDITIONS, each once, in the order given."""
-    out: list[str] = []
-    for name in (c.strip() for c in text.split(",")):
-        if name not in CONDITIONS:
-            raise InvalidParameterError(f"unknown condition {name!r}: choose from {', '.join(CONDITIONS)}",
-                                        "conditions")
-        if name not in out:
-            out.append(name)
-    return out
+    return parse_names(text, CONDITIONS, "condition", "conditions")
 
 
 def _row(name: str, trials: list[Trial], k: int | None = None, note: str | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Hashable, Literal, Sequence, TypeVar
 
 from ember.apps.rerank import METHODS, icr_layers
-from ember.bench.common import json_lines, read_lines
+from ember.bench.common import json_lines, parse_names, read_lines
 from ember.errors import EmberError, InvalidParameterError
 
 H = TypeVar("H", bound=Hashable)
@@ -84,14 +84,7 @@ def load_dataset(path: str | Path) -> list[Example]:
 
 def parse_methods(text: str) -> list[str]:
     """--methods: comma-separated names from EVAL_METHODS, in the order given, each once."""
-    methods: list[str] = []
-    for name in (m.strip() for m in text.split(",")):
-        if name not in EVAL_METHODS:
-            raise InvalidParameterError(f"unknown method {name!r}: choose from {', '.join(EVAL_METHODS)}",
-                                        "methods")
-        if name not in methods:
-            methods.append(name)
-    return methods
+    return parse_names(text, EVAL_METHODS, "method", "methods")
 
 
 def parse_layers(text: str | None) -> list[int] | Literal["all"] | None:
