@@ -186,21 +186,22 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         top = req.top_logprobs if req.logprobs else None
+        structured, field = _structured(req)
+        plan = _tool_plan(req)
+        calls = plan.constraint() if plan is not None else None
+        if calls is not None:
+            if structured is not None:
+                raise APIError(400, f"tool_choice {plan.choice} already constrains the reply; leave out {field}",
+                               "tool_choice")
+            structured, field = calls, "tools"
         # The engine's names for what the request sent under other names.
         sent_as = {"logprobs": "top_logprobs", "prompt": "messages",
                    "max_tokens": "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-                   "structured_outputs": _structured(req)[1] or "structured_outputs"}
+                   "structured_outputs": field or "structured_outputs"}
         with _named_as_sent(sent_as):
             params = _params(req, req.max_completion_tokens or req.max_tokens,
-                             (top or 0) if req.logprobs else None)
+                             (top or 0) if req.logprobs else None, structured)
         rid = P.new_id("chatcmpl")
-        plan = _tool_plan(req)
-        if plan is not None and plan.constraint() is not None:
-            if params.structured_outputs is not None:
-                raise APIError(400, f"tool_choice {plan.choice} already constrains the reply; leave out "
-                               f"{sent_as['structured_outputs']}", "tool_choice")
-            params.structured_outputs = plan.constraint()
-            sent_as["structured_outputs"] = "tools"
         if req.session is not None:
             if plan is not None:
                 raise APIError(400, "tools are not supported with a memory session yet; leave out one of them",
@@ -266,14 +267,15 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
         check_model(req.model)
         prompts = _completion_prompts(req.prompt)
         # max_tokens 0 (with echo) scores the prompt: as vLLM, one token is generated and not shown.
-        params = _params(req, req.max_tokens or 1, req.logprobs)
+        structured, field = _structured(req)
+        params = _params(req, req.max_tokens or 1, req.logprobs, structured)
         if req.echo and req.logprobs is not None:
             params.prompt_logprobs = req.logprobs
         rid = P.new_id("cmpl")
         log_user(rid, req)
         items = [(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
         streams = await submit(items, {"prompt_logprobs": "logprobs",
-                                       "structured_outputs": _structured(req)[1] or "structured_outputs"})
+                                       "structured_outputs": field or "structured_outputs"})
         states = [ChoiceState(tok, params.n, offset=i * params.n, echo=bool(req.echo), logprobs=req.logprobs,
                               score_only=req.max_tokens == 0) for i in range(len(prompts))]
         if req.stream:
@@ -565,8 +567,8 @@ def _structured(req: P._Sampling) -> tuple[StructuredOutputsParams | None, str |
         raise APIError(400, str(e), field) from None
 
 
-def _params(req: P._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    structured, _ = _structured(req)
+def _params(req: P._Sampling, max_tokens: int | None, logprobs: int | None,
+            structured: StructuredOutputsParams | None = None) -> SamplingParams:
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,

@@ -17,6 +17,8 @@ class ChoiceState:
                  logprobs: int | None = None, score_only: bool = False, tools: ToolPlan | None = None) -> None:
         self.tok, self.n, self.offset, self.top_logprobs = tok, n, offset, top_logprobs
         self.tools = tools  # chat with tools: tool-call blocks are held back from content and sent as tool_calls
+        # Each choice's parsed reply (content, tool calls), once it has finished.
+        self.parsed: list[tuple[str | None, list[dict[str, Any]]] | None] = [None] * n
         self.echo, self.logprobs, self.score_only = echo, logprobs, score_only
         self.text_sent = [0] * n
         self.tokens_sent = [0] * n
@@ -31,7 +33,8 @@ class ChoiceState:
         i = c.index
         text = c.text if self.tools is None else visible(c.text)
         if self.tools is not None and c.finish_reason is not None:
-            text = parse(c.text, self.tools.names)[0] or ""
+            self.parsed[i] = self.parsed[i] or parse(c.text, self.tools.names)
+            text = self.parsed[i][0] or ""  # type: ignore[index]
             text = text if text.startswith(c.text[:self.text_sent[i]]) else c.text[:self.text_sent[i]]
         delta = text[self.text_sent[i]:]
         start, end = self.tokens_sent[i], len(c.token_ids)
@@ -51,7 +54,8 @@ class ChoiceState:
                 continue
             delta, start, end, done = step
             lp = {"content": chat_logprobs(self.tok, c, start, end, self.top_logprobs)} if logprobs and c.logprobs is not None else None
-            calls = parse(c.text, self.tools.names)[1] if self.tools is not None and done else []
+            parsed = self.parsed[c.index]
+            calls = parsed[1] if done and parsed is not None else []
             body: dict[str, Any] = {"content": delta} if delta else {}
             if calls:
                 body["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
