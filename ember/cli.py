@@ -216,7 +216,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         a.parser.error("--replica-threads, --router and --routing-imbalance apply to --replicas N (N > 1) or "
                        "--ray-address")
     serve(_engine_kwargs(a), a.model, a.host, a.port, a.api_key, a.served_model_name, limits, a.shutdown_grace,
-          a.pooling, a.memory_db)
+          a.pooling, a.memory_db, not a.no_ui)
     return 0
 
 
@@ -230,7 +230,7 @@ def _serve_replicas(a: argparse.Namespace, limits: Any) -> int:
 
     threads, cpus = plan_cpus(a.replicas, a.replica_threads, os.cpu_count() or 1)
     spec = ReplicaSpec(a.model, _engine_kwargs(a), a.served_model_name or default_name(a.model or DEFAULT_MODEL),
-                       limits, a.pooling, a.memory_db, threads)
+                       limits, a.pooling, a.memory_db, threads, not a.no_ui)
     cluster = ClusterSpec(a.replicas, threads, cpus, a.router, a.routing_imbalance or ROUTING_IMBALANCE,
                           EngineArgs.block_size, a.shutdown_grace)
     serve_replicas(spec, cluster, a.host, a.port, a.api_key, a.ray_address)
@@ -786,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                         description="Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, "
                                     "/v1/completions, /v1/embeddings, /v1/rerank, /v1/score, /v1/models, "
-                                    "/tokenize, /detokenize, /health, /metrics).")
+                                    "/tokenize, /detokenize, /health, /metrics) and a chat page at /.")
     _model_args(sv)
     _engine_flags(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -810,6 +810,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--memory-db", default=None, metavar="PATH",
                     help="the SQLite file of long-term memory sessions (chat completions with \"session\"; "
                          "default $EMBER_HOME/memory.sqlite3)")
+    sv.add_argument("--no-ui", action="store_true",
+                    help="do not serve the chat page at GET / (by default it is served, open without the API key: "
+                         "it asks for the key and sends it with its own requests)")
     scale = sv.add_argument_group("replicas (Ray Serve: pip install 'ember[ray]')")
     scale.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
                        help="run N engine replicas behind this one endpoint as Ray Serve deployments (EmberEngine, "

@@ -35,6 +35,7 @@ from ember.server.metrics import Metrics
 from ember.server.middleware import ServerGuard
 from ember.server.render import ChoiceState, chat_chunk, chat_final, completion_final
 from ember.server.tools import ToolPlan, as_text, with_system as with_tools_prompt
+from ember.server.ui import add_chat_page
 
 log = logging.getLogger("ember")
 T = TypeVar("T")
@@ -85,15 +86,18 @@ class ServerLimits:
 
 
 def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: str | None = None,
-              limits: ServerLimits | None = None, pooling: str = "last", memory_db: str | None = None) -> FastAPI:
-    """`pooling`: how /v1/embeddings (and the embedding method) pool a text's hidden states unless the
+              limits: ServerLimits | None = None, pooling: str = "last", memory_db: str | None = None,
+              ui: bool = True) -> FastAPI:
+    """`ui`: serve the chat page at `GET /`. `pooling`: how /v1/embeddings (and the embedding method) pool a text's hidden states unless the
     request says: "last" (the final token's, vLLM's default for decoder models) or "mean". `memory_db`: the
     SQLite file of long-term memory sessions (default $EMBER_HOME/memory.sqlite3, opened on first use)."""
     limits = limits or ServerLimits()
     PoolingParams(pooling)  # checked before serving
     app = FastAPI(title="ember", description="OpenAI-compatible LLM server", responses=ERROR_RESPONSES)
-    app.add_middleware(ServerGuard, api_key=api_key, max_request_bytes=limits.max_request_bytes)
+    app.add_middleware(ServerGuard, api_key=api_key, max_request_bytes=limits.max_request_bytes, page=ui)
     _error_handlers(app)
+    if ui:
+        add_chat_page(app)
     _openapi_without_422(app)
     core = engine.engine
     tok, max_len = core.tokenizer, core.max_model_len

@@ -15,6 +15,7 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 PUBLIC_PATHS = ("/health",)  # open without the API key, for load balancers' probes
+PAGE_PATH = "/"  # the chat page, open when served: it asks for the key and sends it with its own requests
 
 
 async def send_error(send: Send, status: int, message: str, type_: str = "invalid_request_error",
@@ -27,13 +28,14 @@ async def send_error(send: Send, status: int, message: str, type_: str = "invali
 
 
 class ServerGuard:
-    """Checks the API key (every path but PUBLIC_PATHS), refuses bodies over `max_request_bytes` with 413
+    """Checks the API key (every path but PUBLIC_PATHS, and the chat page when `page`), refuses bodies over `max_request_bytes` with 413
     before they are parsed, and answers an unexpected exception with a JSON 500 instead of dropping the
     connection (the traceback goes to the log)."""
 
-    def __init__(self, app: Any, api_key: str | None, max_request_bytes: int) -> None:
+    def __init__(self, app: Any, api_key: str | None, max_request_bytes: int, page: bool = False) -> None:
         self.app, self.max_request_bytes = app, max_request_bytes
         self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.public = PUBLIC_PATHS + ((PAGE_PATH,) if page else ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,7 +61,7 @@ class ServerGuard:
                                  "running, and the log has the details", "internal_server_error")
 
     def _authorized(self, scope: Scope) -> bool:
-        if self.expected is None or scope.get("path") in PUBLIC_PATHS:
+        if self.expected is None or scope.get("path") in self.public:
             return True
         given = dict(scope.get("headers") or ()).get(b"authorization", b"")
         return hmac.compare_digest(given, self.expected)

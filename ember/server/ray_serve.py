@@ -76,6 +76,7 @@ class ReplicaSpec:
     pooling: str = "last"
     memory_db: str | None = None
     threads: int = 1
+    ui: bool = True  # the chat page at GET / (served by the ingress)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class EmberEngine:
         self.engine = AsyncEngine.load(load, observer=RequestLog(self.metrics))
         # The ingress checked the API key and the body size already.
         self.app = build_app(self.engine, spec.served_name, self.metrics, None, spec.limits, spec.pooling,
-                             spec.memory_db)
+                             spec.memory_db, ui=False)  # the ingress serves the page
         self._stopping = threading.Event()
         threading.Thread(target=self._push_metrics, name="ember-metrics-push", daemon=True).start()
         log.info("replica %s ready (%d torch threads, pid %d)", self.name, spec.threads, os.getpid())
@@ -360,9 +361,13 @@ class EmberIngress:
 
     def __serve_build_asgi_app__(self) -> Any:
         from ember.server.middleware import ServerGuard
+        from ember.server.ui import add_chat_page
 
         api = FastAPI(title="ember", docs_url=None, redoc_url=None, openapi_url=None)  # the replicas serve docs
-        api.add_middleware(ServerGuard, api_key=self.api_key, max_request_bytes=self.spec.limits.max_request_bytes)
+        api.add_middleware(ServerGuard, api_key=self.api_key, max_request_bytes=self.spec.limits.max_request_bytes,
+                           page=self.spec.ui)
+        if self.spec.ui:
+            add_chat_page(api)
 
         @api.get("/metrics")
         async def metrics() -> PlainTextResponse:

@@ -20,9 +20,10 @@ log = logging.getLogger("ember")
 
 def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int, api_key: str | None,
           served_name: str | None = None, limits: ServerLimits | None = None, shutdown_grace: float = 60.0,
-          pooling: str = "last", memory_db: str | None = None) -> None:
+          pooling: str = "last", memory_db: str | None = None, ui: bool = True) -> None:
     """Load the model, start the engine thread and run uvicorn until SIGINT/SIGTERM. `pooling`: the default
-    pooling of /v1/embeddings (last or mean); `memory_db`: the memory sessions' SQLite file."""
+    pooling of /v1/embeddings (last or mean); `memory_db`: the memory sessions' SQLite file; `ui`: the chat
+    page at GET /."""
     import uvicorn
 
     from ember.engine.engine import EngineArgs, LLMEngine
@@ -37,9 +38,9 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int
     except BaseException:
         sock.close()
         raise
-    app = build_app(engine, name, metrics, api_key, limits, pooling, memory_db)
-    log.info("serving %s on http://%s:%d/v1 (OpenAI-compatible)%s", name, host, port,
-             " with an API key" if api_key else "")
+    app = build_app(engine, name, metrics, api_key, limits, pooling, memory_db, ui)
+    log.info("serving %s on http://%s:%d/v1 (OpenAI-compatible)%s%s", name, host, port,
+             " with an API key" if api_key else "", f"; chat page at http://{host}:{port}/" if ui else "")
     # uvicorn's own deadline only backs ours up: at shutdown_grace the requests still running end with an
     # error event or a 503, which lets their connections close before uvicorn would cancel them.
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,

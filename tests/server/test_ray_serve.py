@@ -107,6 +107,8 @@ def test_same_greedy_text_as_one_process(cluster: Server, tiny_llama3: Path) -> 
 def test_api_key_and_errors_pass_through(cluster: Server) -> None:
     assert httpx.get(f"{cluster.url}/v1/models").status_code == 401
     assert httpx.get(f"{cluster.url}/health").status_code == 200
+    page = httpx.get(f"{cluster.url}/")  # the chat page, served by the ingress itself, open without the key
+    assert page.status_code == 200 and "ember chat" in page.text and "x-ember-replica" not in page.headers
     bad = httpx.post(f"{cluster.url}/v1/chat/completions", headers=HEADERS,
                      json={"model": cluster.model, "messages": [], "max_tokens": 4})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
