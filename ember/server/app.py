@@ -169,7 +169,8 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     async def tokenize(req: P.TokenizeRequest) -> dict[str, Any]:
         check_model(req.model)
         if isinstance(req, P.TokenizeChatRequest):
-            ids = await chat_ids(req.messages, req.add_generation_prompt)
+            tools = ToolPlan(_tool_dicts(req.tools)) if req.tools else None
+            ids = await chat_ids(req.messages, req.add_generation_prompt, tools)
         else:
             ids = await engine.run_blocking(tok.encode, req.prompt, req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
@@ -519,7 +520,11 @@ def _tool_plan(req: P.ChatCompletionRequest) -> ToolPlan | None:
         return None
     choice = req.tool_choice
     name = choice.function.name if isinstance(choice, P.NamedToolChoice) else choice or "auto"
-    return ToolPlan([t.model_dump(exclude_none=True) for t in req.tools], name, req.parallel_tool_calls is not False)
+    return ToolPlan(_tool_dicts(req.tools), name, req.parallel_tool_calls is not False)
+
+
+def _tool_dicts(tools: list[P.Tool]) -> list[dict[str, Any]]:
+    return [t.model_dump(exclude_none=True) for t in tools]
 
 
 def log_user(rid: str, req: P._Sampling | P.EmbeddingRequest) -> None:

@@ -325,6 +325,7 @@ class TokenizeChatRequest(_Request):
     model: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool | None = True
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None  # as chat completions would place them
 
 
 TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest

@@ -6,7 +6,7 @@ from typing import Any, Iterator
 from ember.engine.outputs import CompletionOutput, LogprobDict, RequestOutput
 from ember.loading.tokenizer import Tokenizer
 from ember.server import protocol as P
-from ember.server.tools import ToolPlan, parse, visible
+from ember.server.tools import CallStream, ToolPlan, outside, parse, visible
 
 
 class ChoiceState:
@@ -17,8 +17,7 @@ class ChoiceState:
                  logprobs: int | None = None, score_only: bool = False, tools: ToolPlan | None = None) -> None:
         self.tok, self.n, self.offset, self.top_logprobs = tok, n, offset, top_logprobs
         self.tools = tools  # chat with tools: tool-call blocks are held back from content and sent as tool_calls
-        # Each choice's parsed reply (content, tool calls), once it has finished.
-        self.parsed: list[tuple[str | None, list[dict[str, Any]]] | None] = [None] * n
+        self.calls = [CallStream(tools) for _ in range(n)] if tools is not None else []
         self.echo, self.logprobs, self.score_only = echo, logprobs, score_only
         self.text_sent = [0] * n
         self.tokens_sent = [0] * n
@@ -29,17 +28,31 @@ class ChoiceState:
     def completion_tokens(self, out: RequestOutput) -> int:
         return 0 if self.score_only else sum(len(c.token_ids) for c in out.outputs)
 
-    def _advance(self, c: CompletionOutput) -> tuple[str, int, int, bool] | None:
+    def _tool_deltas(self, c: CompletionOutput) -> list[dict[str, Any]]:
+        """The tool_calls deltas this output adds to a choice (streamed as the model writes them)."""
+        if self.tools is None or self.finished[c.index]:
+            return []
+        stream = self.calls[c.index]
+        return stream.finish(c.text) if c.finish_reason is not None else stream.deltas(c.text)
+
+    def _content(self, c: CompletionOutput) -> str:
+        """What of the choice's text goes out as content: with tools, not the tool-call blocks (nor, while it
+        streams, what may become one); a finished reply without valid calls is all content."""
+        if self.tools is None:
+            return c.text
+        if c.finish_reason is None:
+            return visible(c.text)
+        text = (outside(c.text) or "") if self.calls[c.index].count else c.text
+        sent = c.text[:self.text_sent[c.index]]
+        return text if text.startswith(sent) else sent
+
+    def _advance(self, c: CompletionOutput, force: bool = False) -> tuple[str, int, int, bool] | None:
         i = c.index
-        text = c.text if self.tools is None else visible(c.text)
-        if self.tools is not None and c.finish_reason is not None:
-            self.parsed[i] = self.parsed[i] or parse(c.text, self.tools.names)
-            text = self.parsed[i][0] or ""  # type: ignore[index]
-            text = text if text.startswith(c.text[:self.text_sent[i]]) else c.text[:self.text_sent[i]]
+        text = self._content(c)
         delta = text[self.text_sent[i]:]
         start, end = self.tokens_sent[i], len(c.token_ids)
         newly_done = c.finish_reason is not None and not self.finished[i]
-        if not delta and not newly_done:
+        if not delta and not newly_done and not force:
             return None
         self.text_sent[i] = len(text)
         self.tokens_sent[i] = end
@@ -49,17 +62,16 @@ class ChoiceState:
     def chat_deltas(self, rid: str, model: str, out: RequestOutput, logprobs: bool,
                     include_usage: bool) -> Iterator[dict[str, Any]]:
         for c in out.outputs:
-            step = self._advance(c)
+            calls = self._tool_deltas(c)
+            step = self._advance(c, force=bool(calls))
             if step is None:
                 continue
             delta, start, end, done = step
             lp = {"content": chat_logprobs(self.tok, c, start, end, self.top_logprobs)} if logprobs and c.logprobs is not None else None
-            parsed = self.parsed[c.index]
-            calls = parsed[1] if done and parsed is not None else []
             body: dict[str, Any] = {"content": delta} if delta else {}
             if calls:
-                body["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
-            finish = ("tool_calls" if calls else c.finish_reason) if done else None
+                body["tool_calls"] = calls
+            finish = _finish(c, bool(self.calls and self.calls[c.index].count)) if done else None
             yield chat_chunk(rid, model, c.index, body, lp, finish, include_usage)
 
     def completion_deltas(self, rid: str, model: str, out: RequestOutput,
@@ -157,16 +169,22 @@ def completion_chunk(rid: str, model: str, index: int, text: str, logprobs: Any,
 def chat_final(rid: str, model: str, out: RequestOutput, state: ChoiceState, logprobs: bool) -> dict[str, Any]:
     choices = []
     for c in out.outputs:
-        content, calls = parse(c.text, state.tools.names) if state.tools is not None else (c.text, [])
+        content, calls = parse(c.text, state.tools.names, state.tools.parallel) if state.tools else (c.text, [])
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = calls
         choices.append({"index": c.index, "message": message,
                         "logprobs": {"content": chat_logprobs(state.tok, c, 0, len(c.token_ids), state.top_logprobs)}
                         if logprobs and c.logprobs is not None else None,
-                        "finish_reason": "tool_calls" if calls else c.finish_reason})
+                        "finish_reason": _finish(c, bool(calls))})
     return P.envelope("chat.completion", rid, model, choices,
                       usage=P.usage(len(out.prompt_token_ids), state.completion_tokens(out), out.num_cached_tokens))
+
+
+def _finish(c: CompletionOutput, calls: bool) -> str | None:
+    """OpenAI's finish_reason "tool_calls" for a reply that ended by itself with calls; "length" stays (a call
+    that max_tokens cut short is incomplete)."""
+    return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
 
 
 def completion_final(rid: str, model: str, outs: list[RequestOutput], states: list[ChoiceState]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from ember.server.tools import ToolPlan, parse, visible
+from ember.server.tools import CallStream, ToolPlan, outside, parse, visible
 from tests.server.conftest import start_server, stop_server
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
@@ -56,19 +56,43 @@ def test_required_and_named_choices_always_call_with_valid_arguments(server) -> 
     check_calls(out.choices[0].message.tool_calls, ("get_time",))
 
 
-def test_streamed_tool_calls(server) -> None:
-    stream = client(server).chat.completions.create(model=server.model, messages=USER, tools=TOOLS, stream=True,
-                                                    tool_choice="required", temperature=0, max_tokens=300)
-    calls, finish, content = [], None, ""
+def test_streamed_tool_calls_arrive_piece_by_piece(server) -> None:
+    """As OpenAI streams them: id, type and name first (arguments ""), then the arguments' text in pieces that
+    add up to the non-streamed reply's arguments."""
+    kw = dict(model=server.model, messages=USER, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=300)
+    stream = client(server).chat.completions.create(stream=True, **kw)
+    calls: dict[int, dict] = {}
+    pieces: dict[int, int] = {}
+    finish, content = None, ""
     for chunk in stream:
         if not chunk.choices:
             continue
         delta = chunk.choices[0].delta
         content += delta.content or ""
-        calls += delta.tool_calls or []
+        for d in delta.tool_calls or []:
+            if d.index not in calls:
+                assert d.id and d.type == "function" and d.function.name and d.function.arguments == ""
+                calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+            else:
+                assert d.id is None and d.function.name is None
+                calls[d.index]["arguments"] += d.function.arguments
+                pieces[d.index] = pieces.get(d.index, 0) + 1
         finish = chunk.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and "<tool_call>" not in content
-    check_calls(calls)
+    assert finish == "tool_calls" and "<tool_call>" not in content and sorted(calls) == list(range(len(calls)))
+    assert all(n > 1 for n in pieces.values()) and len(pieces) == len(calls)  # the arguments came incrementally
+    whole = client(server).chat.completions.create(**kw).choices[0].message.tool_calls
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [(c.function.name, c.function.arguments)
+                                                                     for c in whole]
+    check_calls(whole)
+
+
+def test_the_sdks_stream_helper_accumulates_the_calls(server) -> None:
+    with client(server).chat.completions.stream(model=server.model, messages=USER, tools=TOOLS, max_tokens=300,
+                                                tool_choice="required", temperature=0) as stream:
+        argument_deltas = sum(1 for event in stream if event.type == "tool_calls.function.arguments.delta")
+        final = stream.get_final_completion()
+    assert argument_deltas > 1
+    check_calls(final.choices[0].message.tool_calls)
 
 
 def test_tool_results_go_back_to_the_model(server) -> None:
@@ -106,3 +130,61 @@ def test_parse_and_visible() -> None:
     grammar = ToolPlan(TOOLS, "get_time", parallel=False).constraint()
     assert grammar is not None and "get_time" in grammar.grammar and "get_weather" not in grammar.grammar
     assert ToolPlan(TOOLS, "auto").constraint() is None
+
+
+def stream_by_chars(text: str, plan: ToolPlan) -> tuple[dict[int, dict], int]:
+    """Feeds a reply to a CallStream one character at a time, as tokens would come; the accumulated calls."""
+    stream, calls = CallStream(plan), {}
+    for n in range(1, len(text) + 1):
+        for d in stream.deltas(text[:n]):
+            calls.setdefault(d["index"], {"name": None, "arguments": ""})
+            calls[d["index"]]["name"] = d.get("function", {}).get("name") or calls[d["index"]]["name"]
+            calls[d["index"]]["arguments"] += d["function"]["arguments"]
+    for d in stream.finish(text):
+        calls.setdefault(d["index"], {"name": d["function"].get("name"), "arguments": ""})
+        calls[d["index"]]["arguments"] += d["function"]["arguments"]
+    return calls, stream.count
+
+
+def test_call_stream_pieces_add_up_to_the_parsed_calls() -> None:
+    tricky = {"zone": "U}T\"C{", "list": [1, {"a": []}]}  # braces and quotes inside strings
+    text = ("Sure.\n<tool_call>\n" + json.dumps({"name": "get_time", "arguments": tricky}) + "\n</tool_call>\n"
+            '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo","unit":"C"}}\n</tool_call>')
+    plan = ToolPlan(TOOLS)
+    calls, count = stream_by_chars(text, plan)
+    content, parsed = parse(text, plan.names)
+    assert count == 2 and content == "Sure."
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (p["function"]["name"], p["function"]["arguments"]) for p in parsed]
+    assert json.loads(calls[0]["arguments"]) == tricky
+    assert calls[1]["arguments"] == '{"city":"Oslo","unit":"C"}'  # as written, not re-serialised
+    one, count = stream_by_chars(text, ToolPlan(TOOLS, parallel=False))
+    assert count == 1 and list(one) == [0] and len(parse(text, plan.names, parallel=False)[1]) == 1
+
+
+def test_call_stream_edge_cases() -> None:
+    plan = ToolPlan(TOOLS)
+    late_name = '<tool_call>\n{"arguments": {"zone": "UTC"}, "name": "get_time"}\n</tool_call>'
+    calls, count = stream_by_chars(late_name, plan)  # cannot stream before the name: sent whole at the end
+    assert count == 1 and calls[0] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
+    unknown = '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>'
+    assert stream_by_chars(unknown, plan) == ({}, 0) and parse(unknown, plan.names) == (unknown, [])
+    cut = 'Hm <tool_call>\n{"name": "get_time", "arguments": {"zone": "UT'  # max_tokens cut it short
+    calls, count = stream_by_chars(cut, plan)
+    assert count == 1 and calls[0]["arguments"] == '{"zone": "UT' and outside(cut) == "Hm"
+
+
+def test_required_grammar_takes_parallel_calls_only_when_allowed(tiny_llama3) -> None:
+    from ember.engine.structured import GrammarCompiler
+    from ember.loading.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_hf_folder(tiny_llama3)
+    compiler = GrammarCompiler(tok, tok.vocab_size)
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+
+    def accepts(text: str, parallel: bool) -> bool:
+        matcher = compiler.matcher(ToolPlan(TOOLS, "required", parallel).constraint())
+        return matcher.consume_tokens(tok.encode(text, add_special_tokens=False)) and matcher.is_accepting()
+
+    assert accepts(call, True) and accepts(call + call, True) and accepts(call, False)
+    assert not accepts(call + call, False) and not accepts('<tool_call>\n{"name": "get_time"}\n</tool_call>', True)
