@@ -321,9 +321,6 @@ class LLMEngine:
         """Structured outputs: each completion gets its own matcher of the request's constraint."""
         if params.structured_outputs is None:
             return
-        if self.speculator is not None:
-            raise InvalidParameterError("structured outputs do not run with speculative decoding yet: serve "
-                                        "them from an engine without --speculative-config", "structured_outputs")
         matcher = self.grammars.matcher(params.structured_outputs)
         for i, seq in enumerate(seqs):
             seq.grammar = matcher if i == 0 else matcher.deep_copy()
@@ -393,7 +390,7 @@ class LLMEngine:
         """Candidate next tokens for completion `index` of a decoding request (the speculative-decoding seam: a
         proposer's drafts). The next step scores them beside the sequence's next token and keeps the longest
         prefix the model itself produces, token for token as without them; the KV of the rest is rolled back.
-        Trimmed to what the context and max_tokens leave room for."""
+        Trimmed to what the context and max_tokens leave room for, and to what a structured output allows."""
         req = self.requests.get(request_id)
         seq = req.seqs[index] if req is not None and 0 <= index < len(req.seqs) else None
         if seq is None or not self._decoding(seq):
@@ -401,7 +398,7 @@ class LLMEngine:
         vocab = self.config.vocab_size
         if not all(is_int(t) and 0 <= t < vocab for t in tokens):
             raise InvalidParameterError(f"candidate tokens must be token ids in [0, {vocab})", "tokens")
-        seq.spec_tokens = list(tokens[:self._candidate_room(seq)])
+        seq.spec_tokens = self._allowed(seq, list(tokens[:self._candidate_room(seq)]))
 
     @staticmethod
     def _decoding(seq: Sequence) -> bool:
@@ -426,6 +423,16 @@ class LLMEngine:
             log.exception("the speculative proposer failed; this step runs without drafts")
             for seq in decoding:
                 seq.spec_tokens = []
+        for seq in decoding:
+            if seq.grammar is not None and seq.spec_tokens:
+                seq.spec_tokens = self._allowed(seq, seq.spec_tokens)
+
+    @staticmethod
+    def _allowed(seq: Sequence, tokens: list[int]) -> list[int]:
+        """The leading candidates a structured output's grammar accepts (the rest could never be kept: the mask
+        forbids them), checked without moving the matcher; verification then samples each row under the mask
+        of the state the accepted tokens before it left."""
+        return tokens if seq.grammar is None else tokens[:seq.grammar.validate_tokens(tokens)]
 
     # -- the step ----------------------------------------------------------------------------
     # A step serves many requests; an exception caused by one of them must fail that request alone. The

@@ -3,6 +3,7 @@ seed for seed, so the target distribution is kept), in mixed batches, with chunk
 preemption and aborts, and leaks no KV block in either model's cache."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.engine.engine import LLMEngine
+from ember.engine.structured import StructuredOutputsParams as SO
 from ember.errors import InvalidParameterError
 from ember.spec import parse_speculative_config
 from ember.spec.draft import DraftProposer
@@ -120,6 +122,44 @@ def test_sampling_is_seed_for_seed_the_same(tiny_llama3: Path, reference: dict[s
     llm = _llm(tiny_llama3, _configs(tiny_llama3)[name])
     _check_same(ref, _run(llm, reference["prompts"], params))
     assert_no_leaks(llm.engine)
+
+
+@pytest.mark.parametrize("name", ["ngram", "draft-self", "draft-int4"])
+def test_structured_outputs_with_drafts_are_exactly_the_same(tiny_llama3: Path, reference: dict[str, Any],
+                                                             name: str) -> None:
+    """A JSON schema and a regex under speculation: drafts the grammar forbids are cut before verification,
+    each verified row is sampled under the mask its accepted predecessors leave, and the outputs (greedy and
+    seeded, n > 1) are token for token those without drafts, valid, with nothing left held."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "tags"],
+              "properties": {"name": {"type": "string", "maxLength": 12},
+                             "tags": {"type": "array", "items": {"enum": ["alpha", "beta"]}, "maxItems": 3}}}
+    runs = [SamplingParams(max_tokens=200, temperature=0, logprobs=1, structured_outputs=SO(json=schema)),
+            SamplingParams(n=2, max_tokens=40, temperature=0.9, seed=3, structured_outputs=SO(regex=r"(ab|ba|a){2,30}"))]
+    base, llm = _llm(tiny_llama3), _llm(tiny_llama3, _configs(tiny_llama3)[name])
+    for params in runs:
+        _check_same(_run(base, reference["prompts"], params), _run(llm, reference["prompts"], params))
+    done = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in reference["prompts"]], runs[0])
+            if o.outputs[0].finish_reason == "stop"]  # (the others were cut by max_tokens)
+    assert done
+    for c in done:
+        parsed = json.loads(c.text)
+        assert set(parsed) == {"name", "tags"} and set(parsed["tags"]) <= {"alpha", "beta"}
+    stats = llm.engine.speculator.summary()
+    assert stats["accepted_tokens"] > 0
+    assert_no_leaks(llm.engine)
+
+
+def test_candidates_a_grammar_forbids_are_cut(tiny_llama3: Path) -> None:
+    llm = _llm(tiny_llama3)
+    tok = llm.get_tokenizer()
+    llm.engine.add_request("r", "x", SamplingParams(max_tokens=40, temperature=0, structured_outputs=SO(regex="(ab)+")))
+    seq = llm.engine.requests["r"].seqs[0]
+    while not seq.output_ids:
+        llm.engine.step()
+    good = tok.encode(("b" if seq.text.endswith("a") else "") + "ababab", add_special_tokens=False)
+    llm.engine.set_candidates("r", good + tok.encode("zz", add_special_tokens=False))
+    assert seq.spec_tokens == good
+    llm.engine.abort_request("r")
 
 
 def test_rejection_keeps_the_target_distribution(tiny_llama3: Path) -> None:
