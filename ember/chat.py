@@ -66,14 +66,17 @@ def _save_history(path: Path | None) -> None:
 
 
 def run_chat(model: str | None, engine_kwargs: dict[str, Any], params: SamplingParams,
-             system: str | None, memory: str | None = None, memory_db: str | None = None) -> int:
+             system: str | None, memory: str | None = None, memory_db: str | None = None,
+             memory_embedder: str | None = None) -> int:
+    from ember.apps.embedder import resolve_embedder
     from ember.llm import LLM
 
+    embedder = resolve_embedder(memory_embedder) if memory is not None else None
     llm = LLM(model, **engine_kwargs)
     history_file = line_editing()
     try:
         if memory is not None:
-            return _memory_loop(llm, params, system, memory, memory_db)
+            return _memory_loop(llm, params, system, memory, memory_db, embedder)
         return _loop(llm, params, system)
     finally:
         _save_history(history_file)
@@ -91,7 +94,8 @@ def _read_line() -> str | None:
             return line
 
 
-def _memory_loop(llm: Any, params: SamplingParams, system: str | None, session: str, path: str | None) -> int:
+def _memory_loop(llm: Any, params: SamplingParams, system: str | None, session: str, path: str | None,
+                 embedder: Any = None) -> int:
     from ember.apps.memory import Memory, with_system
     from ember.apps.memory_store import check_session_id
     from ember.apps.plan import drive
@@ -99,7 +103,7 @@ def _memory_loop(llm: Any, params: SamplingParams, system: str | None, session: 
     check_session_id(session)
     ctx = llm.engine.max_model_len
     params = dataclasses.replace(params, max_tokens=min(params.max_tokens or ctx // 4, ctx // 4))
-    memory = Memory(llm, path)
+    memory = Memory(llm, path, embedder=embedder)
     ctl = memory.controller
     print(BANNER.format(name=llm.engine.loaded.path.name, ctx=ctx).replace(
         "/reset clears the history", f"memory session {session!r} ({memory.store.next_index(session)} turns "

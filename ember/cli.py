@@ -216,7 +216,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         a.parser.error("--replica-threads, --router and --routing-imbalance apply to --replicas N (N > 1) or "
                        "--ray-address")
     serve(_engine_kwargs(a), a.model, a.host, a.port, a.api_key, a.served_model_name, limits, a.shutdown_grace,
-          a.pooling, a.memory_db, not a.no_ui)
+          a.pooling, a.memory_db, not a.no_ui, a.memory_embedder)
     return 0
 
 
@@ -230,7 +230,7 @@ def _serve_replicas(a: argparse.Namespace, limits: Any) -> int:
 
     threads, cpus = plan_cpus(a.replicas, a.replica_threads, os.cpu_count() or 1)
     spec = ReplicaSpec(a.model, _engine_kwargs(a), a.served_model_name or default_name(a.model or DEFAULT_MODEL),
-                       limits, a.pooling, a.memory_db, threads, not a.no_ui)
+                       limits, a.pooling, a.memory_db, threads, not a.no_ui, a.memory_embedder)
     cluster = ClusterSpec(a.replicas, threads, cpus, a.router, a.routing_imbalance or ROUTING_IMBALANCE,
                           EngineArgs.block_size, a.shutdown_grace)
     serve_replicas(spec, cluster, a.host, a.port, a.api_key, a.ray_address)
@@ -240,7 +240,22 @@ def _serve_replicas(a: argparse.Namespace, limits: Any) -> int:
 def cmd_chat(a: argparse.Namespace) -> int:
     from ember.chat import run_chat
 
-    return run_chat(a.model, _engine_kwargs(a, seqs=1), _sampling(a), a.system, a.memory, a.memory_db)
+    return run_chat(a.model, _engine_kwargs(a, seqs=1), _sampling(a), a.system, a.memory, a.memory_db,
+                    a.memory_embedder)
+
+
+def _memory_embedder_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-embedder", default=None, metavar="E", type=_memory_embedder,
+                   help="what embeds long-term memory's turns: minilm (all-MiniLM-L6-v2 via sentence-transformers, "
+                        "fetched once; a turn is found by its best sentence), model (the served model's pooled "
+                        "hidden states, fused with BM25), or a sentence-transformers model folder (default: minilm "
+                        "where pip install 'ember[memory]' put sentence-transformers, else model)")
+
+
+def _memory_embedder(value: str) -> str:
+    from ember.apps.embedder import check_choice
+
+    return check_choice(value)
 
 
 def _sampling(a: argparse.Namespace) -> Any:
@@ -810,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--memory-db", default=None, metavar="PATH",
                     help="the SQLite file of long-term memory sessions (chat completions with \"session\"; "
                          "default $EMBER_HOME/memory.sqlite3)")
+    _memory_embedder_flag(sv)
     sv.add_argument("--no-ui", action="store_true",
                     help="do not serve the chat page at GET / (by default it is served, open without the API key: "
                          "it asks for the key and sends it with its own requests)")
@@ -845,6 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "token budget; the session survives restarts and grows without bound (/forget deletes it)")
     ch.add_argument("--memory-db", default=None, metavar="PATH",
                     help="the memory database (default $EMBER_HOME/memory.sqlite3)")
+    _memory_embedder_flag(ch)
     ch.set_defaults(func=cmd_chat, temperature=0.7, max_tokens=512, parser=ch)
 
     _bench_parsers(sub)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ember.apps.memory_store import MemoryStore, Turn, check_session_id, exchange_text, turn_text
+from ember.apps.embedder import SentenceEmbedder, sentences
+from ember.apps.memory_store import SERVED, MemoryStore, Turn, check_embedder, check_session_id, exchange_text, turn_text
 from ember.apps.plan import Job, Plan, drive
 from ember.apps.rerank import choice_params, choice_probability
 from ember.engine.pooling_params import PoolingParams
@@ -47,11 +48,12 @@ class MemoryOptions:
     summary_max_tokens: int = 96  # a model summary's length at most
     min_similarity: float = -1.0  # retrieved turns below this cosine are left out (deterministic; -1: none)
     judge: bool = True  # ask the model which retrieved turns are needed when they exceed the budget
-    pooling: str = "last"
+    pooling: str = "last"  # the served model's pooling, when it embeds (no dedicated embedder)
     # ember's choice, not the paper's: rank turns by BM25 over their words as well as by embedding, fused by
     # reciprocal rank (a small model's embedding misses names, numbers and paraphrased facts); False: SCM's
-    # embedding ranking alone.
-    lexical: bool = True
+    # embedding ranking alone; None: fused when the served model embeds, not with a dedicated embedder (whose
+    # ranking fusion made worse: BENCHMARKS.md).
+    lexical: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("top_k", "budget", "flash_raw_max", "summarize_over", "summary_max_tokens"):
@@ -82,9 +84,13 @@ class MemoryController:
     """SCM's controller and memory writer for one store and one model's tokenizer."""
 
     def __init__(self, store: MemoryStore, tok: Tokenizer, max_model_len: int,
-                 options: MemoryOptions | None = None) -> None:
+                 options: MemoryOptions | None = None, embedder: SentenceEmbedder | None = None) -> None:
+        """`embedder`: a dedicated sentence embedder (turns found by their best sentence); None: the served
+        model's pooled hidden states embed whole turns, as SCM does with its LLM's embedding."""
         self.store, self.tok, self.max_model_len = store, tok, max_model_len
         self.options = options or MemoryOptions()
+        self.embedder = embedder
+        self.embedder_name = embedder.name if embedder is not None else SERVED
         self._yes, self._no = tok.encode("Yes")[0], tok.encode("No")[0]
 
     def count(self, text: str) -> int:
@@ -102,6 +108,7 @@ class MemoryController:
         user = [{"role": "user", "content": message}]
         if previous is None:
             return Recall(user)
+        check_embedder(session, self.store.embedder(session), self.embedder_name)
         budget = min(opts.budget, self.max_model_len - reply_tokens - self.count(message) - 64)
         if budget <= 0:
             raise InvalidParameterError(f"the message leaves no room for memory in a context of "
@@ -114,9 +121,12 @@ class MemoryController:
         sims: dict[int, float] = {}
         by_index = {previous.index: previous}
         if opts.top_k and previous.index > 0:  # earlier turns to retrieve
-            (vec,) = yield [Job(self.tok.encode(message)[: self.max_model_len - 1],
-                                PoolingParams(pooling=opts.pooling, normalize=True))]
-            query = vec.pooled.data.numpy()  # type: ignore[union-attr]
+            if self.embedder is not None:
+                query = self.embedder.embed([message])[0]
+            else:
+                (vec,) = yield [Job(self.tok.encode(message)[: self.max_model_len - 1],
+                                    PoolingParams(pooling=opts.pooling, normalize=True))]
+                query = vec.pooled.data.numpy()  # type: ignore[union-attr]
             for turn, sim in self._activation(session, message, query, previous.index):
                 by_index[turn.index] = turn
                 if sim < opts.min_similarity:
@@ -154,12 +164,15 @@ class MemoryController:
                       size() + flash_tokens, decisions)
 
     def _activation(self, session: str, message: str, query: np.ndarray, before: int) -> list[tuple[Turn, float]]:
-        """The top_k earlier turns with their cosine similarity: by embedding, or (lexical) by reciprocal rank
-        fusion of the embedding ranking and BM25's, each over RRF_POOL x top_k candidates."""
+        """The top_k earlier turns with their cosine similarity: by embedding (with a dedicated embedder, a turn's
+        best sentence), or (lexical) by reciprocal rank fusion of that ranking and BM25's, each over RRF_POOL x
+        top_k candidates."""
         k = self.options.top_k
-        if not self.options.lexical:
-            return self.store.search(session, query, k, before=before)
-        dense = self.store.search(session, query, RRF_POOL * k, before=before)
+        search = self.store.search if self.embedder is None else self.store.search_sentences
+        lexical = self.options.lexical if self.options.lexical is not None else self.embedder is None
+        if not lexical:
+            return search(session, query, k, before=before)
+        dense = search(session, query, RRF_POOL * k, before=before)
         words = self.store.search_words(session, message, RRF_POOL * k, before=before)
         score: dict[int, float] = {}
         for ranking in ([t.index for t, _ in dense], words):
@@ -211,6 +224,8 @@ class MemoryController:
         index = self.store.next_index(session)  # for counting the label's tokens; the store assigns the index
         exchange = exchange_text(user, assistant)
         tokens = self.count(turn_text(index, user, assistant))
+        if self.embedder is not None:  # (first: a server runs a plan's first step off its event loop)
+            vectors = self.embedder.embed([exchange, *sentences(exchange)])
         summary = exchange
         if tokens > self.options.summarize_over:
             prompt = self.tok.apply_chat_template([{"role": "user", "content": SUMMARY_PROMPT.format(
@@ -221,9 +236,13 @@ class MemoryController:
             if not summary or self.count(summary) >= tokens:
                 summary = extractive_summary(exchange, self, self.options.summary_max_tokens)
             summary = self._cut(summary, self.options.summary_max_tokens)
+        summary_tokens = self.count(quoted(index, summary))
+        if self.embedder is not None:
+            return self.store.add_turn(session, user, assistant, summary, tokens, summary_tokens, vectors[0],
+                                       vectors[1:], self.embedder_name)
         ids = self.tok.encode(exchange)[: self.max_model_len - 1]
         (vec,) = yield [Job(ids, PoolingParams(pooling=self.options.pooling, normalize=True))]
-        return self.store.add_turn(session, user, assistant, summary, tokens, self.count(quoted(index, summary)),
+        return self.store.add_turn(session, user, assistant, summary, tokens, summary_tokens,
                                    vec.pooled.data.numpy())  # type: ignore[union-attr]
 
 
@@ -256,10 +275,12 @@ class Memory:
     """Conversations with long-term memory over an offline LLM: each `chat` recalls from the session's stored
     turns, generates, and stores the new turn (sessions persist in the SQLite file)."""
 
-    def __init__(self, llm: "LLM", path: str | Path | None = None, options: MemoryOptions | None = None) -> None:
+    def __init__(self, llm: "LLM", path: str | Path | None = None, options: MemoryOptions | None = None,
+                 embedder: SentenceEmbedder | None = None) -> None:
         self.llm = llm
         self.store = MemoryStore(path)
-        self.controller = MemoryController(self.store, llm.get_tokenizer(), llm.engine.max_model_len, options)
+        self.controller = MemoryController(self.store, llm.get_tokenizer(), llm.engine.max_model_len, options,
+                                           embedder)
 
     def chat(self, session: str, message: str, sampling_params: SamplingParams | None = None) -> MemoryReply:
         params = sampling_params or SamplingParams(max_tokens=256)

@@ -1,5 +1,6 @@
-"""SCM's memory stream, stored: sessions and their turns (text, summary, embedding, token counts) in SQLite, one
-transaction per turn, with exact cosine search over a session's turns and BM25 over their words (FTS5)."""
+"""SCM's memory stream, stored: sessions and their turns (text, summary, embedding, token counts, and with a
+dedicated embedder their sentences' vectors) in SQLite, one transaction per turn, with exact cosine search over a
+session's turns or sentences and BM25 over their words (FTS5)."""
 from __future__ import annotations
 
 import re
@@ -32,7 +33,16 @@ CREATE TABLE IF NOT EXISTS turns (
   created REAL NOT NULL,
   PRIMARY KEY (session, idx)
 );
+CREATE TABLE IF NOT EXISTS sentences (
+  session TEXT NOT NULL,
+  idx INTEGER NOT NULL,
+  k INTEGER NOT NULL,
+  embedding BLOB NOT NULL,
+  PRIMARY KEY (session, idx, k),
+  FOREIGN KEY (session, idx) REFERENCES turns(session, idx) ON DELETE CASCADE
+);
 """
+SERVED = "model"  # a session embedded by the served model (and every session of a file older than the column)
 # The turns' words for BM25 (SQLite's FTS5, Porter stemming): lexical recall of names, numbers and rare words
 # that a small model's embedding misses. Kept in step with `turns` inside the same transactions.
 FTS = "CREATE VIRTUAL TABLE turns_fts USING fts5(session UNINDEXED, idx UNINDEXED, body, tokenize='porter unicode61')"
@@ -102,6 +112,17 @@ class MemoryStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._add_word_index()
+        self._add_embedder_column()
+
+    def _add_embedder_column(self) -> None:
+        """sessions.embedder: what embedded a session's turns (a file written before it existed: the model)."""
+        with self._lock:
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)")}
+            if "embedder" not in columns:
+                try:
+                    self._db.execute(f"ALTER TABLE sessions ADD COLUMN embedder TEXT NOT NULL DEFAULT '{SERVED}'")
+                except sqlite3.OperationalError:  # another process added it first
+                    pass
 
     def _add_word_index(self) -> None:
         """Create the word index (and fill it from the turns of a file written before it existed)."""
@@ -129,14 +150,19 @@ class MemoryStore:
         self.close()
 
     def add_turn(self, session: str, user: str, assistant: str, summary: str, tokens: int, summary_tokens: int,
-                 embedding: np.ndarray | list[float]) -> int:
-        """Store the session's next turn (creating the session); returns its index."""
+                 embedding: np.ndarray | list[float], sentences: np.ndarray | None = None, embedder: str = SERVED
+                 ) -> int:
+        """Store the session's next turn (creating the session), with its sentences' vectors if given (rows);
+        returns its index. A session keeps the embedder that stored its first turn."""
         check_session_id(session)
         vec = _unit(embedding)
+        rows = [] if sentences is None else [_unit(v).tobytes() for v in sentences]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")  # the index is read and written under one write lock
             try:
-                self._db.execute("INSERT OR IGNORE INTO sessions (id, created) VALUES (?, ?)", (session, time.time()))
+                self._db.execute("INSERT OR IGNORE INTO sessions (id, created, embedder) VALUES (?, ?, ?)",
+                                 (session, time.time(), embedder))
+                check_embedder(session, self._embedder(session), embedder)
                 row = self._db.execute("SELECT embedding FROM turns WHERE session = ? LIMIT 1", (session,)).fetchone()
                 if row is not None and len(row[0]) != vec.nbytes:
                     raise InvalidParameterError(f"session {session!r} holds embeddings of {len(row[0]) // 4} "
@@ -146,6 +172,8 @@ class MemoryStore:
                                  (session, idx, user, assistant, summary, tokens, summary_tokens, vec.tobytes(),
                                   time.time()))
                 self._db.execute("INSERT INTO turns_fts VALUES (?, ?, ?)", (session, idx, f"{user} {assistant}"))
+                self._db.executemany("INSERT INTO sentences VALUES (?, ?, ?, ?)",
+                                     [(session, idx, k, v) for k, v in enumerate(rows)])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -187,21 +215,44 @@ class MemoryStore:
                ) -> list[tuple[Turn, float]]:
         """The k turns most similar to `query` by cosine, best first; only turns with index < `before` if given.
         Exact: every candidate's embedding is scored (only the embeddings are read for it)."""
+        return self._search(session, query, k, before, "turns")
+
+    def embedder(self, session: str) -> str | None:
+        """What embedded the session's turns (None for an unknown session)."""
+        check_session_id(session)
+        with self._lock:
+            return self._embedder(session)
+
+    def _embedder(self, session: str) -> str | None:
+        row = self._db.execute("SELECT embedder FROM sessions WHERE id = ?", (session,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def search_sentences(self, session: str, query: np.ndarray | list[float], k: int, before: int | None = None
+                         ) -> list[tuple[Turn, float]]:
+        """The k turns whose best sentence is most similar to `query` (cosine), best first, with that score;
+        only turns with index < `before` if given. Exact, over every stored sentence vector."""
+        return self._search(session, query, k, before, "sentences")
+
+    def _search(self, session: str, query: np.ndarray | list[float], k: int, before: int | None, table: str
+                ) -> list[tuple[Turn, float]]:
+        """search / search_sentences: a turn scores its best row of `table` (turns: its one embedding)."""
         check_session_id(session)
         limit = before if before is not None else 2 ** 62
         with self._lock:
-            rows = self._db.execute("SELECT idx, embedding FROM turns WHERE session = ? AND idx < ? ORDER BY idx",
+            rows = self._db.execute(f"SELECT idx, embedding FROM {table} WHERE session = ? AND idx < ? ORDER BY idx",
                                     (session, limit)).fetchall()
         if not rows or k <= 0:
             return []
         q = _unit(query)
         matrix = np.frombuffer(b"".join(e for _, e in rows), dtype=np.float32).reshape(len(rows), -1)
         if matrix.shape[1] != q.size:
-            raise InvalidParameterError(f"query has {q.size} dimensions, the session's turns {matrix.shape[1]}",
+            raise InvalidParameterError(f"query has {q.size} dimensions, the session's {table} {matrix.shape[1]}",
                                         "embedding")
-        scores = matrix @ q
-        order = np.argsort(-scores, kind="stable")[:k]
-        picked = {rows[i][0]: float(scores[i]) for i in order}
+        turns, inverse = np.unique(np.array([i for i, _ in rows]), return_inverse=True)
+        best = np.full(len(turns), -np.inf, dtype=np.float32)
+        np.maximum.at(best, inverse, matrix @ q)
+        order = np.argsort(-best, kind="stable")[:k]
+        picked = {int(turns[i]): float(best[i]) for i in order}
         found = {t.index: t for t in self._turns(session, sorted(picked))}
         return [(found[idx], score) for idx, score in picked.items()]
 
@@ -236,6 +287,13 @@ class MemoryStore:
                 self._db.execute("ROLLBACK")
                 raise
         return cur.rowcount > 0
+
+
+def check_embedder(session: str, stored: str | None, given: str) -> None:
+    if stored is not None and stored != given:
+        raise InvalidParameterError(f"session {session!r} was stored with the memory embedder {stored!r}, not "
+                                    f"{given!r}: its vectors are not comparable; use that embedder "
+                                    "(--memory-embedder) or another session", "session")
 
 
 def _unit(vec: np.ndarray | list[float]) -> np.ndarray:

@@ -226,15 +226,17 @@ def mentions(text: str, value: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text, re.IGNORECASE) is not None
 
 
-def run_scm(llm: Any, dialogue: Dialogue, options: MemoryOptions, reply_tokens: int, db: Path) -> Trial:
-    """History stored through MemoryController.remember, then recall() for the question and a greedy reply."""
+def run_scm(llm: Any, dialogue: Dialogue, options: MemoryOptions, reply_tokens: int, db: Path,
+            embedder: Any = None) -> Trial:
+    """History stored through MemoryController.remember, then recall() for the question and a greedy reply
+    (embedder: the memory's dedicated sentence embedder; None: the served model embeds)."""
     from ember.apps.memory import MemoryController
     from ember.apps.memory_store import MemoryStore
     from ember.apps.plan import drive
 
     tok = llm.get_tokenizer()
     with MemoryStore(db) as store:
-        ctl = MemoryController(store, tok, llm.engine.max_model_len, options)
+        ctl = MemoryController(store, tok, llm.engine.max_model_len, options, embedder)
         start = time.perf_counter()
         for user, assistant in dialogue.turns:
             drive(ctl.remember(SESSION, user, assistant), llm._run_jobs)
@@ -335,11 +337,13 @@ def _streaming_llm(factory: Callable[[int], Any] | None, dialogues: Sequence[Dia
 
 def evaluate(llm: Any, dialogues: Sequence[Dialogue], conditions: Sequence[str], options: MemoryOptions | None = None,
              reply_tokens: int = 32, context: int | None = None, window: int | None = None,
-             streaming_factory: Callable[[int], Any] | None = None, progress: bool = False) -> dict[str, Any]:
+             streaming_factory: Callable[[int], Any] | None = None, progress: bool = False,
+             embedder: Any = None) -> dict[str, Any]:
     """Every condition on every dialogue. llm: an ember LLM (SCM and truncation); context: a second, smaller
     truncation row ("truncation@C") besides the one at the model's context; streaming_factory(max_len): an LLM
     with streaming attention (TypeError/ValueError: the condition is reported as not available); window: its
-    attention window, for the recall of an engine that does not say (one that does is believed)."""
+    attention window, for the recall of an engine that does not say (one that does is believed); embedder:
+    SCM's dedicated sentence embedder (None: the served model embeds)."""
     from tqdm import tqdm
 
     from ember.apps.memory import MemoryOptions
@@ -364,8 +368,8 @@ def evaluate(llm: Any, dialogues: Sequence[Dialogue], conditions: Sequence[str],
     for name in conditions:
         if name == "scm":
             with tempfile.TemporaryDirectory(prefix="ember-memory-eval-") as tmp:
-                run("scm", lambda i, d: run_scm(llm, d, options, reply_tokens, Path(tmp) / f"{i}.sqlite3"),
-                    options.top_k)
+                run("scm", lambda i, d: run_scm(llm, d, options, reply_tokens, Path(tmp) / f"{i}.sqlite3",
+                                                embedder), options.top_k)
         elif name == "truncation":
             run("truncation", lambda i, d: run_truncation(llm, d, reply_tokens, ctx))
             if context is not None and context < ctx:
@@ -381,6 +385,7 @@ def evaluate(llm: Any, dialogues: Sequence[Dialogue], conditions: Sequence[str],
                 run("streaming", lambda i, d: run_streaming(slm, d, reply_tokens, window, sinks))
     history = [len(llm.get_tokenizer().apply_chat_template(d.messages(), tokenize=True)) for d in dialogues]
     return {"dialogues": len(dialogues), "context": ctx, "reply_tokens": reply_tokens, "top_k": options.top_k,
+            "memory_embedder": embedder.name if embedder is not None else "model",
             "budget": options.budget, "window": window, "history_tokens_mean": sum(history) / len(history),
             "history_tokens_max": max(history), "rows": rows, "per_dialogue": details}
 
@@ -415,7 +420,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def add_memory_parser(kinds: Any) -> argparse.ArgumentParser:
     """`ember eval memory TEXT [MODEL]` under the eval subcommand's parsers."""
-    from ember.cli import _engine_flags, _model_args, _positive_int
+    from ember.cli import _engine_flags, _memory_embedder_flag, _model_args, _positive_int
 
     p = kinds.add_parser("memory", help="long-term conversation memory (SCM) against truncation and streaming",
                          description="Build synthetic long dialogues from TEXT (a plain-text file: users share its "
@@ -446,6 +451,7 @@ def add_memory_parser(kinds: Any) -> argparse.ArgumentParser:
                    help="SCM's memory tokens at most (default: MemoryOptions', 2500)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT (-: stdout)")
+    _memory_embedder_flag(p)
     _engine_flags(p)
     p.set_defaults(func=cmd_eval_memory, parser=p)
     return p
@@ -453,6 +459,7 @@ def add_memory_parser(kinds: Any) -> argparse.ArgumentParser:
 
 def cmd_eval_memory(a: argparse.Namespace) -> int:
     from ember import LLM
+    from ember.apps.embedder import resolve_embedder
     from ember.apps.memory import MemoryOptions
     from ember.bench.perplexity import read_text
     from ember.cli import _engine_kwargs
@@ -466,6 +473,7 @@ def cmd_eval_memory(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
+    embedder = resolve_embedder(a.memory_embedder)
     kwargs = _engine_kwargs(a, seqs=1)
     long = {k: kwargs.pop(k) for k in LONG_FLAGS if k in kwargs}  # the streaming condition's, not the main model's
     long.setdefault("long_context", "streaming")
@@ -477,13 +485,13 @@ def cmd_eval_memory(a: argparse.Namespace) -> int:
     result = {"text": a.text, "model": str(llm.engine.loaded.path), "seed": a.seed, "min_gap": a.min_gap,
               "max_gap": a.max_gap, "facts": a.facts, "conditions": conditions,
               **evaluate(llm, dialogues, conditions, options, a.max_tokens, a.context, long.get("attention_window"),
-                         streaming, progress=a.json != "-")}
+                         streaming, progress=a.json != "-", embedder=embedder)}
     if a.json == "-":
         print(json.dumps(result, indent=1))
         return 0
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"model {result['model']}; text {a.text}; seed {a.seed}")
+    print(f"model {result['model']}; text {a.text}; seed {a.seed}; memory embedder {result['memory_embedder']}")
     print(format_table(result))
     return 0
 

