@@ -155,7 +155,7 @@ class CallStream:
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
-        self.sent: list[tuple[dict[str, Any], int]] = []  # per call streamed: its first delta, argument chars sent
+        self.sent: list[int] = []  # per call streamed: the characters of its arguments sent
         self.count = 0  # the calls sent in all, once finished
 
     def deltas(self, text: str) -> list[dict[str, Any]]:
@@ -167,16 +167,14 @@ class CallStream:
             if name not in self.plan.names or not inner[head.end():].startswith(("{", "[")):  # type: ignore[union-attr]
                 break  # not (yet) a call this can stream: the calls from here on go whole at the end
             if k == len(self.sent):
-                first = _call(name, "")  # type: ignore[arg-type]
-                self.sent.append((first, 0))
-                out.append({"index": k, **first})
+                self.sent.append(0)
+                out.append({"index": k, **_call(name, "")})  # type: ignore[arg-type]
             args = inner[head.end():]  # type: ignore[union-attr]
             end = _value_end(args)
             upto = len(args) if end is None else end
-            first, done = self.sent[k]
-            if upto > done:
-                out.append({"index": k, "function": {"arguments": args[done:upto]}})
-                self.sent[k] = (first, upto)
+            if upto > self.sent[k]:
+                out.append({"index": k, "function": {"arguments": args[self.sent[k]:upto]}})
+                self.sent[k] = upto
         return out
 
     def finish(self, text: str) -> list[dict[str, Any]]:
@@ -193,7 +191,7 @@ class CallStream:
 def outside(text: str) -> str | None:
     """A reply's content besides its tool calls: closed blocks removed, an unclosed one cut off; None if empty."""
     text = _BLOCK.sub("", text)
-    return text[:text.index(OPEN)].strip() if OPEN in text else text.strip() or None
+    return text.split(OPEN, 1)[0].strip() or None
 
 
 def _string(body: str) -> str | None:
